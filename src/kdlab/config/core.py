@@ -1,0 +1,370 @@
+"""Typed configs: YAML + ``key=value`` overrides → validated dataclasses.
+
+Every stage has one dataclass tree (see :mod:`kdlab.config.schema`). Loading goes:
+
+1. read the YAML file (a mapping) — or start from ``{}``;
+2. apply command-line overrides ``a.b.c=value`` (values parsed as YAML scalars, so
+   ``lr=3e-4`` is a float and ``adapter=none`` is the string "none");
+3. build the dataclasses with :func:`from_mapping`, which rejects unknown keys (suggesting the
+   closest one), wrong types and values outside ``metadata["choices"]``, and runs each
+   class's ``__post_init__`` range checks.
+
+Every failure is a :class:`~kdlab.errors.ConfigError` with one line naming the source file,
+the dotted key, the bad value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from kdlab.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class FieldError(ValueError):
+    """Raised inside ``__post_init__`` for one field; the loader adds file and key path."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field_name = field_name
+        self.message = message
+
+
+def check(condition: bool, field_name: str, message: str) -> None:
+    """Range-check helper for ``__post_init__``: raise :class:`FieldError` unless ``condition``."""
+    if not condition:
+        raise FieldError(field_name, message)
+
+
+def config_field(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    choices: Sequence[Any] | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A dataclass field with help text (shown by ``kdlab config``) and optional choices."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` into (["a", "b", "c"], value). Values are YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"command line: override {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"command line: override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with dotted overrides applied (creating nested mappings)."""
+    result = _deep_copy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base`` (mappings merge, the rest replaces)."""
+    result = _deep_copy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(result.get(key), dict):
+            result[key] = deep_merge(result[key], value)
+        else:
+            result[key] = _deep_copy(value)
+    return result
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- YAML files
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; errors name the file (and line)."""
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"{file}: config file not found")
+    if file.is_dir():
+        raise ConfigError(f"{file}: is a directory, expected a YAML config file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not a text file (cannot decode as UTF-8)") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{file}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------- building
+
+
+def from_mapping(cls: type[T], data: Any, *, source: str = "config", prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, validating keys, types, choices and ranges."""
+    where = f"{source}: " if source else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        name = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"{where}{name} must be a mapping, got {_describe(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            valid = sorted(fields)
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"{where}unknown key '{prefix}{key}'{hint}; valid keys: {', '.join(valid)}"
+            )
+        field = fields[key]
+        kwargs[key] = _coerce(hints[key], value, field, source=source, key=f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except FieldError as error:
+        bad = data.get(error.field_name, getattr(_defaults(cls), error.field_name, None))
+        raise ConfigError(
+            f"{where}'{prefix}{error.field_name}' = {bad!r}: {error.message}"
+        ) from None
+    except TypeError as error:  # a required field is missing
+        raise ConfigError(f"{where}{prefix.rstrip('.') or 'config'}: {error}") from None
+
+
+def _defaults(cls: type) -> Any:
+    class _Namespace:
+        pass
+
+    namespace = _Namespace()
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            setattr(namespace, f.name, f.default)
+    return namespace
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, Mapping) else "a mapping"
+
+
+def _coerce(annotation: Any, value: Any, field: dataclasses.Field, *, source: str, key: str) -> Any:
+    where = f"{source}: " if source else ""
+    choices = field.metadata.get("choices") if field is not None else None
+    result = _coerce_type(annotation, value, source=source, key=key)
+    if choices is not None and result is not None:
+        values = result if isinstance(result, list) else [result]
+        for item in values:
+            if item not in choices:
+                close = difflib.get_close_matches(str(item), [str(c) for c in choices], n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(
+                    f"{where}'{key}' = {item!r} is not valid{hint}; "
+                    f"choices: {', '.join(str(c) for c in choices)}"
+                )
+    return result
+
+
+def _coerce_type(annotation: Any, value: Any, *, source: str, key: str) -> Any:
+    where = f"{source}: " if source else ""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(
+            f"{where}'{key}' = {value!r}: expected {expected}, got {type(value).__name__}"
+        )
+
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        candidates = [a for a in args if a is not type(None)]
+        errors: list[ConfigError] = []
+        # Prefer an exact type match before trying conversions (e.g. str | list[str]).
+        for candidate in sorted(candidates, key=lambda a: 0 if _isinstance_plain(value, a) else 1):
+            try:
+                return _coerce_type(candidate, value, source=source, key=key)
+            except ConfigError as error:
+                errors.append(error)
+        expected = " or ".join(_type_name(a) for a in candidates)
+        if type(None) in args:
+            expected += " or null"
+        raise fail(expected)
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(
+            f"{where}'{key}' = {value!r} is not valid; choices: {', '.join(map(str, args))}"
+        )
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        return from_mapping(annotation, value, source=source, prefix=f"{key}.")
+    if origin in (list, Sequence, tuple) or annotation in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise fail(f"a list of {_type_name(args[0]) if args else 'values'}")
+        item_type = args[0] if args else Any
+        return [
+            _coerce_type(item_type, item, source=source, key=f"{key}[{i}]")
+            for i, item in enumerate(value)
+        ]
+    if origin in (dict, Mapping) or annotation is dict:
+        if not isinstance(value, Mapping):
+            raise fail("a mapping")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail("true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise fail("an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise fail("a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail("a string")
+    if isinstance(annotation, type) and isinstance(value, annotation):
+        return value
+    raise fail(_type_name(annotation))
+
+
+def _isinstance_plain(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation) or annotation
+    if origin in (list, Sequence, tuple):
+        return isinstance(value, (list, tuple))
+    if origin in (dict, Mapping):
+        return isinstance(value, Mapping) and not dataclasses.is_dataclass(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return isinstance(value, Mapping)
+    if annotation is float:
+        return isinstance(value, float)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(origin, type):
+        return isinstance(value, origin)
+    return False
+
+
+def _type_name(annotation: Any) -> str:
+    if dataclasses.is_dataclass(annotation):
+        return "a mapping"
+    origin = typing.get_origin(annotation)
+    if origin in (list, Sequence):
+        return "a list"
+    if origin in (dict, Mapping):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation))
+    )
+
+
+def to_dict(config: Any) -> Any:
+    """A plain (YAML-serialisable) view of a config tree."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    if isinstance(config, Path):
+        return str(config)
+    return config
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    base: Mapping[str, Any] | None = None,
+) -> T:
+    """Load ``cls`` from an optional YAML file, an optional base mapping and overrides."""
+    data: dict[str, Any] = dict(base or {})
+    source = "command line"
+    if path is not None:
+        data = deep_merge(data, read_yaml_mapping(path))
+        source = str(path)
+    data = apply_overrides(data, overrides)
+    return from_mapping(cls, data, source=source)
+
+
+def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field, nested classes expanded."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        annotation = hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            rows.extend(describe_fields(annotation, f"{prefix}{f.name}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = repr(f.default_factory())  # type: ignore[misc]
+        else:
+            default = "(required)"
+        text = f.metadata.get("help", "")
+        if "choices" in f.metadata:
+            text += f" Choices: {', '.join(map(str, f.metadata['choices']))}."
+        rows.append((f"{prefix}{f.name}", default, text))
+    return rows

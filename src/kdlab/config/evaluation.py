@@ -1,0 +1,266 @@
+"""``kdlab eval`` configuration: which model, which tasks, how to generate, where to write.
+
+Example (``configs/eval/smollm2_all_limit16.yaml``)::
+
+    model: smollm2-135m          # or a ModelConfig mapping; or run_dir: runs/teacher
+    tasks: [math_all, commonsense]
+    data_dir: ../shared/data/eval
+    limit: 16
+    batch_size: 16
+    generation: {max_new_tokens: 128}
+
+``generation: paper`` (or ``generation: {preset: paper}``) reproduces the paper's decoding:
+pure sampling with T = 1, top_p = 1, top_k = 0 and 256 new tokens. The default preset is
+greedy decoding. Fields set explicitly win over the preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kdlab.config.core import (
+    apply_overrides,
+    check,
+    config_field,
+    deep_merge,
+    from_mapping,
+    read_yaml_mapping,
+    to_dict,
+)
+from kdlab.config.schema import ModelConfig
+from kdlab.errors import ConfigError
+
+#: Decoding presets: the values of the fields left unset.
+GENERATION_PRESETS: dict[str, dict[str, Any]] = {
+    "greedy": {
+        "do_sample": False,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "num_beams": 1,
+        "max_new_tokens": 256,
+    },
+    "paper": {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "num_beams": 1,
+        "max_new_tokens": 256,
+    },
+}
+
+#: Values accepted by ``tasks`` besides task names: group names (see kdlab.evaluation).
+TASK_TYPE_HELP = (
+    "numeric, letter, boolean/boolq, solution/piqa, answer/social_i_qa/arc, "
+    "ending/hellaswag, option/winogrande, keyword (with choices), commonsense (inferred)"
+)
+
+
+@dataclass
+class EvalGenerationConfig:
+    """Decoding settings (unset fields take the preset's value)."""
+
+    preset: str = config_field(
+        "greedy",
+        help="greedy (default) or paper (sampling T=1, top_p=1, top_k=0, 256 tokens).",
+        choices=tuple(GENERATION_PRESETS),
+    )
+    do_sample: bool | None = config_field(None, help="Sample instead of greedy decoding.")
+    temperature: float | None = config_field(None, help="Sampling temperature.")
+    top_p: float | None = config_field(None, help="Nucleus sampling p (1 = off).")
+    top_k: int | None = config_field(None, help="Top-k sampling (0 = off).")
+    num_beams: int | None = config_field(None, help="Beam search width (1 = off).")
+    max_new_tokens: int | None = config_field(None, help="Longest generated response.")
+    seed: int = config_field(
+        6, help="Seed; batch i of a task is generated after torch.manual_seed(seed + i)."
+    )
+
+    def __post_init__(self) -> None:
+        check(self.preset in GENERATION_PRESETS, "preset", "unknown preset")
+        for name, value in GENERATION_PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        check(self.temperature > 0, "temperature", "must be > 0")
+        check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(self.top_k >= 0, "top_k", "must be >= 0")
+        check(self.num_beams >= 1, "num_beams", "must be >= 1")
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The resolved settings (recorded in metrics.json)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass
+class CustomTaskConfig:
+    """A task for a file in the LLM-Adapters format (or a new source for a known task)."""
+
+    name: str = config_field("", help="Task name (output sub-directory and summary column).")
+    path: str | None = config_field(
+        None, help="Data file (.json/.jsonl) or hf:owner/name[:split]; default <data_dir>/<name>."
+    )
+    type: str | None = config_field(
+        None, help=f"Extractor family: {TASK_TYPE_HELP}. Omit for a registered task name."
+    )
+    choices: list[str] | None = config_field(
+        None, help="Option letters (letter) or keywords (keyword/commonsense)."
+    )
+
+    def __post_init__(self) -> None:
+        check(bool(self.name and self.name.strip()), "name", "must not be empty")
+        check(
+            "/" not in self.name and "\\" not in self.name and self.name not in (".", ".."),
+            "name",
+            "must be usable as a directory name",
+        )
+
+
+@dataclass
+class EvalConfig:
+    """``kdlab eval``: generate answers for benchmark tasks and score them."""
+
+    model: ModelConfig | str | None = config_field(
+        None, help="Model to evaluate: a ModelConfig mapping or a name_or_path string."
+    )
+    adapter: str | None = config_field(None, help="PEFT adapter directory on top of `model`.")
+    run_dir: str | None = config_field(
+        None, help="A finetune/distill run directory: evaluates its model (+ adapter)."
+    )
+    name: str | None = config_field(
+        None, help="Row label in summary.csv (default: the run's name or the model's)."
+    )
+    tasks: list[str | CustomTaskConfig] | str = config_field(
+        default_factory=lambda: ["math"],
+        help="Task names, groups (math, math_all, commonsense, all) or custom entries "
+        "{name, path, type}.",
+    )
+    data_dir: str | None = config_field(
+        "data/eval", help="LLM-Adapters layout: <data_dir>/<task>/test.json."
+    )
+    skip_missing: bool = config_field(
+        False, help="Skip (with a warning) tasks whose data file is missing instead of failing."
+    )
+    limit: int | None = config_field(None, help="Evaluate the first N items of each task.")
+    batch_size: int = config_field(16, help="Prompts per generation batch.")
+    template: str = config_field(
+        "alpaca", help="Prompt template (the one used in training).", choices=("alpaca", "chat")
+    )
+    generation: EvalGenerationConfig | str = config_field(
+        default_factory=EvalGenerationConfig,
+        help="Decoding settings, or a preset name (greedy, paper).",
+    )
+    backend: str = config_field(
+        "auto",
+        help="Generation backend: auto (vLLM when importable and CUDA is present), hf, vllm.",
+        choices=("auto", "hf", "vllm"),
+    )
+    decontaminate_against: list[str] | str | None = config_field(
+        None, help="Training file(s): test items whose question occurs there are excluded."
+    )
+    on_overlap: str = config_field(
+        "exclude",
+        help="What to do with overlapping items: exclude (and count) them, or error.",
+        choices=("exclude", "error"),
+    )
+    output_dir: str | None = config_field(
+        None, help="Where results go (default: <run_dir>/eval, else runs/eval/<model>)."
+    )
+    resume: bool = config_field(False, help="Continue an interrupted evaluation in output_dir.")
+    overwrite: bool = config_field(False, help="Delete an existing output_dir first.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adapter, str) and self.adapter.strip().lower() in ("", "none", "null"):
+            self.adapter = None
+        if isinstance(self.model, str):
+            self.model = ModelConfig(name_or_path=self.model)
+        if isinstance(self.generation, str):
+            check(
+                self.generation in GENERATION_PRESETS,
+                "generation",
+                f"unknown preset; choices: {', '.join(GENERATION_PRESETS)} (or a mapping)",
+            )
+            self.generation = EvalGenerationConfig(preset=self.generation)
+        if isinstance(self.tasks, str):
+            self.tasks = [self.tasks]
+        if isinstance(self.decontaminate_against, str):
+            self.decontaminate_against = [self.decontaminate_against]
+        check(bool(self.tasks), "tasks", "must name at least one task")
+        check(self.limit is None or self.limit >= 1, "limit", "must be >= 1 or null")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(
+            self.model is not None or self.run_dir is not None,
+            "model",
+            "give a model (or run_dir) to evaluate",
+        )
+        check(
+            self.model is None or self.run_dir is None,
+            "run_dir",
+            "give either model or run_dir, not both",
+        )
+        check(
+            self.adapter is None or self.run_dir is None,
+            "adapter",
+            "a run_dir brings its own adapter; do not also give one",
+        )
+        check(not (self.resume and self.overwrite), "overwrite", "cannot be used with resume")
+
+
+def load_eval_config(
+    path: str | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    base: Mapping[str, Any] | None = None,
+) -> EvalConfig:
+    """Load an :class:`EvalConfig` from YAML + ``key=value`` overrides.
+
+    Same as :func:`kdlab.config.core.load_config`, but nested mappings (``model``,
+    ``generation``, custom ``tasks`` entries) are validated on their own first, so that an
+    error names the nested key (``generation.top_k``) instead of the union it sits in.
+    """
+    data: dict[str, Any] = dict(base or {})
+    source = "command line"
+    if path is not None:
+        data = deep_merge(data, read_yaml_mapping(path))
+        source = str(path)
+    data = apply_overrides(data, overrides)
+    nested = {"model": ModelConfig, "generation": EvalGenerationConfig}
+    for key, cls in nested.items():
+        if isinstance(data.get(key), Mapping):
+            from_mapping(cls, data[key], source=source, prefix=f"{key}.")
+    tasks = data.get("tasks")
+    if isinstance(tasks, list):
+        for position, entry in enumerate(tasks):
+            if isinstance(entry, Mapping):
+                from_mapping(CustomTaskConfig, entry, source=source, prefix=f"tasks[{position}].")
+            elif not isinstance(entry, str):
+                raise ConfigError(
+                    f"{source}: 'tasks[{position}]' = {entry!r}: expected a task name or a "
+                    "mapping {name, path, type}"
+                )
+    return from_mapping(EvalConfig, data, source=source)
+
+
+def compact_dict(config: EvalConfig) -> dict[str, Any]:
+    """The resolved config as a plain mapping, name-only task entries written as names."""
+    data = to_dict(config)
+    data["tasks"] = [
+        entry["name"]
+        if isinstance(entry, dict) and not any(entry.get(k) for k in ("path", "type", "choices"))
+        else entry
+        for entry in data["tasks"]
+    ]
+    return data
+
+
+__all__ = [
+    "GENERATION_PRESETS",
+    "CustomTaskConfig",
+    "EvalConfig",
+    "EvalGenerationConfig",
+    "compact_dict",
+    "load_eval_config",
+]

@@ -1,0 +1,318 @@
+"""Config dataclasses for each stage.
+
+Defaults equal the paper's settings where it has one (``../shared/docs/paper-spec.md``):
+LoRA r 8 / alpha 16 / dropout 0.05 on q, k, v, up, down projections; batch 16 (micro-batch
+4); lr 3e-4, linear schedule, 100 warm-up steps; cutoff 256 tokens; 500 validation records;
+eval/save every 200 steps, keep 3; seed 6; KD weight 1.0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdlab.config.core import check, config_field
+
+PAPER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+#: Off-policy token-level divergences (they train on the dataset's gold responses).
+OFF_POLICY_METHODS = (
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "tvd",
+)
+#: Every distillation method; ``sft`` is supervised training of the student with no teacher.
+DISTILL_METHODS = ("sft", *OFF_POLICY_METHODS, "gkd", "seqkd")
+#: The paper scripts' ``kd_loss`` names.
+PAPER_METHOD_NAMES = {"": "sft", "kld": "forward_kl", "reversekld": "reverse_kl", "gkd": "gkd"}
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to load and how."""
+
+    name_or_path: str = config_field(
+        "smollm2-135m",
+        help="Hub id, local directory, .gguf file, or alias (smollm2-135m).",
+    )
+    revision: str | None = config_field(None, help="Hub revision (branch, tag or commit).")
+    gguf_file: str | None = config_field(
+        None, help="GGUF file name inside a hub repo or directory (when not given by the path)."
+    )
+    dtype: str = config_field(
+        "auto",
+        help="Weights dtype; auto = float32 on CPU, bfloat16 on CUDA.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    trust_remote_code: bool = config_field(
+        False, help="Run model code shipped with a hub repo. Off unless you set it."
+    )
+    allow_pickle: bool = config_field(
+        False, help="Allow loading pickle (.bin/.pt) weights; safetensors only by default."
+    )
+    slice_layers: int | None = config_field(
+        None, help="Keep only N decoder layers (a student made of a slice of the model)."
+    )
+    slice_strategy: str = config_field(
+        "last",
+        help="Which layers a slice keeps: last (the paper), first, or evenly spaced.",
+        choices=("last", "first", "even"),
+    )
+    device: str = config_field("auto", help="auto, cpu, cuda, cuda:N.")
+    attn_implementation: str | None = config_field(
+        None, help="Attention kernel passed to transformers (eager, sdpa, flash_attention_2)."
+    )
+
+    def __post_init__(self) -> None:
+        check(bool(self.name_or_path), "name_or_path", "must not be empty")
+        check(
+            self.slice_layers is None or self.slice_layers >= 1,
+            "slice_layers",
+            "must be a positive number of layers",
+        )
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (or full fine-tuning with ``method: full``)."""
+
+    method: str = config_field(
+        "lora",
+        help="PEFT method: lora, dora (LoRA with weight decomposition), ia3, or any other "
+        "peft PeftType name (options via `options`); full = train every weight.",
+    )
+    r: int = config_field(8, help="LoRA rank.")
+    alpha: int = config_field(16, help="LoRA alpha (scale = alpha / r).")
+    dropout: float = config_field(0.05, help="LoRA dropout.")
+    target_modules: list[str] = config_field(
+        default_factory=lambda: list(PAPER_LORA_TARGETS), help="Module names PEFT wraps."
+    )
+    bias: str = config_field("none", help="Train biases.", choices=("none", "all", "lora_only"))
+    options: dict[str, Any] = config_field(
+        default_factory=dict, help="Extra keyword arguments for the peft config class."
+    )
+
+    def __post_init__(self) -> None:
+        self.method = self.method.lower()
+        check(self.r >= 1, "r", "must be >= 1")
+        check(self.alpha > 0, "alpha", "must be > 0")
+        check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        check(bool(self.target_modules), "target_modules", "must name at least one module")
+
+
+@dataclass
+class DataConfig:
+    """Training data: sources, prompt template, tokenization."""
+
+    train_files: list[Any] = config_field(
+        default_factory=lambda: ["generated:arithmetic?split=train&n=2000&seed=0"],
+        help="Sources: JSON/JSONL paths, hub dataset ids (hf:owner/name[:split]), "
+        "'generated:arithmetic?...' or mappings {path, limit, weight}.",
+    )
+    template: str = config_field(
+        "alpaca",
+        help="Prompt template: alpaca (the paper's) or chat (tokenizer.apply_chat_template).",
+        choices=("alpaca", "chat"),
+    )
+    cutoff_len: int = config_field(256, help="Truncate tokenized records to this many tokens.")
+    train_on_inputs: bool = config_field(
+        False, help="Also train on prompt tokens (the paper's scripts: true)."
+    )
+    add_eos: bool = config_field(True, help="Append the EOS token to each response.")
+    val_set_size: int = config_field(500, help="Records held out for validation (0 = none).")
+    max_records: int | None = config_field(None, help="Cap on training records after mixing.")
+    seed: int = config_field(6, help="Seed for shuffling and the train/validation split.")
+
+    def __post_init__(self) -> None:
+        check(bool(self.train_files), "train_files", "must list at least one source")
+        check(self.cutoff_len >= 8, "cutoff_len", "must be >= 8")
+        check(self.val_set_size >= 0, "val_set_size", "must be >= 0")
+        check(self.max_records is None or self.max_records >= 1, "max_records", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, logging and checkpointing."""
+
+    output_dir: str = config_field("runs/finetune", help="Run directory.")
+    num_epochs: float = config_field(4.0, help="Epochs (the paper: 4 math, 3 commonsense).")
+    max_steps: int = config_field(-1, help="Stop after this many optimizer steps (-1 = epochs).")
+    batch_size: int = config_field(16, help="Effective batch size (per optimizer step).")
+    micro_batch_size: int = config_field(4, help="Batch per forward pass and process.")
+    learning_rate: float = config_field(3e-4, help="Peak learning rate (AdamW).")
+    weight_decay: float = config_field(0.0, help="AdamW weight decay.")
+    warmup_steps: int = config_field(100, help="Linear warm-up steps.")
+    lr_scheduler: str = config_field(
+        "linear", help="Schedule after warm-up.", choices=("linear", "cosine", "constant")
+    )
+    max_grad_norm: float = config_field(1.0, help="Gradient clipping (0 = off).")
+    eval_steps: int = config_field(200, help="Validate every N optimizer steps (0 = only at end).")
+    save_steps: int = config_field(200, help="Checkpoint every N optimizer steps (0 = off).")
+    save_total_limit: int = config_field(3, help="Keep at most N checkpoints (best is kept).")
+    logging_steps: int = config_field(10, help="Log metrics every N optimizer steps.")
+    best_metric: str = config_field(
+        "val_loss",
+        help="Validation metric choosing the best checkpoint.",
+        choices=("val_loss", "val_ce", "val_kd"),
+    )
+    load_best_at_end: bool = config_field(
+        True, help="Save the best checkpoint's weights as the final adapter/model."
+    )
+    report_to: str = config_field(
+        "none", help="Experiment tracker.", choices=("none", "tensorboard", "wandb")
+    )
+    seed: int = config_field(6, help="Seed for initialisation, dropout and data order.")
+    gradient_checkpointing: bool = config_field(False, help="Trade compute for memory.")
+    mixed_precision: str = config_field(
+        "auto",
+        help="auto (bf16 on CUDA, none on CPU), no, bf16, fp16.",
+        choices=("auto", "no", "bf16", "fp16"),
+    )
+
+    def __post_init__(self) -> None:
+        check(self.num_epochs > 0, "num_epochs", "must be > 0")
+        check(self.max_steps == -1 or self.max_steps >= 1, "max_steps", "must be -1 or >= 1")
+        check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(
+            self.batch_size % self.micro_batch_size == 0,
+            "batch_size",
+            f"must be a multiple of micro_batch_size ({self.micro_batch_size})",
+        )
+        check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        check(self.eval_steps >= 0, "eval_steps", "must be >= 0")
+        check(self.save_steps >= 0, "save_steps", "must be >= 0")
+        check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
+        check(self.logging_steps >= 1, "logging_steps", "must be >= 1")
+
+
+@dataclass
+class FinetuneConfig:
+    """``kdlab finetune``: supervised fine-tuning (teachers and the SFT-student baseline)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    role: str = config_field(
+        "teacher", help="Recorded in run.json.", choices=("teacher", "student")
+    )
+    task_family: str = config_field("math", help="Recorded in run.json (math, commonsense, ...).")
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher of a distillation run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: str | None = config_field(
+        None,
+        help="PEFT adapter directory (or a finetune run directory) on top of the model; "
+        "'none' = the base model alone (the paper's task-unaware base teacher).",
+    )
+    run_dir: str | None = config_field(
+        None, help="A finetune run directory: takes model and adapter from it."
+    )
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings for on-policy (GKD) student generations and seqKD teacher outputs."""
+
+    temperature: float = config_field(1.0, help="Sampling temperature (paper: 1.0).")
+    top_k: int = config_field(0, help="Top-k (0 = off; paper: 0).")
+    top_p: float = config_field(1.0, help="Nucleus sampling p (paper: 1.0).")
+    max_new_tokens: int = config_field(128, help="Longest generated response.")
+    do_sample: bool = config_field(True, help="Sample (true) or greedy (false).")
+
+    def __post_init__(self) -> None:
+        check(self.temperature > 0, "temperature", "must be > 0")
+        check(self.top_k >= 0, "top_k", "must be >= 0")
+        check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+
+
+@dataclass
+class DistillSettings:
+    """What the student learns from the teacher."""
+
+    method: str = config_field(
+        "forward_kl",
+        help="sft, off-policy divergences, gkd (on-policy), seqkd (sequence-level). "
+        "The paper's kd_loss names kld/reversekld/gkd/'' are accepted.",
+        choices=(*DISTILL_METHODS, *[k for k in PAPER_METHOD_NAMES if k]),
+    )
+    divergence: str | None = config_field(
+        None,
+        help="Token-level divergence (default: the method's own; jsd for gkd; none for seqkd).",
+        choices=(*OFF_POLICY_METHODS, "none"),
+    )
+    kd_weight: float = config_field(1.0, help="w in (1 - w)·CE + w·KD (paper: 1.0).")
+    temperature: float = config_field(1.0, help="Softmax temperature of the divergence.")
+    beta: float = config_field(0.5, help="JSD mixture weight β (GKD paper's definition).")
+    skew: float = config_field(0.1, help="Skew α of skew KL divergences.")
+    scale_by_t2: bool = config_field(True, help="Multiply the KD term by T² (paper's KL).")
+    reduction: str = config_field(
+        "token", help="Average over tokens or per-sequence.", choices=("token", "sequence")
+    )
+    loss_on: str = config_field(
+        "response",
+        help="Positions the loss covers (all = the paper's scripts).",
+        choices=("response", "all"),
+    )
+    noise_std: float = config_field(0.0, help="Gaussian noise σ on teacher logits (ablation).")
+    lambda_on_policy: float = config_field(
+        0.5, help="GKD: probability that a batch uses student-generated responses."
+    )
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    seqkd_greedy: bool = config_field(True, help="seqKD: teacher decodes greedily.")
+    seqkd_batch_size: int = config_field(8, help="seqKD: teacher generation batch size.")
+    chunk_size: int = config_field(256, help="Positions per chunk of the memory-efficient loss.")
+    teacher_cache: str | None = config_field(
+        None, help="Directory of a precomputed top-k teacher-output cache."
+    )
+    teacher_cache_topk: int = config_field(64, help="k of the teacher-output cache.")
+
+    def __post_init__(self) -> None:
+        self.method = PAPER_METHOD_NAMES.get(self.method, self.method)
+        check(0.0 <= self.kd_weight <= 1.0, "kd_weight", "must be in [0, 1]")
+        check(self.temperature > 0, "temperature", "must be > 0")
+        check(0.0 <= self.beta <= 1.0, "beta", "must be in [0, 1]")
+        check(0.0 <= self.skew <= 1.0, "skew", "must be in [0, 1]")
+        check(self.noise_std >= 0, "noise_std", "must be >= 0")
+        check(0.0 <= self.lambda_on_policy <= 1.0, "lambda_on_policy", "must be in [0, 1]")
+        check(self.seqkd_batch_size >= 1, "seqkd_batch_size", "must be >= 1")
+        check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
+        check(self.teacher_cache_topk >= 1, "teacher_cache_topk", "must be >= 1")
+
+    @property
+    def resolved_divergence(self) -> str | None:
+        """The divergence actually used (None = no KD term)."""
+        if self.divergence == "none":
+            return None
+        if self.divergence is not None:
+            return self.divergence
+        if self.method in OFF_POLICY_METHODS:
+            return self.method
+        if self.method == "gkd":
+            return "jsd"
+        return None
+
+
+@dataclass
+class DistillConfig:
+    """``kdlab distill``: a student trained against a frozen teacher."""
+
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/distill"))
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    task_family: str = config_field("math", help="Recorded in run.json (math, commonsense, ...).")

