@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("kdlab.data.stage", "Validate, inspect, decontaminate and generate datasets."),
     "models": ("kdlab.models.stage", "Resolve model names and inspect models."),
     "config": ("kdlab.config.stage", "Show every config key of a stage, with defaults and help."),
+    "finetune": ("kdlab.training.finetune", "Supervised fine-tuning (teachers, SFT students)."),
+    "distill": ("kdlab.training.distill", "Train a student against a frozen teacher."),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -185,19 +186,32 @@ def test_jsd_half_is_bounded_by_ln2() -> None:
     assert (random_values <= math.log(2) + 1e-6).all()
 
 
-@pytest.mark.parametrize(("skewed", "plain"), [("skew_forward_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")])
+@pytest.mark.parametrize(
+    ("skewed", "plain"), [("skew_forward_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")]
+)
 def test_skew_to_zero_recovers_plain_kl(skewed: str, plain: str) -> None:
     student_logits, teacher_logits, loss_mask = random_case(9)
     plain_loss = distillation_loss(student_logits, teacher_logits, loss_mask, divergence=plain)
     at_zero = distillation_loss(
         student_logits, teacher_logits, loss_mask, divergence=skewed, skew=0.0
     )
-    near_zero = distillation_loss(
-        student_logits, teacher_logits, loss_mask, divergence=skewed, skew=1e-6
-    )
     assert at_zero.item() == plain_loss.item()
-    torch.testing.assert_close(near_zero, plain_loss, rtol=1e-4, atol=1e-5)
-    at_one = distillation_loss(student_logits, teacher_logits, loss_mask, divergence=skewed, skew=1.0)
+    # The limit is not uniform (the gap is ~α·p_T/p_S per token, large where the student
+    # misses a teacher token), so check that the gap shrinks steadily as α → 0.
+    gaps = [
+        abs(
+            distillation_loss(
+                student_logits, teacher_logits, loss_mask, divergence=skewed, skew=alpha
+            ).item()
+            - plain_loss.item()
+        )
+        for alpha in (1e-2, 1e-4, 1e-6, 1e-8)
+    ]
+    assert all(later < earlier for earlier, later in itertools.pairwise(gaps))
+    assert gaps[-1] < 1e-5 * max(1.0, plain_loss.item())
+    at_one = distillation_loss(
+        student_logits, teacher_logits, loss_mask, divergence=skewed, skew=1.0
+    )
     assert at_one.item() == 0.0
 
 
@@ -293,7 +307,7 @@ def test_registry_lookup() -> None:
         "tvd",
     }
     assert get_divergence("jsd") is DIVERGENCES["jsd"]
-    with pytest.raises(ValueError, match="forward_kl.*reverse_kl") as error:
+    with pytest.raises(ValueError, match=r"forward_kl.*reverse_kl") as error:
         get_divergence("kl")
     assert "skew_forward_kl" in str(error.value) and "tvd" in str(error.value)
 

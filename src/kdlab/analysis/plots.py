@@ -14,10 +14,17 @@ from collections.abc import Sequence
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from kdlab.analysis.paper_tables import AVERAGE, METHOD, STUDENT, TEACHER
 from kdlab.analysis.runs import parse_size_billions
-from kdlab.analysis.statistics import KIND_KD, KIND_SFT, classify_method, method_temperature
+from kdlab.analysis.statistics import (
+    KIND_KD,
+    KIND_SFT,
+    classify_method,
+    method_temperature,
+    normalize_teacher,
+)
 
 COLORS = (
     "#1f77b4",
@@ -71,9 +78,12 @@ def plot_accuracy_by_temperature(
     table["_kind"] = [item.kind for item in classes]
     table["_family"] = [item.family for item in classes]
     table["_temperature"] = [method_temperature(method) or 1.0 for method in table[METHOD]]
+    known_models = set(table[STUDENT])
+    table[TEACHER] = [normalize_teacher(name, known_models) for name in table[TEACHER]]
     kd = table[(table["_kind"] == KIND_KD) & table[column].notna()]
     if kd.empty:
         return None
+    temperatures = sorted(set(kd["_temperature"]))
     sft = table[table["_kind"] == KIND_SFT].groupby(STUDENT)[column].mean()
     students = _size_order(list(kd[STUDENT]))
     families = list(dict.fromkeys(kd["_family"]))
@@ -104,6 +114,9 @@ def plot_accuracy_by_temperature(
             line = axis.axhline(float(sft[student]), color="#555555", linestyle="--", lw=1)
             handles.setdefault("SFT (same student)", line)
         axis.set_title(student, fontsize=10)
+        axis.set_xticks(temperatures)
+        axis.set_xticklabels([f"{value:g}" for value in temperatures])
+        axis.set_xlim(temperatures[0] - 0.5, temperatures[-1] + 0.5)
         axis.set_xlabel("temperature")
         axis.set_ylabel(f"{column} accuracy (%)")
         axis.grid(alpha=0.3)
@@ -146,8 +159,12 @@ def plot_improvement_vs_size(
         sizes = [size * (1 + offsets[family]) for size in group["student_size"]]
         axis.scatter(sizes, group["improvement"], color=colors[family], label=family, s=36)
     axis.axhline(0.0, color="#555555", linestyle="--", lw=1)
-    if subset["student_size"].min() > 0 and subset["student_size"].max() > 0:
+    if subset["student_size"].min() > 0:
         axis.set_xscale("log")
+        sizes_present = sorted(set(subset["student_size"]))
+        axis.set_xticks(sizes_present)
+        axis.set_xticklabels([f"{size:g}B" for size in sizes_present])
+        axis.xaxis.set_minor_locator(NullLocator())
     axis.set_xlabel("student size (billions of parameters)")
     axis.set_ylabel(f"improvement over SFT, {column} (points)")
     axis.set_title(title or f"KD improvement over SFT vs student size ({column})")

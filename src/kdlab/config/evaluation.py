@@ -123,8 +123,9 @@ class CustomTaskConfig:
 class EvalConfig:
     """``kdlab eval``: generate answers for benchmark tasks and score them."""
 
-    model: ModelConfig | str | None = config_field(
-        None, help="Model to evaluate: a ModelConfig mapping or a name_or_path string."
+    model: ModelConfig = dataclasses.field(
+        default_factory=ModelConfig,
+        metadata={"help": "Model to evaluate (a string is short for model.name_or_path)."},
     )
     adapter: str | None = config_field(None, help="PEFT adapter directory on top of `model`.")
     run_dir: str | None = config_field(
@@ -149,9 +150,9 @@ class EvalConfig:
     template: str = config_field(
         "alpaca", help="Prompt template (the one used in training).", choices=("alpaca", "chat")
     )
-    generation: EvalGenerationConfig | str = config_field(
+    generation: EvalGenerationConfig = dataclasses.field(
         default_factory=EvalGenerationConfig,
-        help="Decoding settings, or a preset name (greedy, paper).",
+        metadata={"help": "Decoding settings, or a preset name (greedy, paper)."},
     )
     backend: str = config_field(
         "auto",
@@ -192,14 +193,9 @@ class EvalConfig:
         check(self.limit is None or self.limit >= 1, "limit", "must be >= 1 or null")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(
-            self.model is not None or self.run_dir is not None,
-            "model",
-            "give a model (or run_dir) to evaluate",
-        )
-        check(
-            self.model is None or self.run_dir is None,
+            self.run_dir is None or self.model == ModelConfig(),
             "run_dir",
-            "give either model or run_dir, not both",
+            "give either model or run_dir (which brings its model), not both",
         )
         check(
             self.adapter is None or self.run_dir is None,
@@ -227,6 +223,16 @@ def load_eval_config(
         data = deep_merge(data, read_yaml_mapping(path))
         source = str(path)
     data = apply_overrides(data, overrides)
+    if isinstance(data.get("model"), str):
+        data["model"] = {"name_or_path": data["model"]}
+    if isinstance(data.get("generation"), str):
+        preset = data["generation"]
+        if preset not in GENERATION_PRESETS:
+            raise ConfigError(
+                f"{source}: 'generation' = {preset!r} is not a preset; choices: "
+                f"{', '.join(GENERATION_PRESETS)} (or a mapping of settings)"
+            )
+        data["generation"] = {"preset": preset}
     nested = {"model": ModelConfig, "generation": EvalGenerationConfig}
     for key, cls in nested.items():
         if isinstance(data.get(key), Mapping):

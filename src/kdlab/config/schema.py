@@ -210,7 +210,9 @@ class FinetuneConfig:
 class TeacherConfig:
     """The frozen teacher of a distillation run."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig | None = config_field(
+        None, help="The teacher's base model (or a merged model). Required unless run_dir."
+    )
     adapter: str | None = config_field(
         None,
         help="PEFT adapter directory (or a finetune run directory) on top of the model; "

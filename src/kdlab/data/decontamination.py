@@ -12,6 +12,7 @@ A record's key is its normalised ``instruction`` plus ``input`` when that is not
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import unicodedata
@@ -27,7 +28,9 @@ logger = logging.getLogger(__name__)
 _THOUSANDS_SEPARATOR = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 #: Characters kept as separate tokens rather than folded away (Unicode category P would
 #: otherwise erase them): they change the meaning of a math problem.
-_KEPT_OPERATORS = frozenset("+-*/=<>^%×÷−")
+_KEPT_OPERATORS = frozenset("+-*/=<>^%")
+#: Spellings of the same operator folded onto one (every dash, Pd, also becomes "-").
+_OPERATOR_ALIASES = {"\u2212": "-", "\u00d7": "*", "\u00f7": "/", "\u2215": "/"}
 _EVAL_FILE_NAMES = ("test.json", "test.jsonl")
 
 
@@ -35,21 +38,27 @@ def normalize_instruction(text: str) -> str:
     """Fold ``text`` for duplicate detection.
 
     NFKC normalisation and case folding; thousands separators dropped (``2,041`` → ``2041``);
-    punctuation replaced by spaces; arithmetic operators and other symbols kept as separate
-    tokens; runs of whitespace collapsed. Idempotent.
+    punctuation replaced by spaces; arithmetic operators (dashes, minus, times and division
+    signs folded onto ``- * /``) and other symbols kept as separate tokens; runs of
+    whitespace collapsed. Idempotent.
     """
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
     folded = _THOUSANDS_SEPARATOR.sub("", folded)
-    pieces: list[str] = []
-    for character in folded:
-        category = unicodedata.category(character)
-        if character in _KEPT_OPERATORS or category[0] == "S":
-            pieces.append(f" {character} ")
-        elif category[0] in "PCZ":  # punctuation, control/format, separators
-            pieces.append(" ")
-        else:
-            pieces.append(character)
-    return " ".join("".join(pieces).split())
+    return " ".join("".join(map(_fold_character, folded)).split())
+
+
+@functools.lru_cache(maxsize=4096)
+def _fold_character(character: str) -> str:
+    """One character's replacement: itself, a spaced operator/symbol token, or a space."""
+    category = unicodedata.category(character)
+    if category == "Pd":
+        character = "-"
+    character = _OPERATOR_ALIASES.get(character, character)
+    if character in _KEPT_OPERATORS or category[0] == "S":
+        return f" {character} "
+    if category[0] in "PCZ":  # punctuation, control/format, separators
+        return " "
+    return character
 
 
 def record_key(record: Mapping[str, Any] | str) -> str:

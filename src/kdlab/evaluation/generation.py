@@ -216,7 +216,9 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
-def choose_backend(requested: str, model_config: ModelConfig, settings: EvalGenerationConfig) -> str:
+def choose_backend(
+    requested: str, model_config: ModelConfig, settings: EvalGenerationConfig
+) -> str:
     """``auto`` → ``vllm`` when available and the model and settings allow it, else ``hf``."""
     reasons: list[str] = []
     if model_config.slice_layers:

@@ -87,13 +87,7 @@ class Task:
         """The file (or hub id) this task's test items are read from."""
         if self.source is not None:
             return self.source
-        if data_dir is None:
-            raise DataError(f"task {self.name}: no data_dir given and the task has no path")
-        base = Path(data_dir) / self.name
-        for file_name in DATA_FILE_NAMES:
-            if (base / file_name).is_file():
-                return str(base / file_name)
-        return str(base / DATA_FILE_NAMES[0])
+        return default_data_source(self.name, data_dir)
 
     def load(self, data_dir: str | Path | None = None, limit: int | None = None) -> list[dict]:
         """The task's records (``instruction``, ``input``, ``answer``), the first ``limit``."""
@@ -104,6 +98,17 @@ class Task:
             raise DataError(f"task {self.name}: data file {source} not found")
         records = load_records(source, required_fields=("instruction", "answer"))
         return list(records if limit is None else records[:limit])
+
+
+def default_data_source(name: str, data_dir: str | Path | None) -> str:
+    """``<data_dir>/<name>/test.json`` (or ``test.jsonl`` when only that exists)."""
+    if data_dir is None:
+        raise DataError(f"task {name}: no data_dir given and the task has no path")
+    base = Path(data_dir) / name
+    for file_name in DATA_FILE_NAMES:
+        if (base / file_name).is_file():
+            return str(base / file_name)
+    return str(base / DATA_FILE_NAMES[0])
 
 
 def _is_hub_id(source: str) -> bool:

@@ -27,6 +27,7 @@ import math
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,16 +416,20 @@ class TrainingLoop:
                             f"checkpoint is kept in {self.run_dir / 'checkpoints'}"
                         )
                 self.optimizer.step()
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # A step whose micro-batches were all skipped still advances the schedule,
+                # so the learning rate stays a function of the step number.
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             done = step + 1
             self.tokens += step_tokens * world
             window_tokens += step_tokens * world
             self.elapsed += time.perf_counter() - step_start
             if progress is not None:
-                postfix = {"loss": f"{_mean(losses):.4f}"}
+                postfix = {"loss": _format(_mean(losses))}
                 if any(k is not None for k in kds):
-                    postfix["kd"] = f"{_mean(kds):.4f}"
+                    postfix["kd"] = _format(_mean(kds))
                 postfix["tok/s"] = (
                     f"{window_tokens / max(time.perf_counter() - window_start, 1e-9):.0f}"
                 )
@@ -496,6 +501,10 @@ class _null:
 
     def __exit__(self, *args: object) -> None:
         return None
+
+
+def _format(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

@@ -1,0 +1,236 @@
+"""Per-micro-batch objectives of the distill stage.
+
+``loss = (1 − w)·CE + w·KD`` with ``w = distill.kd_weight``. KD is computed by the chunked
+path of :mod:`kdlab.losses` from the models' final hidden states and output projections, so
+``[batch, seq, vocab]`` fp32 logits never exist for the whole batch. Both models are asked
+for ``logits_to_keep=1`` (one position of logits, which nobody reads) and their hidden
+states; the student's last hidden state is taken *after* the final norm.
+
+Positions: ``loss_on: response`` (default) covers the positions that predict a response
+token; ``loss_on: all`` covers every attended position, as the paper's scripts do.
+
+On-policy (GKD): with probability λ per micro-batch, drawn from a generator seeded by the
+step, the student samples a response to each prompt of the batch; the KD term is taken on
+those sequences (no CE: there is no gold token to imitate), else on the gold batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from kdlab.config.schema import DistillSettings
+from kdlab.data.tokenize import IGNORE_INDEX, left_pad_prompts
+from kdlab.losses import chunked_distillation_loss
+from kdlab.training.common import response_mask
+from kdlab.training.loop import StepLoss, step_seed
+
+logger = logging.getLogger(__name__)
+
+
+def final_hidden_states(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """``[batch, seq, hidden]`` after the final norm, without computing full logits."""
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    return outputs.hidden_states[-1]
+
+
+def output_projection(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Token-mean CE over masked positions, logits computed chunk by chunk in float32."""
+    rows = hidden[mask]
+    labels = targets[mask]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows.shape[0], chunk_size):
+        logits = torch.nn.functional.linear(rows[start : start + chunk_size], weight, bias).float()
+        total = total + torch.nn.functional.cross_entropy(
+            logits, labels[start : start + chunk_size], reduction="sum"
+        )
+    return total / max(rows.shape[0], 1)
+
+
+class DistillationObjective:
+    """Callable ``(student, batch, training) -> StepLoss`` for the training loop."""
+
+    def __init__(
+        self,
+        *,
+        settings: DistillSettings,
+        teacher: Any | None,
+        tokenizer: Any,
+        vocab_size: int | None,
+        seed: int,
+        cutoff_len: int,
+        unwrap: Any,
+    ) -> None:
+        self.settings = settings
+        self.teacher = teacher
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.seed = seed
+        self.cutoff_len = cutoff_len
+        self.unwrap = unwrap
+        self.divergence = settings.resolved_divergence if teacher is not None else None
+        self.kd_weight = settings.kd_weight if self.divergence else 0.0
+        #: the last sequences a loss was computed on (tests inspect on-policy batches)
+        self.last_input_ids: torch.Tensor | None = None
+        self.last_on_policy = False
+
+    # ------------------------------------------------------------------ on-policy
+
+    def _use_on_policy(self, batch: dict[str, torch.Tensor]) -> bool:
+        if self.settings.method != "gkd" or self.settings.lambda_on_policy <= 0:
+            return False
+        step = int(batch.get("_step", torch.tensor(0)))
+        micro = int(batch.get("_micro", torch.tensor(0)))
+        generator = torch.Generator().manual_seed(step_seed(self.seed, step) + 31 * micro + 17)
+        return float(torch.rand((), generator=generator)) < self.settings.lambda_on_policy
+
+    @torch.no_grad()
+    def student_samples(
+        self, student: Any, batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Replace each row's response by one the student samples from its prompt."""
+        model = self.unwrap(student)
+        pad = self.tokenizer.pad_token_id
+        eos = self.tokenizer.eos_token_id
+        prompts, prompt_mask = left_pad_prompts(batch["input_ids"], batch["prompt_lengths"], pad)
+        prompts, prompt_mask = prompts.to(batch["input_ids"].device), prompt_mask.to(prompts.device)
+        generation = self.settings.generation
+        budget = max(1, min(generation.max_new_tokens, self.cutoff_len - prompts.shape[1]))
+        was_training = model.training
+        model.eval()
+        output = model.generate(
+            input_ids=prompts,
+            attention_mask=prompt_mask,
+            do_sample=generation.do_sample,
+            temperature=generation.temperature if generation.do_sample else None,
+            top_k=generation.top_k if generation.do_sample else None,
+            top_p=generation.top_p if generation.do_sample else None,
+            max_new_tokens=budget,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        if was_training:
+            model.train()
+        generated = output[:, prompts.shape[1] :].cpu()
+        rows = []
+        for row in range(prompts.shape[0]):
+            length = int(batch["prompt_lengths"][row])
+            prompt = batch["input_ids"][row, :length].cpu().tolist()
+            tokens = generated[row].tolist()
+            if eos is not None and eos in tokens:
+                tokens = tokens[: tokens.index(eos) + 1]
+            else:
+                tokens = [t for t in tokens if t != pad] if pad != eos else tokens
+            rows.append((prompt, tokens))
+        width = max(len(p) + len(t) for p, t in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (prompt, tokens) in enumerate(rows):
+            sequence = prompt + tokens
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            labels[row, len(prompt) : len(sequence)] = torch.tensor(tokens, dtype=torch.long)
+            attention[row, : len(sequence)] = 1
+        device = batch["input_ids"].device
+        return {
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention.to(device),
+            "labels": labels.to(device),
+            "prompt_lengths": batch["prompt_lengths"],
+        }
+
+    # ------------------------------------------------------------------ the loss
+
+    def __call__(self, student: Any, batch: dict[str, torch.Tensor], training: bool) -> StepLoss:
+        stats: dict[str, float] = {}
+        on_policy = training and self._use_on_policy(batch)
+        if on_policy:
+            batch = self.student_samples(student, batch)
+            stats["on_policy_batches"] = 1.0
+        elif self.settings.method == "gkd" and training:
+            stats["off_policy_batches"] = 1.0
+        self.last_input_ids = batch["input_ids"].detach().cpu()
+        self.last_on_policy = on_policy
+        input_ids, attention_mask, labels = (
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+        )
+        label_mask = response_mask(labels)
+        if self.settings.loss_on == "all" and not on_policy:
+            kd_mask = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+            kd_mask = torch.nn.functional.pad(kd_mask, (0, 1), value=False)
+        else:
+            kd_mask = label_mask
+        tokens = int(kd_mask.sum()) if self.divergence else int(label_mask.sum())
+        if tokens == 0:
+            return StepLoss(loss=None, tokens=0, stats=stats)
+        student_hidden = final_hidden_states(student, input_ids, attention_mask)
+        weight, bias = output_projection(self.unwrap(student))
+        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        need_ce = (self.kd_weight < 1.0 and not on_policy) or not training
+        ce = None
+        if need_ce and int(label_mask.sum()) > 0:
+            ce = chunked_cross_entropy(
+                student_hidden, weight, bias, targets, label_mask, self.settings.chunk_size
+            )
+        kd = None
+        if self.divergence:
+            with torch.no_grad():
+                teacher_hidden = final_hidden_states(self.teacher, input_ids, attention_mask)
+            teacher_weight, teacher_bias = output_projection(self.teacher)
+            kd = chunked_distillation_loss(
+                student_hidden,
+                weight,
+                teacher_hidden.to(student_hidden.dtype),
+                teacher_weight.to(weight.dtype),
+                kd_mask,
+                divergence=self.divergence,
+                temperature=self.settings.temperature,
+                beta=self.settings.beta,
+                skew=self.settings.skew,
+                reduction=self.settings.reduction,
+                scale_by_t2=self.settings.scale_by_t2,
+                chunk_size=self.settings.chunk_size,
+                student_lm_head_bias=bias,
+                teacher_lm_head_bias=teacher_bias,
+                teacher_noise_std=self.settings.noise_std,
+                vocab_size=self.vocab_size,
+            )
+        if kd is None:
+            loss = ce
+        elif ce is None or on_policy:
+            loss = kd if on_policy else self.kd_weight * kd
+        else:
+            loss = (1.0 - self.kd_weight) * ce + self.kd_weight * kd
+        if loss is None:
+            return StepLoss(loss=None, tokens=0, stats=stats)
+        return StepLoss(
+            loss=loss,
+            ce=None if ce is None else float(ce.detach()),
+            kd=None if kd is None else float(kd.detach()),
+            tokens=tokens,
+            stats=stats,
+        )

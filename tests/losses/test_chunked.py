@@ -1,0 +1,343 @@
+"""The chunked path equals the dense loss on hidden @ W.T, in value and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdlab.losses import (
+    DIVERGENCES,
+    add_teacher_noise,
+    chunked_distillation_loss,
+    distillation_loss,
+    sparse_distillation_loss,
+)
+
+DIVERGENCE_NAMES = sorted(DIVERGENCES)
+BATCH, SEQ, HIDDEN, TEACHER_HIDDEN, VOCAB = 3, 8, 16, 24, 97
+
+
+def make_inputs(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(*shape, generator=generator)).to(dtype)
+
+    loss_mask = torch.rand(BATCH, SEQ, generator=generator) > 0.4
+    loss_mask[0, :2] = True
+    loss_mask[1] = False  # a sequence with nothing counted
+    return {
+        "student_hidden": randn(BATCH, SEQ, HIDDEN),
+        "student_weight": randn(VOCAB, HIDDEN, scale=0.5),
+        "teacher_hidden": randn(BATCH, SEQ, TEACHER_HIDDEN),
+        "teacher_weight": randn(VOCAB, TEACHER_HIDDEN, scale=0.5),
+        "loss_mask": loss_mask,
+    }
+
+
+def dense_and_chunked(
+    inputs: dict[str, torch.Tensor], chunk_size: int, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dense loss, chunked loss, dense grad, chunked grad) w.r.t. the student hidden states."""
+    hidden = inputs["student_hidden"].clone().requires_grad_()
+    dense = distillation_loss(
+        hidden @ inputs["student_weight"].T,
+        inputs["teacher_hidden"] @ inputs["teacher_weight"].T,
+        inputs["loss_mask"],
+        **kwargs,
+    )
+    (dense_grad,) = torch.autograd.grad(dense, hidden)
+    chunked = chunked_distillation_loss(
+        hidden,
+        inputs["student_weight"],
+        inputs["teacher_hidden"],
+        inputs["teacher_weight"],
+        inputs["loss_mask"],
+        chunk_size=chunk_size,
+        **kwargs,
+    )
+    (chunked_grad,) = torch.autograd.grad(chunked, hidden)
+    return dense, chunked, dense_grad, chunked_grad
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence", DIVERGENCE_NAMES)
+def test_chunked_equals_dense(divergence: str, dtype: torch.dtype, reduction: str) -> None:
+    # bf16: the dense reference gets the same bf16 logits (hidden @ W.T in bf16), upcast inside.
+    inputs = make_inputs(0, dtype)
+    dense, chunked, dense_grad, chunked_grad = dense_and_chunked(
+        inputs,
+        chunk_size=3,
+        divergence=divergence,
+        reduction=reduction,
+        temperature=1.7,
+        beta=0.3,
+        skew=0.2,
+    )
+    assert chunked.dtype == torch.float32 and chunked.dim() == 0
+    assert chunked_grad.dtype == dtype
+    torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(chunked_grad, dense_grad, rtol=0, atol=1e-5)
+    else:
+        # A bf16 gradient is itself rounded to bf16 by the lm_head matmul's backward, whose
+        # accumulation order depends on the number of rows (one chunk vs the whole batch),
+        # so the two may differ by one bf16 ulp at the gradient's scale (2^-7 relative).
+        one_ulp = dense_grad.float().abs().max().item() * 2**-7
+        torch.testing.assert_close(chunked_grad.float(), dense_grad.float(), rtol=0, atol=one_ulp)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_chunk_size_does_not_change_result(chunk_size: int) -> None:
+    inputs = make_inputs(1)
+    dense, chunked, dense_grad, chunked_grad = dense_and_chunked(
+        inputs, chunk_size=chunk_size, divergence="jsd", reduction="sequence"
+    )
+    torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked_grad, dense_grad, rtol=0, atol=1e-5)
+
+
+def test_gradients_reach_weights_biases_and_scale_with_upstream() -> None:
+    inputs = make_inputs(2)
+    student_bias = 0.1 * torch.randn(VOCAB)
+    teacher_bias = 0.1 * torch.randn(VOCAB)
+
+    def leaves():
+        return (
+            inputs["student_hidden"].clone().requires_grad_(),
+            inputs["student_weight"].clone().requires_grad_(),
+            student_bias.clone().requires_grad_(),
+        )
+
+    hidden, weight, bias = leaves()
+    dense = distillation_loss(
+        torch.nn.functional.linear(hidden, weight, bias),
+        torch.nn.functional.linear(
+            inputs["teacher_hidden"], inputs["teacher_weight"], teacher_bias
+        ),
+        inputs["loss_mask"],
+        divergence="skew_reverse_kl",
+    )
+    (3.0 * dense).backward()
+
+    hidden2, weight2, bias2 = leaves()
+    chunked = chunked_distillation_loss(
+        hidden2,
+        weight2,
+        inputs["teacher_hidden"],
+        inputs["teacher_weight"],
+        inputs["loss_mask"],
+        divergence="skew_reverse_kl",
+        chunk_size=5,
+        student_lm_head_bias=bias2,
+        teacher_lm_head_bias=teacher_bias,
+    )
+    (3.0 * chunked).backward()
+
+    torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-5)
+    for chunked_leaf, dense_leaf in ((hidden2, hidden), (weight2, weight), (bias2, bias)):
+        torch.testing.assert_close(chunked_leaf.grad, dense_leaf.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_logprobs_and_vocab_trimming() -> None:
+    inputs = make_inputs(3)
+    padded_student_weight = torch.cat([inputs["student_weight"], torch.randn(7, HIDDEN)])
+    teacher_logits = inputs["teacher_hidden"] @ inputs["teacher_weight"].T  # [B, S, V]
+    hidden = inputs["student_hidden"].clone().requires_grad_()
+    dense = distillation_loss(
+        hidden @ inputs["student_weight"].T,
+        teacher_logits,
+        inputs["loss_mask"],
+        divergence="forward_kl",
+        temperature=2.0,
+    )
+    (dense_grad,) = torch.autograd.grad(dense, hidden)
+    mask = inputs["loss_mask"]
+    for teacher_logprobs in (
+        teacher_logits.log_softmax(-1)[mask],  # [N, V] rows
+        teacher_logits.bfloat16().float(),  # [B, S, V] (logits work too) ...
+    ):
+        chunked = chunked_distillation_loss(
+            hidden,
+            padded_student_weight,  # 104 rows: trimmed to the teacher's 97
+            loss_mask=mask,
+            teacher_logprobs=teacher_logprobs,
+            temperature=2.0,
+            chunk_size=4,
+        )
+        (chunked_grad,) = torch.autograd.grad(chunked, hidden)
+        if teacher_logprobs.dim() == 2:
+            torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-5)
+            torch.testing.assert_close(chunked_grad, dense_grad, rtol=0, atol=1e-5)
+        else:  # ... but were rounded to bf16 here
+            torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-2)
+
+    explicit = chunked_distillation_loss(
+        hidden,
+        padded_student_weight,
+        inputs["teacher_hidden"],
+        torch.cat([inputs["teacher_weight"], torch.randn(3, TEACHER_HIDDEN)]),
+        mask,
+        temperature=2.0,
+        vocab_size=VOCAB,
+    )
+    torch.testing.assert_close(explicit, dense, rtol=0, atol=1e-5)
+
+
+def test_sparse_teacher_in_chunked_path() -> None:
+    inputs = make_inputs(4)
+    mask = inputs["loss_mask"]
+    teacher_logprobs = (3 * inputs["teacher_hidden"] @ inputs["teacher_weight"].T).log_softmax(-1)
+    top = teacher_logprobs[mask].topk(10, dim=-1)
+    tail_mass = 1 - top.values.exp().sum(-1)
+    hidden = inputs["student_hidden"].clone().requires_grad_()
+    kwargs = dict(divergence="jsd", temperature=1.5, reduction="sequence")
+    sparse = sparse_distillation_loss(
+        hidden @ inputs["student_weight"].T, top.values, top.indices, tail_mass, mask, **kwargs
+    )
+    (sparse_grad,) = torch.autograd.grad(sparse, hidden)
+    chunked = chunked_distillation_loss(
+        hidden,
+        inputs["student_weight"],
+        loss_mask=mask,
+        teacher_topk_logprobs=top.values,
+        teacher_topk_ids=top.indices,
+        teacher_tail_mass=tail_mass,
+        chunk_size=3,
+        **kwargs,
+    )
+    (chunked_grad,) = torch.autograd.grad(chunked, hidden)
+    torch.testing.assert_close(chunked, sparse, rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked_grad, sparse_grad, rtol=0, atol=1e-5)
+
+
+def test_noise_matches_dense_noise_for_one_chunk() -> None:
+    # With chunk_size >= N the noise is a single randn([N, vocab]) draw on the masked rows.
+    inputs = make_inputs(5)
+    mask = inputs["loss_mask"]
+    teacher_logits = inputs["teacher_hidden"] @ inputs["teacher_weight"].T
+    noisy_rows = add_teacher_noise(teacher_logits[mask], 0.5, torch.Generator().manual_seed(7))
+    noisy_teacher = teacher_logits.clone()
+    noisy_teacher[mask] = noisy_rows
+    student_logits = inputs["student_hidden"] @ inputs["student_weight"].T
+    dense = distillation_loss(student_logits, noisy_teacher, mask, divergence="reverse_kl")
+    chunked = chunked_distillation_loss(
+        inputs["student_hidden"],
+        inputs["student_weight"],
+        inputs["teacher_hidden"],
+        inputs["teacher_weight"],
+        mask,
+        divergence="reverse_kl",
+        chunk_size=10_000,
+        teacher_noise_std=0.5,
+        noise_generator=torch.Generator().manual_seed(7),
+    )
+    torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-5)
+    clean = distillation_loss(student_logits, teacher_logits, mask, divergence="reverse_kl")
+    assert abs(chunked.item() - clean.item()) > 1e-3
+
+
+def test_noise_is_deterministic_per_seed_in_chunks() -> None:
+    inputs = make_inputs(6)
+
+    def run(seed: int) -> torch.Tensor:
+        return chunked_distillation_loss(
+            inputs["student_hidden"],
+            inputs["student_weight"],
+            inputs["teacher_hidden"],
+            inputs["teacher_weight"],
+            inputs["loss_mask"],
+            chunk_size=3,
+            teacher_noise_std=1.0,
+            noise_generator=torch.Generator().manual_seed(seed),
+        )
+
+    assert run(1).item() == run(1).item()
+    assert run(1).item() != run(2).item()
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_fully_masked_batch(reduction: str) -> None:
+    inputs = make_inputs(7)
+    hidden = inputs["student_hidden"].clone().requires_grad_()
+    weight = inputs["student_weight"].clone().requires_grad_()
+    loss = chunked_distillation_loss(
+        hidden,
+        weight,
+        inputs["teacher_hidden"],
+        inputs["teacher_weight"],
+        torch.zeros_like(inputs["loss_mask"]),
+        reduction=reduction,
+        divergence="jsd",
+    )
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_no_grad_and_frozen_inputs() -> None:
+    inputs = make_inputs(8)
+    args = (
+        inputs["student_hidden"],
+        inputs["student_weight"],
+        inputs["teacher_hidden"],
+        inputs["teacher_weight"],
+        inputs["loss_mask"],
+    )
+    frozen = chunked_distillation_loss(*args, chunk_size=2)
+    assert not frozen.requires_grad
+    with torch.no_grad():
+        hidden = inputs["student_hidden"].clone().requires_grad_()
+        under_no_grad = chunked_distillation_loss(hidden, *args[1:], chunk_size=2)
+    assert not under_no_grad.requires_grad
+    assert frozen.item() == pytest.approx(under_no_grad.item(), abs=1e-6)
+
+
+def test_bad_arguments_raise() -> None:
+    inputs = make_inputs(9)
+    hidden, weight = inputs["student_hidden"], inputs["student_weight"]
+    teacher_hidden, teacher_weight = inputs["teacher_hidden"], inputs["teacher_weight"]
+    mask = inputs["loss_mask"]
+    good = (hidden, weight, teacher_hidden, teacher_weight, mask)
+    cases = [
+        (good, {"chunk_size": 0}, "chunk_size"),
+        (good, {"temperature": 0.0}, "temperature"),
+        (good, {"beta": 1.1}, "beta"),
+        (good, {"skew": -1.0}, "skew"),
+        (good, {"teacher_noise_std": -0.1}, "teacher_noise_std"),
+        (good, {"vocab_size": VOCAB + 1}, "vocab_size"),
+        (good, {"divergence": "nope"}, "divergence"),
+        (good, {"reduction": "sum"}, "reduction"),
+        ((hidden, weight, teacher_hidden, teacher_weight), {}, "loss_mask"),
+        ((hidden, weight, teacher_hidden, teacher_weight, mask[:, 1:]), {}, "loss_mask"),
+        (
+            (hidden, weight[:, 1:], teacher_hidden, teacher_weight, mask),
+            {},
+            "student_lm_head_weight",
+        ),
+        (
+            (hidden, weight.double(), teacher_hidden, teacher_weight, mask),
+            {},
+            "student_lm_head_weight",
+        ),
+        ((hidden, weight, teacher_hidden[:, 1:], teacher_weight, mask), {}, "teacher_hidden"),
+        ((hidden, weight, teacher_hidden, None, mask), {}, "teacher_lm_head_weight"),
+        ((hidden, weight, None, None, mask), {}, "exactly one"),
+        (good, {"teacher_logprobs": torch.zeros(1, VOCAB)}, "exactly one"),
+        (good, {"student_lm_head_bias": torch.zeros(3)}, "student_lm_head_bias"),
+        (
+            (hidden, weight, None, None, mask),
+            {"teacher_logprobs": torch.zeros(int(mask.sum()) + 1, VOCAB)},
+            "teacher_logprobs",
+        ),
+        (
+            (hidden, weight, None, None, mask),
+            {"teacher_topk_logprobs": torch.zeros(int(mask.sum()), 3)},
+            "teacher_topk",
+        ),
+    ]
+    for args, kwargs, argument in cases:
+        with pytest.raises(ValueError, match=argument):
+            chunked_distillation_loss(*args, **kwargs)
