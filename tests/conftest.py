@@ -4,79 +4,18 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kdlab_testing import SHARED_DATA, save_tiny_model
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
-SHARED_DATA = SHARED / "data"
-
-_CORPUS = [
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.",
-    "### Instruction:\n### Input:\n### Response:\n",
-    "Tom has 12 apples. He buys 7 more apples. How many apples does Tom have now?",
-    "Tom starts with 12 apples and gets 7 more, so 12 + 7 = 19. The answer is 19.",
-    "the correct answer is answer1 answer2 answer3 answer4 answer5 option1 option2 "
-    "solution1 solution2 ending1 ending2 ending3 ending4 true false",
-    "0 1 2 3 4 5 6 7 8 9 10 20 30 40 50 60 70 80 90 100 + - * / = . , ? ! $ %",
-    "Mia read 24 pages on Monday and 15 pages on Tuesday. Sam had 45 marbles and gave 18 away.",
-    "A B C D E ( ) Answer Choices: (A) (B) (C) (D) (E) The answer is (C).",
-]
-
-
-def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer (≈ 300 tokens) that can encode any text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-
-
-def build_tiny_model(vocab_size: int, *, layers: int = 2, hidden: int = 16, seed: int = 0):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
-
-
-def save_tiny_model(directory: Path, *, layers: int = 2, hidden: int = 16, seed: int = 0) -> Path:
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(len(tokenizer), layers=layers, hidden=hidden, seed=seed)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="session")

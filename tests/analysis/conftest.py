@@ -83,11 +83,13 @@ def make_fake_run(
     model_params: int | None = None,
     predictions: dict[str, list[dict[str, Any]]] | None = None,
     with_adapter: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a run directory: run.json, adapter/, eval/<task>/{predictions.jsonl,metrics.json}.
 
     ``predictions`` maps each task to its records; the accuracy in metrics.json is the share
-    of records with ``correct``. Without ``predictions`` the run has no evaluation.
+    of records with ``correct``. Without ``predictions`` the run has no evaluation. ``extra``
+    adds or overrides run.json fields.
     """
     run_dir = root / name
     run_dir.mkdir(parents=True)
@@ -108,6 +110,7 @@ def make_fake_run(
         "kd_weight": 1.0,
         "seed": seed,
         "task_family": task_family,
+        **(extra or {}),
     }
     (run_dir / "run.json").write_text(json.dumps(identity), encoding="utf-8")
     if with_adapter:
@@ -170,7 +173,9 @@ def build_fake_sweep(root: Path, *, with_teacher: bool = True) -> FakeSweep:
             role="teacher",
             predictions=role_predictions("teacher"),
         )
-    sft = make_fake_run(root, "students/sft", model=STUDENT_MODEL, predictions=role_predictions("sft"))
+    sft = make_fake_run(
+        root, "students/sft", model=STUDENT_MODEL, predictions=role_predictions("sft")
+    )
     common = {
         "model": STUDENT_MODEL,
         "stage": "distill",
@@ -190,6 +195,12 @@ def build_fake_sweep(root: Path, *, with_teacher: bool = True) -> FakeSweep:
         root, "students/kd_t2", temperature=2.0, predictions=role_predictions("kd_t2"), **common
     )
     return FakeSweep(root=root, teacher=teacher_dir, sft=sft, kd_t1=kd_t1, kd_t2=kd_t2)
+
+
+@pytest.fixture
+def make_run() -> Callable[..., Path]:
+    """:func:`make_fake_run`, for tests that add runs of their own."""
+    return make_fake_run
 
 
 @pytest.fixture

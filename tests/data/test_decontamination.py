@@ -126,7 +126,9 @@ def test_overlap_report_on_small_layout(write_json: WriteJson, tmp_path: Path) -
     write_json([{"instruction": "q four", "answer": "4"}], "eval/taskA/test.json")
     write_json([{"instruction": "Q two", "answer": "2"}], "eval/flat.json")
     rows = overlap_report([train], tmp_path / "eval")
-    summary = {row["task"]: (row["eval_records"], row["overlapping"], row["percent"]) for row in rows}
+    summary = {
+        row["task"]: (row["eval_records"], row["overlapping"], row["percent"]) for row in rows
+    }
     assert summary == {"flat": (1, 1, 100.0), "taskA": (1, 0, 0.0), "taskB": (2, 1, 50.0)}
     assert [row["task"] for row in rows] == ["flat", "taskA", "taskB"]
     assert load_training_instructions([train]) == {"q one", "q two"}

@@ -83,7 +83,9 @@ def test_loads_every_shared_eval_file(shared_data: Path) -> None:
     for task, count in expected.items():
         records = load_records(shared_data / "eval" / task / "test.json")
         assert len(records) == count
-    math_train = load_records(shared_data / "train" / "math_cot_3k.json", required_fields=TRAIN_FIELDS)
+    math_train = load_records(
+        shared_data / "train" / "math_cot_3k.json", required_fields=TRAIN_FIELDS
+    )
     assert len(math_train) == 3260
     assert all(r["output"].rstrip().endswith(".") for r in math_train[:50])
 
@@ -103,7 +105,7 @@ def test_generated_source_matches_generator() -> None:
     [
         (b"", "file is empty"),
         (b"  \n\t ", "file is empty"),
-        (b"[{\"instruction\": \"x\",}]", "invalid JSON at line 1"),
+        (b'[{"instruction": "x",}]', "invalid JSON at line 1"),
         (b"[1, 2", "invalid JSON"),
         (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a text file"),
         (b"\xff\xfe\xfa garbage", "not a text file"),
@@ -200,7 +202,7 @@ def test_missing_directory_and_unsupported_paths(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="is a directory"):
         load_records(tmp_path)
     (tmp_path / "data.csv").write_text("a,b\n", encoding="utf-8")
-    with pytest.raises(DataError, match="unsupported file type '.csv'"):
+    with pytest.raises(DataError, match=r"unsupported file type '\.csv'"):
         load_records(tmp_path / "data.csv")
 
 
@@ -258,7 +260,9 @@ def test_hub_dataset_offline_gives_clear_error(tmp_path: Path) -> None:
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "HF_HOME": str(tmp_path / "hf-home"),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(source_root), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(source_root), os.environ.get("PYTHONPATH")])
+        ),
     }
     script = (
         "from kdlab.data.records import load_records\n"
@@ -346,8 +350,9 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 field_names = st.sampled_from([*RECORD_FIELDS, "extra"]) | st.text(max_size=6)

@@ -61,13 +61,31 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
+def _registry_order() -> list[str]:
+    """Task names in the paper's column order, from the evaluation task registry."""
+    try:
+        from kdlab.evaluation.tasks import list_tasks
+    except ImportError:  # pragma: no cover - the registry is part of kdlab
+        return []
+    return [name.lower() for name in list_tasks()]
+
+
 def _task_order(runs: Sequence[Run]) -> list[str]:
+    """The tasks of ``runs``: registered ones in the paper's order, then the others."""
     tasks: list[str] = []
     for run in runs:
         for task in run.tasks:
             if task not in tasks:
                 tasks.append(task)
-    return tasks
+    order = _registry_order()
+
+    def key(task: str) -> tuple[int, int]:
+        lowered = task.lower()
+        if lowered in order:
+            return (0, order.index(lowered))
+        return (1, tasks.index(task))
+
+    return sorted(tasks, key=key)
 
 
 def _kind(run: Run) -> str:

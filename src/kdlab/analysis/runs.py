@@ -183,13 +183,31 @@ class Run:
         return self.stage == "distill" or bool(self.identity.get("teacher"))
 
     @property
+    def adapter(self) -> str | None:
+        """The adapter a standalone evaluation (``kdlab eval --adapter``) recorded, if any."""
+        value = self.identity.get("adapter")
+        return str(value) if value else None
+
+    @property
     def is_sft(self) -> bool:
-        """A supervised fine-tune (a teacher or an SFT student)."""
-        return self.method in SFT_METHODS and not self.is_base
+        """A supervised fine-tune (a teacher or an SFT student).
+
+        A standalone evaluation of a model plus an adapter counts as one too: its adapter
+        was trained, most likely by SFT (a teacher evaluated on its own).
+        """
+        if self.is_kd:
+            return False
+        if self.method in SFT_METHODS:
+            return True
+        return self._untrained_identity and self.adapter is not None
 
     @property
     def is_base(self) -> bool:
-        """An evaluation of a model without training."""
+        """An evaluation of a model without training (no adapter)."""
+        return self._untrained_identity and self.adapter is None
+
+    @property
+    def _untrained_identity(self) -> bool:
         return self.role == "base" or self.method in BASE_METHODS
 
     @property
@@ -233,7 +251,10 @@ class Run:
     @property
     def own_weights_dirs(self) -> list[Path]:
         """Directories a teacher path may point to: the run dir, its adapter, its model."""
-        return [self.run_dir, self.run_dir / "adapter", self.run_dir / "model"]
+        paths = [self.run_dir, self.run_dir / "adapter", self.run_dir / "model"]
+        if self.adapter:
+            paths += _resolve(self.adapter, self.run_dir)
+        return paths
 
     def describe(self) -> str:
         """A short description for messages."""

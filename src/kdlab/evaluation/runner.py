@@ -110,7 +110,6 @@ def resolve_identity(config: EvalConfig) -> ModelIdentity:
 
         model_config, adapter = resolve_run_dir(config.run_dir)
         return ModelIdentity(model_config, adapter, config.run_dir, read_run_info(config.run_dir))
-    assert isinstance(config.model, ModelConfig)
     return ModelIdentity(config.model, config.adapter, None)
 
 
@@ -197,14 +196,18 @@ def plan_tasks(config: EvalConfig, tasks: Sequence[Task] | None = None) -> list[
 # --------------------------------------------------------------------------- output dir
 
 
+def short_model_name(model: str | None) -> str:
+    """The last component of a hub id or path: ``"Qwen/Qwen2.5-0.5B"`` → ``"Qwen2.5-0.5B"``."""
+    text = str(model or "").rstrip("/\\")
+    return text.replace("\\", "/").rsplit("/", 1)[-1] or str(model or "-")
+
+
 def default_output_dir(config: EvalConfig, identity: ModelIdentity) -> Path:
     """``<run_dir>/eval``, else ``runs/eval/<model name>``."""
     if config.output_dir:
         return Path(config.output_dir)
     if identity.run_dir:
         return Path(identity.run_dir) / "eval"
-    from kdlab.analysis.runs import short_model_name
-
     name = short_model_name(identity.model)
     if identity.adapter:
         name += "+" + short_model_name(identity.adapter.rstrip("/").removesuffix("/adapter"))
@@ -524,8 +527,6 @@ def write_summary(out_dir: Path, rows: Sequence[dict[str, Any]], columns: Sequen
 
 
 def _model_label(config: EvalConfig, identity: ModelIdentity) -> str:
-    from kdlab.analysis.runs import short_model_name
-
     if config.name:
         return config.name
     if identity.run_info.get("name"):

@@ -13,7 +13,7 @@ Public API:
 
 from __future__ import annotations
 
-from kdlab.losses.chunked import DEFAULT_CHUNK_SIZE, chunked_distillation_loss
+from kdlab.losses.chunked import DEFAULT_CHUNK_BYTES, chunked_distillation_loss, default_chunk_size
 from kdlab.losses.distillation import distillation_loss, per_token_divergence
 from kdlab.losses.divergences import DIVERGENCES, DivergenceFn, get_divergence
 from kdlab.losses.noise import add_teacher_noise
@@ -21,11 +21,12 @@ from kdlab.losses.sparse import sparse_bucket_logprobs, sparse_distillation_loss
 from kdlab.losses.vocab import trim_to_shared_vocab
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_CHUNK_BYTES",
     "DIVERGENCES",
     "DivergenceFn",
     "add_teacher_noise",
     "chunked_distillation_loss",
+    "default_chunk_size",
     "distillation_loss",
     "get_divergence",
     "per_token_divergence",

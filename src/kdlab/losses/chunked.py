@@ -53,13 +53,24 @@ from kdlab.losses.divergences import DivergenceFn
 from kdlab.losses.noise import add_teacher_noise, check_noise_std
 from kdlab.losses.sparse import check_sparse_teacher, sparse_bucket_logprobs
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "chunked_distillation_loss"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "chunked_distillation_loss", "default_chunk_size"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_SIZE = 128
-"""Rows per chunk. At vocab 151,936 one float32 ``[128, vocab]`` tensor is 78 MB; the chunk
-holds about half a dozen of them at its peak. Measured with ``benchmarks/loss_memory.py``."""
+DEFAULT_CHUNK_BYTES = 48 * 2**20
+"""Default chunk budget: ``chunk_size=None`` picks ``rows = DEFAULT_CHUNK_BYTES // (4 · vocab)``,
+so that one float32 ``[rows, vocab]`` tensor is about 48 MiB (256 rows at vocab 49,152, 82 at
+151,936). A chunk keeps about five such tensors alive at its peak (student and teacher
+log-probabilities, teacher probabilities, and two gradient buffers in backward). On CPU,
+budgets below 32 MiB per tensor perform worse: glibc serves such allocations from its heap,
+which fragments and does not give memory back, so the resident peak grows instead of
+shrinking. Tuned with ``benchmarks/loss_memory.py``."""
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk for ``chunk_size=None`` (see :data:`DEFAULT_CHUNK_BYTES`)."""
+    return max(1, DEFAULT_CHUNK_BYTES // (4 * vocab_size))
+
 
 # Per-position tensors: sliced per chunk, their gradients written into an [N, ...] buffer.
 _ROW_INPUTS = (
@@ -270,7 +281,7 @@ def chunked_distillation_loss(
     skew: float = 0.1,
     reduction: str = "token",
     scale_by_t2: bool = True,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     student_lm_head_bias: Tensor | None = None,
     teacher_lm_head_bias: Tensor | None = None,
     teacher_noise_std: float = 0.0,
@@ -302,8 +313,8 @@ def chunked_distillation_loss(
             arguments can keep their positional slots).
         divergence, temperature, beta, skew, reduction, scale_by_t2: as in
             :func:`kdlab.losses.distillation_loss`.
-        chunk_size: rows per chunk. Peak memory grows linearly with it; below ~64 rows the
-            matmuls get less efficient.
+        chunk_size: rows per chunk; ``None`` sizes chunks from the vocabulary (see
+            :func:`default_chunk_size`). Peak memory grows linearly with it.
         student_lm_head_bias, teacher_lm_head_bias: optional ``[vocab]`` biases.
         teacher_noise_std: σ of Gaussian noise added to teacher logits (see
             :func:`kdlab.losses.add_teacher_noise`), drawn per chunk, so the exact draws
@@ -320,8 +331,10 @@ def chunked_distillation_loss(
     divergence_fn = check_divergence_args(divergence, temperature, beta, skew)
     check_reduction(reduction)
     check_noise_std(teacher_noise_std, "teacher_noise_std")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     check_float_tensor("student_hidden", student_hidden, ndim=3)
     batch_seq = (student_hidden.shape[0], student_hidden.shape[1])
     _check_linear(
@@ -413,6 +426,8 @@ def chunked_distillation_loss(
     if teacher_dense_rows is not None:
         teacher_dense_rows = teacher_dense_rows[:, :vocab_size]
 
+    if chunk_size is None:
+        chunk_size = default_chunk_size(vocab_size)
     settings = _ChunkSettings(
         divergence_fn=divergence_fn,
         temperature=float(temperature),

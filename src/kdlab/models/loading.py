@@ -283,8 +283,8 @@ def _check_adapter_loaded(peft_model: Any, adapter_dir: Path) -> None:
 
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as handle:
         saved = set(handle.keys())
-    model_keys = {name for name, _ in peft_model.named_parameters()}
-    missing = [key for key in saved if not any(k.endswith(_strip_key(key)) for k in model_keys)]
+    model_modules = {_strip_key(name) for name, _ in peft_model.named_parameters()}
+    missing = [key for key in saved if _strip_key(key) not in model_modules]
     if missing:
         raise ModelError(
             f"adapter '{adapter_dir}' was trained for another model: "
@@ -295,10 +295,10 @@ def _check_adapter_loaded(peft_model: Any, adapter_dir: Path) -> None:
 def _strip_key(key: str) -> str:
     # Saved keys drop the adapter name ("...lora_A.weight"); model keys carry it
     # ("...lora_A.default.weight"). Compare on the module path before the adapter part.
-    for marker in (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".ia3_"):
+    for marker in (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".ia3_", ".lora_"):
         if marker in key:
             return key.split(marker)[0].removeprefix("base_model.model.")
-    return key.removeprefix("base_model.model.")
+    return key.removeprefix("base_model.model.").removesuffix(".weight")
 
 
 # --------------------------------------------------------------------------- run dirs

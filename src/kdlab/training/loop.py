@@ -396,7 +396,7 @@ class TrainingLoop:
                         continue
                     if not torch.isfinite(result.loss.detach()):
                         raise NumericalFaultError(
-                            f"non-finite loss ({float(result.loss)}) at step {step + 1}; "
+                            f"non-finite loss ({float(result.loss.detach())}) at step {step + 1}; "
                             f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}"
                         )
                     accelerator.backward(result.loss / self.accumulation)

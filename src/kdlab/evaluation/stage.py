@@ -1,0 +1,114 @@
+"""``kdlab eval [CONFIG.yaml] [key=value ...]``: evaluate a model on benchmark tasks.
+
+Examples::
+
+    kdlab eval configs/eval/smollm2_all_limit16.yaml
+    kdlab eval model=smollm2-135m tasks=gsm8k limit=16 data_dir=../shared/data/eval
+    kdlab eval run_dir=runs/teacher tasks=math --resume
+    kdlab eval --from-paper-args eval_args.json data_dir=../shared/data/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from kdlab.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: The paper's evaluation arguments → kdlab eval keys.
+PAPER_EVAL_KEYS: dict[str, str] = {
+    "base_model": "model.name_or_path",
+    "lora_weights": "adapter",
+    "dataset": "tasks",
+    "batch_size": "batch_size",
+    "max_new_tokens": "generation.max_new_tokens",
+    "seed": "generation.seed",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``kdlab eval``."""
+    parser.add_argument(
+        "config", nargs="?", default=None, help="YAML config (see configs/eval/); optional."
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        help="key=value overrides, e.g. model=smollm2-135m tasks=[gsm8k,boolq] limit=16.",
+    )
+    parser.add_argument("--resume", action="store_true", help="Continue an interrupted evaluation.")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Delete an earlier evaluation in output_dir."
+    )
+    parser.add_argument(
+        "--from-paper-args",
+        metavar="EVAL_ARGS_JSON",
+        default=None,
+        help="Import the paper scripts' eval arguments (base_model, lora_weights, dataset, "
+        "batch_size); implies generation: paper unless overridden.",
+    )
+
+
+def import_paper_eval_args(path: str | Path) -> dict[str, Any]:
+    """Map the paper's ``eval_args.json`` to an eval config mapping (mappings are logged)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{file}: paper args file not found")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{file}: invalid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a JSON object of arguments")
+    result: dict[str, Any] = {"generation": {"preset": "paper"}}
+    for key, value in data.items():
+        target = PAPER_EVAL_KEYS.get(key)
+        if target is None:
+            logger.warning("paper arg %s = %r has no meaning in kdlab eval; ignored", key, value)
+            continue
+        if key == "lora_weights" and value in ("", None, "base-model", "none"):
+            value = None
+        node = result
+        parts = target.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        logger.info("paper arg %s = %r → %s", key, value, target)
+    return result
+
+
+def _split_arguments(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    config = args.config
+    overrides = list(args.overrides or [])
+    # "kdlab eval model=x tasks=gsm8k": the first override lands in the CONFIG slot.
+    if config is not None and "=" in config and not Path(config).is_file():
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``kdlab eval``; returns the exit code."""
+    from kdlab.config.evaluation import load_eval_config
+    from kdlab.evaluation.runner import evaluate, summary_tables
+
+    config_path, overrides = _split_arguments(args)
+    if getattr(args, "resume", False):
+        overrides.append("resume=true")
+    if getattr(args, "overwrite", False):
+        overrides.append("overwrite=true")
+    base = None
+    if getattr(args, "from_paper_args", None):
+        base = import_paper_eval_args(args.from_paper_args)
+    config = load_eval_config(config_path, overrides, base=base)
+    report = evaluate(config)
+    _, markdown = summary_tables([report.summary_row()], [result.task for result in report.results])
+    print(markdown, end="")
+    print(f"results: {report.output_dir}")
+    return 0

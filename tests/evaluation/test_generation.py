@@ -1,0 +1,102 @@
+"""Batched generation: left padding, stop strings, eval mode, seeds, pad token."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kdlab.config.evaluation import EvalGenerationConfig
+from kdlab.config.schema import ModelConfig
+from kdlab.errors import ConfigError
+from kdlab.data.templates import build_prompt
+from kdlab.evaluation.generation import HFGenerator, StopOnText, choose_backend
+
+PROMPTS = [
+    build_prompt("How many apples are left?"),
+    build_prompt("He bought 3 more books and sold 2 of them. How many books does he have now?"),
+    build_prompt("Is the sky green?\n\nAnswer format: true/false"),
+    build_prompt("1 + 1 = ?", "Think step by step."),
+]
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny_model_and_tokenizer) -> None:
+    model, tokenizer = tiny_model_and_tokenizer
+    generator = HFGenerator(model, tokenizer, EvalGenerationConfig(max_new_tokens=6))
+    lengths = generator.prompt_lengths(PROMPTS)
+    assert len(set(lengths)) > 1  # the batch really needs padding
+    batched = generator.generate(PROMPTS, seed=0)
+    single = [generator.generate([prompt], seed=0)[0] for prompt in PROMPTS]
+    assert batched == single
+    assert generator.generated_tokens > 0
+
+
+def test_pad_token_defaults_to_eos(tiny_model_and_tokenizer) -> None:
+    model, tokenizer = tiny_model_and_tokenizer
+    bare = copy.deepcopy(tokenizer)
+    bare.pad_token = None
+    assert bare.pad_token_id is None
+    HFGenerator(model, bare, EvalGenerationConfig())
+    assert bare.pad_token == bare.eos_token and bare.pad_token_id == bare.eos_token_id
+
+
+def test_model_is_put_in_eval_mode(tiny_model_and_tokenizer) -> None:
+    model, tokenizer = tiny_model_and_tokenizer
+    model.train()
+    try:
+        HFGenerator(model, tokenizer, EvalGenerationConfig(max_new_tokens=2))
+        assert not model.training
+        assert not any(module.training for module in model.modules())
+    finally:
+        model.eval()
+
+
+def test_sampling_is_reproducible_for_a_seed(tiny_model_and_tokenizer) -> None:
+    model, tokenizer = tiny_model_and_tokenizer
+    settings = EvalGenerationConfig(preset="paper", max_new_tokens=8)
+    generator = HFGenerator(model, tokenizer, settings)
+    first = generator.generate(PROMPTS, seed=11)
+    assert generator.generate(PROMPTS, seed=11) == first
+    others = [generator.generate(PROMPTS, seed=seed) for seed in range(3)]
+    assert any(other != first for other in others)
+
+
+def test_generation_config_holds_exactly_our_settings(tiny_model_and_tokenizer) -> None:
+    model, tokenizer = tiny_model_and_tokenizer
+    paper = HFGenerator(model, tokenizer, EvalGenerationConfig(preset="paper")).generation_config()
+    assert paper.do_sample and paper.temperature == 1.0 and paper.top_p == 1.0
+    assert not paper.top_k  # 0 = off
+    assert paper.max_new_tokens == 256
+    greedy = HFGenerator(model, tokenizer, EvalGenerationConfig()).generation_config()
+    assert not greedy.do_sample and greedy.num_beams == 1
+    assert greedy.pad_token_id == tokenizer.pad_token_id
+
+
+def test_stop_criterion_is_per_row(tiny_model_and_tokenizer) -> None:
+    _, tokenizer = tiny_model_and_tokenizer
+    prompt = tokenizer("Prompt:", add_special_tokens=False)["input_ids"]
+    rows = [
+        prompt + tokenizer(" The answer is 4.\n\n### Instruction:", add_special_tokens=False)[
+            "input_ids"
+        ],
+        prompt + tokenizer(" The answer is 4. And more text", add_special_tokens=False)[
+            "input_ids"
+        ],
+    ]
+    width = max(len(row) for row in rows)
+    pad = tokenizer.eos_token_id
+    batch = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
+    criterion = StopOnText(tokenizer, prompt_width=len(prompt))
+    assert criterion(batch, None).tolist() == [True, False]
+    # A prompt that itself contains the marker does not stop generation.
+    criterion = StopOnText(tokenizer, prompt_width=width)
+    assert criterion(batch, None).tolist() == [False, False]
+
+
+def test_backend_choice_without_vllm() -> None:
+    settings = EvalGenerationConfig()
+    assert choose_backend("auto", ModelConfig(), settings) == "hf"
+    assert choose_backend("hf", ModelConfig(), settings) == "hf"
+    with pytest.raises(ConfigError, match="vllm"):
+        choose_backend("vllm", ModelConfig(), settings)

@@ -1,0 +1,117 @@
+"""Builders shared by the tests: tiny tokenizers and models saved with save_pretrained.
+
+Importable from any test (``from kdlab_testing import save_tiny_model``): the root
+conftest puts this folder on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+SHARED_DATA = SHARED / "data"
+
+_CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.",
+    "### Instruction:\n### Input:\n### Response:\n",
+    "Tom has 12 apples. He buys 7 more apples. How many apples does Tom have now?",
+    "Tom starts with 12 apples and gets 7 more, so 12 + 7 = 19. The answer is 19.",
+    "the correct answer is answer1 answer2 answer3 answer4 answer5 option1 option2 "
+    "solution1 solution2 ending1 ending2 ending3 ending4 true false",
+    "0 1 2 3 4 5 6 7 8 9 10 20 30 40 50 60 70 80 90 100 + - * / = . , ? ! $ %",
+    "Mia read 24 pages on Monday and 15 pages on Tuesday. Sam had 45 marbles and gave 18 away.",
+    "A B C D E ( ) Answer Choices: (A) (B) (C) (D) (E) The answer is (C).",
+]
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer (≈ 300 tokens) that can encode any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def build_tiny_model(vocab_size: int, *, layers: int = 2, hidden: int = 16, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def save_tiny_model(directory: Path, *, layers: int = 2, hidden: int = 16, seed: int = 0) -> Path:
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(len(tokenizer), layers=layers, hidden=hidden, seed=seed)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+TRAIN_DATA = "generated:arithmetic?split=train&n=24&seed=0"
+
+
+def finetune_overrides(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"model.name_or_path={model_dir}",
+        f"data.train_files=['{TRAIN_DATA}']",
+        "data.val_set_size=4",
+        "train.max_steps=3",
+        "train.batch_size=4",
+        "train.micro_batch_size=2",
+        "train.warmup_steps=1",
+        "train.logging_steps=1",
+        "train.eval_steps=2",
+        "train.save_steps=2",
+        f"train.output_dir={output_dir}",
+        *extra,
+    ]
+
+
+def distill_overrides(
+    student_dir: Path, teacher_dir: Path, output_dir: Path, method: str, *extra: str
+) -> list[str]:
+    return [
+        f"student.name_or_path={student_dir}",
+        f"teacher.model.name_or_path={teacher_dir}",
+        f"data.train_files=['{TRAIN_DATA}']",
+        "data.val_set_size=4",
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "train.micro_batch_size=2",
+        "train.warmup_steps=1",
+        "train.logging_steps=1",
+        "train.eval_steps=2",
+        "train.save_steps=2",
+        "distill.generation.max_new_tokens=6",
+        f"distill.method={method}",
+        f"train.output_dir={output_dir}",
+        *extra,
+    ]
