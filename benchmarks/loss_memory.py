@@ -1,24 +1,27 @@
-"""Time and peak memory of the distillation loss (forward + backward) on CPU.
+"""Time and peak memory of the distillation loss (forward + backward).
 
 Compares kdlab's chunked path (from hidden states) with a dense implementation written the
 way the original paper scripts do it: full float32 logits for every position from
 ``hidden @ W.T`` for both models, ``softmax`` of both, ``log(p + 1e-9)``, the mask applied
 afterwards, then per-sequence averaging.
 
-Setup (per vocabulary size): batch × seq = 4 × 256, half the positions counted, hidden size
-576 (SmolLM2-135M) for student and teacher, random lm_head weights, forward KL, T = 1,
-``reduction="sequence"``. Student hidden states require grad (LoRA-style: lm_head frozen).
+Setup (per vocabulary size): batch × seq = 4 × 256, half the positions counted (the second
+half of each sequence, like a completion), hidden size 576 (SmolLM2-135M) for student and
+teacher, random lm_head weights, forward KL, T = 1, ``reduction="sequence"``. The student's
+hidden states require grad; the lm_head weights are frozen (LoRA-style).
 
-Each (variant, vocab) runs in a fresh subprocess. Peak memory is the resident-set high-water
-mark during the loss iterations minus the resident set after setup (inputs and weights
-allocated): the child resets the kernel's high-water mark (``/proc/self/clear_refs``) after
-setup and reads ``VmHWM`` afterwards; where that is unavailable it falls back to
-``ru_maxrss``, which can only be trusted when the loss peak exceeds the setup peak.
+Each (variant, vocab) runs in a fresh subprocess. On CPU, peak memory is the resident-set
+high-water mark during the loss iterations minus the resident set after setup (inputs and
+weights allocated): the child resets the kernel's high-water mark (``/proc/self/clear_refs``)
+after setup and reads ``VmHWM`` afterwards; where that is unavailable it falls back to
+``ru_maxrss``, which can only be trusted when the loss peak exceeds the setup peak. On CUDA
+it is ``torch.cuda.max_memory_allocated()`` minus the memory allocated after setup.
 
 Usage::
 
-    python benchmarks/loss_memory.py            # 1 warm-up + 3 timed iterations
+    python benchmarks/loss_memory.py            # 1 warm-up + 3 timed iterations, best reported
     python benchmarks/loss_memory.py --quick    # no warm-up, 1 timed iteration
+    python benchmarks/loss_memory.py --device cuda --dtype bfloat16 --batch 8 --seq 2048
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import argparse
 import gc
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -42,8 +44,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
     from kdlab.losses import chunked_distillation_loss, default_chunk_size
 
 VOCAB_SIZES = (49_152, 151_936)
-BATCH, SEQ, HIDDEN = 4, 256, 576
+HIDDEN = 576
 TEMPERATURE = 1.0
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def dense_paper_loss(
@@ -89,21 +92,56 @@ def _reset_high_water_mark() -> bool:
     return True
 
 
-def run_child(
-    variant: str, vocab_size: int, chunk_size: int | None, warmup: int, repeats: int
-) -> dict:
-    """Build the inputs, run the loss, and measure; returns a JSON-able dict."""
+class _PeakMeter:
+    """Peak memory above the state at construction: RSS on CPU, allocator stats on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.baseline_bytes = torch.cuda.memory_allocated(device)
+            self.exact = True
+            return
+        rss_kib = _rss_kib("VmRSS")
+        self.exact = rss_kib is not None and _reset_high_water_mark()
+        if self.exact:
+            assert rss_kib is not None
+            self.baseline_bytes = rss_kib * 1024
+        else:
+            self.baseline_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def peak_mib(self) -> float:
+        if self.device.type == "cuda":
+            peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self.exact:
+            peak_bytes = (_rss_kib("VmHWM") or 0) * 1024
+        else:
+            peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return max(peak_bytes - self.baseline_bytes, 0) / 2**20
+
+
+def run_child(args: argparse.Namespace) -> dict:
+    """Build the inputs, run the loss ``warmup + repeats`` times, and measure."""
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    vocab_size = args.vocab[0]
     generator = torch.Generator().manual_seed(0)
-    student_hidden = torch.randn(BATCH, SEQ, HIDDEN, generator=generator).requires_grad_()
-    teacher_hidden = torch.randn(BATCH, SEQ, HIDDEN, generator=generator)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
+
+    student_hidden = randn(args.batch, args.seq, HIDDEN).requires_grad_()
+    teacher_hidden = randn(args.batch, args.seq, HIDDEN)
     # N(0, 1/hidden) weights give unit-scale logits; the teacher is made a bit sharper.
-    student_weight = torch.randn(vocab_size, HIDDEN, generator=generator).mul_(HIDDEN**-0.5)
-    teacher_weight = torch.randn(vocab_size, HIDDEN, generator=generator).mul_(3 * HIDDEN**-0.5)
-    loss_mask = torch.zeros(BATCH, SEQ, dtype=torch.bool)
-    loss_mask[:, SEQ // 2 :] = True  # prompt / completion: half the positions count
+    student_weight = randn(vocab_size, HIDDEN, scale=HIDDEN**-0.5)
+    teacher_weight = randn(vocab_size, HIDDEN, scale=3 * HIDDEN**-0.5)
+    loss_mask = torch.zeros(args.batch, args.seq, dtype=torch.bool, device=device)
+    loss_mask[:, args.seq // 2 :] = True  # prompt / completion: half the positions count
 
     def loss_fn() -> torch.Tensor:
-        if variant == "dense":
+        if args.child == "dense":
             return dense_paper_loss(
                 student_hidden, student_weight, teacher_hidden, teacher_weight, loss_mask, 1.0
             )
@@ -116,51 +154,37 @@ def run_child(
             divergence="forward_kl",
             temperature=TEMPERATURE,
             reduction="sequence",
-            chunk_size=chunk_size,
+            chunk_size=args.chunk_size,
         )
 
-    gc.collect()
-    baseline_kib = _rss_kib("VmRSS")
-    exact_peak = baseline_kib is not None and _reset_high_water_mark()
-    if not exact_peak:
-        baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
+    meter = _PeakMeter(device)
     times = []
     loss_value = float("nan")
-    for iteration in range(warmup + repeats):
+    for iteration in range(args.warmup + args.repeats):
+        synchronize()
         start = time.perf_counter()
         loss = loss_fn()
         loss.backward()
+        synchronize()
         elapsed = time.perf_counter() - start
         loss_value = loss.item()
         student_hidden.grad = None
         del loss
-        if iteration >= warmup:
+        if iteration >= args.warmup:
             times.append(elapsed)
-
-    if exact_peak:
-        peak_kib = _rss_kib("VmHWM")
-    else:
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert peak_kib is not None and baseline_kib is not None
     return {
-        "variant": variant,
-        "vocab": vocab_size,
-        "time_s": statistics.median(times),
-        "peak_mib": max(peak_kib - baseline_kib, 0) / 1024,
+        "time_s": min(times),
+        "peak_mib": meter.peak_mib(),
         "loss": loss_value,
-        "exact_peak": exact_peak,
+        "exact_peak": meter.exact,
     }
 
 
-def run_variant(
-    variant: str,
-    vocab_size: int,
-    chunk_size: int | None,
-    warmup: int,
-    repeats: int,
-    threads: int,
-) -> dict:
+def run_variant(variant: str, vocab_size: int, args: argparse.Namespace) -> dict:
     """Run one measurement in a fresh Python process (so peaks do not mix)."""
     command = [
         sys.executable,
@@ -169,17 +193,25 @@ def run_variant(
         variant,
         "--vocab",
         str(vocab_size),
-        *(["--chunk-size", str(chunk_size)] if chunk_size is not None else []),
+        *(["--chunk-size", str(args.chunk_size)] if args.chunk_size is not None else []),
         "--warmup",
-        str(warmup),
+        str(args.warmup),
         "--repeats",
-        str(repeats),
+        str(args.repeats),
         "--threads",
-        str(threads),
+        str(args.threads),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
     ]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
-        raise RuntimeError(f"{variant} @ {vocab_size} failed:\n{completed.stderr}")
+        raise RuntimeError(f"{variant} @ vocab {vocab_size} failed:\n{completed.stderr}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
@@ -191,35 +223,46 @@ def main() -> None:
     )
     parser.add_argument("--vocab", type=int, nargs="*", default=list(VOCAB_SIZES))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--child", choices=("dense", "chunked"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 1
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
 
     if args.child:
         torch.set_num_threads(args.threads)
-        result = run_child(args.child, args.vocab[0], args.chunk_size, warmup, repeats)
-        print(json.dumps(result))
+        print(json.dumps(run_child(args)))
         return
 
-    print(
-        f"batch×seq = {BATCH}×{SEQ} ({BATCH * SEQ // 2} positions counted), hidden {HIDDEN}, "
-        f"forward KL, fp32, torch {torch.__version__}, {args.threads} threads, "
-        f"chunk_size {args.chunk_size or 'auto'}, {warmup} warm-up + {repeats} timed iteration(s)\n"
+    device_name = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else f"CPU, {args.threads} threads"
     )
     print(
-        "| vocab | chunk rows | dense time (s) | chunked time (s) | time ratio | dense peak (MiB) "
-        "| chunked peak (MiB) | memory ratio | loss dense / chunked |"
+        f"batch×seq = {args.batch}×{args.seq} ({args.batch * (args.seq - args.seq // 2)} "
+        f"positions counted), hidden {HIDDEN}, forward KL, {args.dtype}, torch "
+        f"{torch.__version__}, {device_name}, {args.warmup} warm-up + {args.repeats} timed "
+        f"iteration(s), time = best of them\n"
+    )
+    print(
+        "| vocab | chunk rows | dense time (s) | chunked time (s) | time ratio "
+        "| dense peak (MiB) | chunked peak (MiB) | memory ratio | loss dense / chunked |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for vocab_size in args.vocab:
-        dense = run_variant("dense", vocab_size, args.chunk_size, warmup, repeats, args.threads)
-        chunked = run_variant("chunked", vocab_size, args.chunk_size, warmup, repeats, args.threads)
+        dense = run_variant("dense", vocab_size, args)
+        chunked = run_variant("chunked", vocab_size, args)
+        chunk_rows = args.chunk_size or default_chunk_size(vocab_size)
         print(
-            f"| {vocab_size:,} | {args.chunk_size or default_chunk_size(vocab_size)} "
-            f"| {dense['time_s']:.2f} | {chunked['time_s']:.2f} "
+            f"| {vocab_size:,} | {chunk_rows} | {dense['time_s']:.3f} | {chunked['time_s']:.3f} "
             f"| {chunked['time_s'] / dense['time_s']:.2f} | {dense['peak_mib']:.0f} "
             f"| {chunked['peak_mib']:.0f} | {chunked['peak_mib'] / dense['peak_mib']:.3f} "
             f"| {dense['loss']:.5f} / {chunked['loss']:.5f} |",

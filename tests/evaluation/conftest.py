@@ -122,6 +122,20 @@ def shared_eval_dir() -> Path:
     return SHARED_EVAL_DIR
 
 
+@pytest.fixture(scope="session")
+def shared_train_dir() -> Path:
+    """The shared training files (decontamination tests skip when they are not there)."""
+    if not SHARED_TRAIN_DIR.is_dir():
+        pytest.skip(f"{SHARED_TRAIN_DIR} not found")
+    return SHARED_TRAIN_DIR
+
+
+@pytest.fixture
+def hellaswag_records() -> list[dict[str, str]]:
+    """Hand-written hellaswag records (copies)."""
+    return [dict(record) for record in HELLASWAG_RECORDS]
+
+
 @pytest.fixture
 def hellaswag_dir(tmp_path: Path) -> Path:
     """A data_dir holding only hellaswag/test.json with hand-written records."""

@@ -103,7 +103,11 @@ KEYWORD_CASES = [
     ("hellaswag", "the correct answer is ending3", "ending3"),
     ("hellaswag", "Ending4 makes the most sense; ending2 does not.", "ending4"),
     ("hellaswag", "", None),
-    ("boolq", "the correct answer is true\n\n### Instruction:\nthe correct answer is false", "true"),
+    (
+        "boolq",
+        "the correct answer is true\n\n### Instruction:\nthe correct answer is false",
+        "true",
+    ),
 ]
 
 

@@ -9,8 +9,8 @@ import torch
 
 from kdlab.config.evaluation import EvalGenerationConfig
 from kdlab.config.schema import ModelConfig
-from kdlab.errors import ConfigError
 from kdlab.data.templates import build_prompt
+from kdlab.errors import ConfigError
 from kdlab.evaluation.generation import HFGenerator, StopOnText, choose_backend
 
 PROMPTS = [
@@ -77,12 +77,10 @@ def test_stop_criterion_is_per_row(tiny_model_and_tokenizer) -> None:
     _, tokenizer = tiny_model_and_tokenizer
     prompt = tokenizer("Prompt:", add_special_tokens=False)["input_ids"]
     rows = [
-        prompt + tokenizer(" The answer is 4.\n\n### Instruction:", add_special_tokens=False)[
-            "input_ids"
-        ],
-        prompt + tokenizer(" The answer is 4. And more text", add_special_tokens=False)[
-            "input_ids"
-        ],
+        prompt
+        + tokenizer(" The answer is 4.\n\n### Instruction:", add_special_tokens=False)["input_ids"],
+        prompt
+        + tokenizer(" The answer is 4. And more text", add_special_tokens=False)["input_ids"],
     ]
     width = max(len(row) for row in rows)
     pad = tokenizer.eos_token_id

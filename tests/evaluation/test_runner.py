@@ -16,8 +16,6 @@ from kdlab.evaluation.generation import HFGenerator
 from kdlab.evaluation.stage import add_arguments, import_paper_eval_args, main
 from kdlab.utils.io import read_jsonl
 
-from conftest import HELLASWAG_RECORDS, SHARED_TRAIN_DIR
-
 PREDICTION_FIELDS = {"index", "instruction", "gold", "output", "extracted", "correct"}
 METRIC_FIELDS = {
     "task",
@@ -92,7 +90,7 @@ def test_every_shared_task_end_to_end(tiny_model_dir, shared_eval_dir, tmp_path,
         assert [r["index"] for r in records] == [0, 1, 2, 3]
         assert all(set(r) == PREDICTION_FIELDS for r in records)
         metrics = json.loads((out / name / "metrics.json").read_text())
-        assert METRIC_FIELDS <= set(metrics)
+        assert set(metrics) >= METRIC_FIELDS
         assert metrics["task"] == name and metrics["n"] == 4 and metrics["backend"] == "hf"
         assert metrics["accuracy"] == pytest.approx(100 * metrics["correct"] / 4)
         assert metrics["generation"]["max_new_tokens"] == 4
@@ -106,7 +104,9 @@ def test_every_shared_task_end_to_end(tiny_model_dir, shared_eval_dir, tmp_path,
     assert "| Model |" in capsys.readouterr().out
 
 
-def test_hellaswag_from_hand_written_records(tiny_model_dir, hellaswag_dir, tmp_path) -> None:
+def test_hellaswag_from_hand_written_records(
+    tiny_model_dir, hellaswag_dir, hellaswag_records, tmp_path
+) -> None:
     config = load_eval_config(
         None,
         [
@@ -122,7 +122,7 @@ def test_hellaswag_from_hand_written_records(tiny_model_dir, hellaswag_dir, tmp_
     report = evaluate(config)
     assert [r.task for r in report.results] == ["hellaswag", "hellaswag_copy"]
     for result in report.results:
-        assert result.metrics["n"] == len(HELLASWAG_RECORDS)
+        assert result.metrics["n"] == len(hellaswag_records)
         records = read_jsonl(tmp_path / "out" / result.task / "predictions.jsonl")
         assert [r["gold"] for r in records] == ["ending1", "ending2", "ending3"]
 
@@ -217,11 +217,13 @@ def test_resume_refuses_other_settings_and_overwrite_starts_again(
         evaluate(_config(tiny_model_dir, shared_eval_dir, out, "limit=2", "overwrite=true"))
 
 
-def test_decontamination_leaves_exactly_the_clean_items(shared_eval_dir, tmp_path) -> None:
+def test_decontamination_leaves_exactly_the_clean_items(
+    shared_eval_dir, shared_train_dir, tmp_path
+) -> None:
     from kdlab.data.decontamination import load_training_instructions, record_key
     from kdlab.data.records import load_records
 
-    train_file = SHARED_TRAIN_DIR / "math_cot_3k.json"
+    train_file = shared_train_dir / "math_cot_3k.json"
     if not train_file.is_file():
         pytest.skip(f"{train_file} not found")
     config = load_eval_config(
@@ -240,13 +242,15 @@ def test_decontamination_leaves_exactly_the_clean_items(shared_eval_dir, tmp_pat
     for result in report.results:
         records = load_records(shared_eval_dir / result.task / "test.json")
         clean = [i for i, r in enumerate(records) if record_key(r) not in train_keys]
-        written = [r["index"] for r in read_jsonl(tmp_path / "eval" / result.task / "predictions.jsonl")]
+        written = [
+            r["index"] for r in read_jsonl(tmp_path / "eval" / result.task / "predictions.jsonl")
+        ]
         assert written == clean
         assert not any(records[i]["instruction"].strip() in exact for i in written)
         assert result.metrics["excluded"] == len(records) - len(clean) > 0
         assert result.metrics["n"] == len(clean)
     excluded = {r.task: r.metrics["excluded"] for r in report.results}
-    assert excluded["mawps"] == 52
+    assert excluded["mawps"] >= 52  # 52 verbatim, more after normalisation
 
     refusing = load_eval_config(
         None,
@@ -259,12 +263,12 @@ def test_decontamination_leaves_exactly_the_clean_items(shared_eval_dir, tmp_pat
             f"output_dir={tmp_path / 'eval2'}",
         ],
     )
-    with pytest.raises(DataError, match="52 of 238"):
+    with pytest.raises(DataError, match=r"\d+ of 238 test items occur"):
         evaluate(refusing, generator=StubGenerator())
 
 
-def test_limit_applies_after_decontamination(shared_eval_dir, tmp_path) -> None:
-    train_file = SHARED_TRAIN_DIR / "math_cot_3k.json"
+def test_limit_applies_after_decontamination(shared_eval_dir, shared_train_dir, tmp_path) -> None:
+    train_file = shared_train_dir / "math_cot_3k.json"
     if not train_file.is_file():
         pytest.skip(f"{train_file} not found")
     config = load_eval_config(
@@ -292,7 +296,10 @@ def test_run_dir_with_adapter(tiny_model_dir, hellaswag_dir, tmp_path) -> None:
     run_dir = tmp_path / "run"
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     lora = LoraConfig(
-        r=2, lora_alpha=4, lora_dropout=0.9, target_modules=["q_proj", "v_proj"],
+        r=2,
+        lora_alpha=4,
+        lora_dropout=0.9,
+        target_modules=["q_proj", "v_proj"],
         init_lora_weights=False,
     )
     get_peft_model(base, lora).save_pretrained(run_dir / "adapter")
@@ -345,15 +352,25 @@ def test_record_without_answer_is_a_data_error(tiny_model_dir, tmp_path) -> None
     records = [{"instruction": "What is 1 + 1?", "input": "", "output": "2"}]
     (data / "gsm8k" / "test.json").write_text(json.dumps(records))
     with pytest.raises(DataError, match=r"record 0: field 'answer' is missing"):
-        run_cli(f"model={tiny_model_dir}", "tasks=gsm8k", f"data_dir={data}", f"output_dir={tmp_path / 'o'}")
+        run_cli(
+            f"model={tiny_model_dir}",
+            "tasks=gsm8k",
+            f"data_dir={data}",
+            f"output_dir={tmp_path / 'o'}",
+        )
 
 
 def test_paper_eval_args_import(tmp_path) -> None:
     args = tmp_path / "eval_args.json"
     args.write_text(
         json.dumps(
-            {"base_model": "Qwen/Qwen2.5-0.5B", "lora_weights": "runs/t", "dataset": "boolq",
-             "batch_size": 1, "model": "LLaMA-7B"}
+            {
+                "base_model": "Qwen/Qwen2.5-0.5B",
+                "lora_weights": "runs/t",
+                "dataset": "boolq",
+                "batch_size": 1,
+                "model": "LLaMA-7B",
+            }
         )
     )
     mapping = import_paper_eval_args(args)
@@ -382,6 +399,8 @@ def test_config_shorthands_and_validation(tmp_path) -> None:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             load_eval_config(None, overrides)
     yaml_file = tmp_path / "c.yaml"
-    yaml_file.write_text("model: smollm2-135m\ntasks: [gsm8k, {name: q, path: q.json, type: boolq}]\n")
+    yaml_file.write_text(
+        "model: smollm2-135m\ntasks: [gsm8k, {name: q, path: q.json, type: boolq}]\n"
+    )
     loaded = load_eval_config(str(yaml_file), ["limit=3"])
     assert loaded.limit == 3 and loaded.tasks[1].type == "boolq"

@@ -341,3 +341,69 @@ def test_bad_arguments_raise() -> None:
     for args, kwargs, argument in cases:
         with pytest.raises(ValueError, match=argument):
             chunked_distillation_loss(*args, **kwargs)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence", DIVERGENCE_NAMES)
+def test_cuda_chunked_equals_dense(divergence: str, dtype: torch.dtype) -> None:
+    inputs = {name: tensor.cuda() for name, tensor in make_inputs(10, dtype).items()}
+    dense, chunked, dense_grad, chunked_grad = dense_and_chunked(
+        inputs, chunk_size=3, divergence=divergence, reduction="sequence", temperature=1.3
+    )
+    torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-5)
+    one_ulp = dense_grad.float().abs().max().item() * 2**-7
+    atol = 1e-5 if dtype == torch.float32 else one_ulp
+    torch.testing.assert_close(chunked_grad.float(), dense_grad.float(), rtol=0, atol=atol)
+
+
+@requires_cuda
+def test_cuda_noise_generator_and_peak_memory() -> None:
+    device = torch.device("cuda")
+    batch, seq, hidden, vocab = 4, 512, 64, 32_000
+    generator = torch.Generator(device=device).manual_seed(0)
+    student_hidden = torch.randn(batch, seq, hidden, device=device, generator=generator)
+    teacher_hidden = torch.randn(batch, seq, hidden, device=device, generator=generator)
+    student_weight = torch.randn(vocab, hidden, device=device, generator=generator) / 8
+    teacher_weight = torch.randn(vocab, hidden, device=device, generator=generator) / 4
+    loss_mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+    loss_mask[:, seq // 2 :] = True
+
+    def peak_bytes(use_chunked: bool) -> tuple[float, int]:
+        hidden_leaf = student_hidden.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        if use_chunked:
+            loss = chunked_distillation_loss(
+                hidden_leaf, student_weight, teacher_hidden, teacher_weight, loss_mask
+            )
+        else:
+            loss = distillation_loss(
+                hidden_leaf @ student_weight.T, teacher_hidden @ teacher_weight.T, loss_mask
+            )
+        loss.backward()
+        torch.cuda.synchronize()
+        return loss.item(), torch.cuda.max_memory_allocated() - baseline
+
+    dense_value, dense_peak = peak_bytes(False)
+    chunked_value, chunked_peak = peak_bytes(True)
+    assert chunked_value == pytest.approx(dense_value, abs=1e-5)
+    assert chunked_peak < 0.25 * dense_peak
+
+    def noisy(seed: int) -> float:
+        return chunked_distillation_loss(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            loss_mask,
+            chunk_size=100,
+            teacher_noise_std=0.5,
+            noise_generator=torch.Generator(device=device).manual_seed(seed),
+        ).item()
+
+    assert noisy(1) == noisy(1) != noisy(2)

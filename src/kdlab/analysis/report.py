@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 STATISTICS_CSV = "statistics.csv"
+#: Tables longer than this scroll inside a box in the HTML report.
+LONG_TABLE_ROWS = 16
 
 
 @dataclass
@@ -37,6 +39,8 @@ class ReportTable:
     frame: pd.DataFrame
     filename: str
     note: str = ""
+    primary: bool = False
+    """Shown before the plots (the others come after them)."""
 
 
 @dataclass
@@ -139,6 +143,13 @@ def _write_section_files(out_dir: Path, section: ReportSection, alpha: float) ->
             atomic_write_bytes(section_dir / plot.filename, plot.png)
 
 
+def _markdown_table_block(section: ReportSection, table: ReportTable) -> list[str]:
+    lines = [f"### {table.title}", ""]
+    if table.note:
+        lines += [table.note, ""]
+    return [*lines, markdown_table(table.frame), f"CSV: `{section.slug}/{table.filename}`", ""]
+
+
 def render_markdown(
     title: str, sections: Sequence[ReportSection], inputs: Sequence[str], alpha: float
 ) -> str:
@@ -158,11 +169,9 @@ def render_markdown(
             lines += [f"### Statistics on {AVERAGE} (alpha = {alpha:g})", ""]
             lines.extend(f"- {result.sentence}" for result in headline)
             lines += ["", f"All columns: `{section.slug}/{STATISTICS_CSV}`.", ""]
-        for table in section.tables:
-            lines += [f"### {table.title}", ""]
-            if table.note:
-                lines += [table.note, ""]
-            lines += [markdown_table(table.frame), f"CSV: `{section.slug}/{table.filename}`", ""]
+        ordered = [table for table in section.tables if table.primary]
+        for table in ordered:
+            lines += _markdown_table_block(section, table)
         for plot in section.plots:
             lines += [f"### {plot.title}", ""]
             if plot.png is None:
@@ -171,6 +180,9 @@ def render_markdown(
             if plot.note:
                 lines += [plot.note, ""]
             lines += [f"![{plot.title}]({section.slug}/{plot.filename})", ""]
+        for table in section.tables:
+            if not table.primary:
+                lines += _markdown_table_block(section, table)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -180,10 +192,13 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2e
 h1 { border-bottom: 2px solid #333; padding-bottom: .2em; }
 h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
 table.data { border-collapse: collapse; font-size: 13px; margin: .5em 0 1em 0; }
-table.data th, table.data td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
+table.data th, table.data td { border: 1px solid #ccc; padding: 3px 7px; text-align: right;
+                             white-space: nowrap; }
 table.data th { background: #f0f0f0; }
 table.data td:nth-child(-n+3), table.data th:nth-child(-n+3) { text-align: left; }
 .scroll { overflow-x: auto; }
+.tall { max-height: 430px; overflow-y: auto; border-bottom: 1px solid #ccc; }
+.tall table.data th { position: sticky; top: 0; }
 .stats li { margin: .2em 0; }
 .sig { color: #0a6b2c; font-weight: 600; }
 .nsig { color: #666; }
@@ -195,6 +210,17 @@ code { background: #f4f4f4; padding: 0 .25em; }
 
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _html_table_block(table: ReportTable) -> str:
+    """Heading, note and table; long tables scroll inside a box of limited height."""
+    escape = html.escape
+    parts = [f"<h3>{escape(table.title)}</h3>"]
+    if table.note:
+        parts.append(f"<p>{escape(table.note)}</p>")
+    css = "scroll tall" if len(table.frame) > LONG_TABLE_ROWS else "scroll"
+    parts.append(f'<div class="{css}">{html_table(table.frame)}</div>')
+    return "\n".join(parts)
 
 
 def render_html(
@@ -230,11 +256,9 @@ def render_html(
                 css = "sig" if result.significant(alpha) else "nsig"
                 items.append(f'<li class="{css}">{escape(result.sentence)}</li>')
             parts.append(f'<ul class="stats">{"".join(items)}</ul>')
-        for table in section.tables:
-            parts.append(f"<h3>{escape(table.title)}</h3>")
-            if table.note:
-                parts.append(f"<p>{escape(table.note)}</p>")
-            parts.append(f'<div class="scroll">{html_table(table.frame)}</div>')
+        primary = [table for table in section.tables if table.primary]
+        secondary = [table for table in section.tables if not table.primary]
+        parts.extend(_html_table_block(table) for table in primary)
         for plot in section.plots:
             parts.append(f"<h3>{escape(plot.title)}</h3>")
             if plot.png is None:
@@ -245,6 +269,7 @@ def render_html(
             parts.append(
                 f'<img class="plot" alt="{escape(plot.title)}" src="{_data_uri(plot.png)}">'
             )
+        parts.extend(_html_table_block(table) for table in secondary)
         if section.statistics:
             frame = statistics_table(section.statistics, alpha)[STATISTICS_DISPLAY_COLUMNS]
             parts.append("<details><summary>All statistics (every column)</summary>")

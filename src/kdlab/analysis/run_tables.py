@@ -194,13 +194,19 @@ def build_family_tables(
                 ", ".join(missing),
             )
         links = collection.links_of(run)
+        # The teacher's own label (as its SFT row shows it), so H2 finds its SFT score.
+        teacher_label = (
+            links.teacher.student_label
+            if run.is_kd and links.teacher is not None and not run.base_teacher
+            else run.teacher_label
+        )
         scores = (
             pair_scores(collection, run, tasks, rouge_max_items=rouge_max_items)
             if run.is_kd
             else PairScores()
         )
         if run.is_kd:
-            add_pair_rows(run.teacher_label, run, run.method_label, scores)
+            add_pair_rows(teacher_label, run, run.method_label, scores)
             teacher, baseline = links.teacher, links.sft_baseline
             if teacher is not None and baseline is not None and teacher.tasks:
                 key = (teacher.run_dir, baseline.run_dir)
@@ -214,9 +220,9 @@ def build_family_tables(
                         with_fidelity=True,
                     )
                     sft_scores = PairScores(em1=em1, bleu=bleu, rouge_l=rouge_l)
-                    add_pair_rows(run.teacher_label, baseline, "SFT", sft_scores)
+                    add_pair_rows(teacher_label, baseline, "SFT", sft_scores)
         row: dict[str, Any] = {
-            TEACHER: run.teacher_label,
+            TEACHER: teacher_label,
             STUDENT: run.student_label,
             METHOD: run.method_label,
             **{task: accuracies.get(task, math.nan) for task in tasks},

@@ -314,6 +314,7 @@ def table_sections(args: argparse.Namespace) -> list[ReportSection]:
             "improvement.csv",
             "Per (Teacher, Student, method): the maximum over temperatures, per column "
             "independently, minus the same Student's SFT score.",
+            primary=True,
         )
     )
     if agreement is not None:
@@ -453,6 +454,7 @@ def run_sections(args: argparse.Namespace) -> list[ReportSection]:
                 tables.accuracy,
                 "accuracy.csv",
                 "Paper layout; runs differing only by seed are averaged.",
+                primary=True,
             ),
             ReportTable(
                 "Improvement of the best KD run over SFT (points)",

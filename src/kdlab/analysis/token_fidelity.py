@@ -3,7 +3,8 @@
 Under teacher forcing on the same token sequences, for every response token we compare the
 two models' distributions over that token (predicted at the previous position):
 
-- ``kl``: mean KL(teacher ‖ student) per response token, in nats, computed in float32;
+- ``kl``: mean KL(teacher ‖ student) per response token, in nats, computed in float32 by
+  :func:`kdlab.losses.per_token_divergence` (``forward_kl``);
 - ``top1_agreement``: the fraction of response tokens where both models' most likely next
   token is the same;
 - ``teacher_top1_accuracy`` / ``student_top1_accuracy``: how often each model's most likely
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from kdlab.losses import per_token_divergence
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +86,13 @@ def _token_fidelity_sums(
                 student_rows.shape[-1],
                 width,
             )
-        teacher_log_probs = torch.log_softmax(teacher_rows[:, :width].float() / temperature, -1)
-        student_log_probs = torch.log_softmax(student_rows[:, :width].float() / temperature, -1)
-        kl_per_token = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)
-        teacher_top1 = teacher_log_probs.argmax(-1)
-        student_top1 = student_log_probs.argmax(-1)
+        teacher_rows, student_rows = teacher_rows[:, :width], student_rows[:, :width]
+        # KL(teacher || student) per token, in float32 (the losses' own implementation).
+        kl_per_token = per_token_divergence(
+            student_rows, teacher_rows, "forward_kl", temperature=temperature
+        )
+        teacher_top1 = teacher_rows.argmax(-1)
+        student_top1 = student_rows.argmax(-1)
         targets = targets.to(device)
         return {
             "kl_sum": float(kl_per_token.clamp_min(0.0).sum()),

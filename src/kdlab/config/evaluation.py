@@ -69,12 +69,24 @@ class EvalGenerationConfig:
         help="greedy (default) or paper (sampling T=1, top_p=1, top_k=0, 256 tokens).",
         choices=tuple(GENERATION_PRESETS),
     )
-    do_sample: bool | None = config_field(None, help="Sample instead of greedy decoding; null = the preset's value.")
-    temperature: float | None = config_field(None, help="Sampling temperature; null = the preset's value.")
-    top_p: float | None = config_field(None, help="Nucleus sampling p (1 = off); null = the preset's value.")
-    top_k: int | None = config_field(None, help="Top-k sampling (0 = off); null = the preset's value.")
-    num_beams: int | None = config_field(None, help="Beam search width (1 = off); null = the preset's value.")
-    max_new_tokens: int | None = config_field(None, help="Longest generated response; null = the preset's value.")
+    do_sample: bool | None = config_field(
+        None, help="Sample instead of greedy decoding; null = the preset's value."
+    )
+    temperature: float | None = config_field(
+        None, help="Sampling temperature; null = the preset's value."
+    )
+    top_p: float | None = config_field(
+        None, help="Nucleus sampling p (1 = off); null = the preset's value."
+    )
+    top_k: int | None = config_field(
+        None, help="Top-k sampling (0 = off); null = the preset's value."
+    )
+    num_beams: int | None = config_field(
+        None, help="Beam search width (1 = off); null = the preset's value."
+    )
+    max_new_tokens: int | None = config_field(
+        None, help="Longest generated response; null = the preset's value."
+    )
     seed: int = config_field(
         6, help="Seed; batch i of a task is generated after torch.manual_seed(seed + i)."
     )

@@ -348,6 +348,7 @@ def chunked_distillation_loss(
     if loss_mask is None:
         raise ValueError("loss_mask is required ([batch, seq] bool)")
     check_loss_mask(loss_mask, batch_seq, "student_hidden")
+    loss_mask = loss_mask.to(student_hidden.device)
 
     sources = {
         "teacher_hidden/teacher_lm_head_weight": teacher_hidden is not None

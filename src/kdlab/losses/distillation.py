@@ -107,6 +107,7 @@ def distillation_loss(
             f"shape {list(student_logits.shape)} (use trim_to_shared_vocab for padded vocabs)"
         )
     check_loss_mask(loss_mask, tuple(student_logits.shape[:2]), "student_logits")
+    loss_mask = loss_mask.to(student_logits.device)
 
     weights = reduction_weights(loss_mask, reduction)  # [N]
     per_position = divergence_fn(

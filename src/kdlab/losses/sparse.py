@@ -190,6 +190,7 @@ def sparse_distillation_loss(
     check_reduction(reduction)
     check_float_tensor("student_logits", student_logits, ndim=3)
     check_loss_mask(loss_mask, tuple(student_logits.shape[:2]), "student_logits")
+    loss_mask = loss_mask.to(student_logits.device)
     num_rows = int(loss_mask.sum())
     topk_logprobs = select_rows(
         "teacher_topk_logprobs", teacher_topk_logprobs, loss_mask, num_rows, 1
