@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kdlab.analysis.stage",
         "Accuracy, agreement, fidelity and the paper's statistics, as a report.",
     ),
+    "demo": ("kdlab.sweep.demo", "The whole pipeline in miniature on the embedded SmolLM2-135M."),
 }
 
 

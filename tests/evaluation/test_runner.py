@@ -200,6 +200,21 @@ def test_interrupted_run_resumes_without_generating_twice(
     assert (out / "DONE").is_file()
 
 
+def test_summary_of_several_models(tiny_model_dir, shared_eval_dir, tmp_path) -> None:
+    from kdlab.evaluation.runner import collect_summary_rows, summary_tables
+
+    for name in ("first", "second"):
+        evaluate(
+            _config(tiny_model_dir, shared_eval_dir, tmp_path / name, "limit=2", f"name={name}")
+        )
+    rows, columns = collect_summary_rows([tmp_path / "first", tmp_path / "second"])
+    assert columns == ["gsm8k", "boolq"]
+    assert [row["Model"] for row in rows] == ["first", "second"]
+    csv_text, markdown = summary_tables(rows, columns)
+    assert csv_text.splitlines()[0] == "Model,gsm8k,boolq,Average"
+    assert markdown.count("\n") == 4
+
+
 def test_resume_refuses_other_settings_and_overwrite_starts_again(
     tiny_model_dir, shared_eval_dir, tmp_path
 ) -> None:

@@ -523,6 +523,39 @@ def write_summary(out_dir: Path, rows: Sequence[dict[str, Any]], columns: Sequen
     return markdown
 
 
+def collect_summary_rows(eval_dirs: Sequence[str | Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows (Model, tasks, Average) and task columns of several evaluation directories.
+
+    Each directory is an ``kdlab eval`` output (``<task>/metrics.json``, ``run.json``); its
+    row is labelled with the run's name. Columns follow the registry's table order, then
+    custom tasks by name. Used to put many models in one paper-style table.
+    """
+    import json
+
+    from kdlab.evaluation.tasks import list_tasks
+
+    rows: list[dict[str, Any]] = []
+    found: set[str] = set()
+    for raw in eval_dirs:
+        directory = Path(raw)
+        identity_file = directory / "run.json"
+        identity = json.loads(identity_file.read_text()) if identity_file.is_file() else {}
+        row: dict[str, Any] = {"Model": identity.get("name") or directory.parent.name}
+        accuracies: list[float] = []
+        for metrics_file in sorted(directory.glob(f"*/{METRICS_FILE}")):
+            metrics = json.loads(metrics_file.read_text())
+            task = str(metrics.get("task") or metrics_file.parent.name)
+            row[task] = metrics.get("accuracy")
+            found.add(task)
+            if isinstance(row[task], (int, float)):
+                accuracies.append(float(row[task]))
+        row["Average"] = sum(accuracies) / len(accuracies) if accuracies else None
+        rows.append(row)
+    registered = [name for name in list_tasks() if name in found]
+    columns = registered + sorted(found - set(registered))
+    return rows, columns
+
+
 # --------------------------------------------------------------------------- entry point
 
 
