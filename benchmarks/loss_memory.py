@@ -260,7 +260,7 @@ def main() -> None:
     for vocab_size in args.vocab:
         dense = run_variant("dense", vocab_size, args)
         chunked = run_variant("chunked", vocab_size, args)
-        chunk_rows = args.chunk_size or default_chunk_size(vocab_size)
+        chunk_rows = args.chunk_size or default_chunk_size(vocab_size, args.device)
         print(
             f"| {vocab_size:,} | {chunk_rows} | {dense['time_s']:.3f} | {chunked['time_s']:.3f} "
             f"| {chunked['time_s'] / dense['time_s']:.2f} | {dense['peak_mib']:.0f} "

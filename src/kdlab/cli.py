@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("kdlab.config.stage", "Show every config key of a stage, with defaults and help."),
     "finetune": ("kdlab.training.finetune", "Supervised fine-tuning (teachers, SFT students)."),
     "distill": ("kdlab.training.distill", "Train a student against a frozen teacher."),
+    "eval": ("kdlab.evaluation.stage", "Evaluate a model (+ adapter) on benchmark tasks."),
     "analyze": (
         "kdlab.analysis.stage",
         "Accuracy, agreement, fidelity and the paper's statistics, as a report.",

@@ -9,6 +9,7 @@ from kdlab.losses import (
     DIVERGENCES,
     add_teacher_noise,
     chunked_distillation_loss,
+    default_chunk_size,
     distillation_loss,
     sparse_distillation_loss,
 )
@@ -407,3 +408,10 @@ def test_cuda_noise_generator_and_peak_memory() -> None:
         ).item()
 
     assert noisy(1) == noisy(1) != noisy(2)
+
+
+def test_default_chunk_size() -> None:
+    assert default_chunk_size(49_152) == 256
+    assert default_chunk_size(151_936) == 82
+    assert default_chunk_size(151_936, "cuda") == 441
+    assert default_chunk_size(10**9) == 1

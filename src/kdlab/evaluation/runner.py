@@ -42,6 +42,7 @@ from kdlab.evaluation.tasks import (
     expand_task_names,
     get_task,
 )
+from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import (
     append_jsonl,
     atomic_write_json,
@@ -409,6 +410,7 @@ def run_task(
                 for item, output in zip(todo, outputs, strict=True):
                     record = _record(task, item, output)
                     append_jsonl(predictions_path, record)
+                    maybe_fault("eval_output")
                     done[item["index"]] = record
                 generated += len(todo)
                 progress.update(len(todo))

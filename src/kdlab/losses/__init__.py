@@ -13,7 +13,12 @@ Public API:
 
 from __future__ import annotations
 
-from kdlab.losses.chunked import DEFAULT_CHUNK_BYTES, chunked_distillation_loss, default_chunk_size
+from kdlab.losses.chunked import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_CUDA_CHUNK_BYTES,
+    chunked_distillation_loss,
+    default_chunk_size,
+)
 from kdlab.losses.distillation import distillation_loss, per_token_divergence
 from kdlab.losses.divergences import DIVERGENCES, DivergenceFn, get_divergence
 from kdlab.losses.noise import add_teacher_noise
@@ -22,6 +27,7 @@ from kdlab.losses.vocab import trim_to_shared_vocab
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_CUDA_CHUNK_BYTES",
     "DIVERGENCES",
     "DivergenceFn",
     "add_teacher_noise",

@@ -15,6 +15,7 @@ from kdlab.config.core import load_config
 from kdlab.config.schema import DataConfig, PeftConfig, TrainConfig
 from kdlab.data.tokenize import split_train_validation, tokenize_records
 from kdlab.errors import ConfigError, DataError
+from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import atomic_directory, atomic_write_json, mark_done
 
 logger = logging.getLogger(__name__)
@@ -157,13 +158,15 @@ def save_final(
     summary: dict[str, Any],
 ) -> None:
     """``adapter/`` (PEFT format) or ``model/`` (full), the tokenizer, the summary, ``DONE``."""
+    maybe_fault("final_save")
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         name = "model" if peft_config.method == "full" else "adapter"
         with atomic_directory(run_dir / name) as staging:
             unwrapped.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
-        tokenizer.save_pretrained(run_dir / "tokenizer")
+        with atomic_directory(run_dir / "tokenizer") as staging:
+            tokenizer.save_pretrained(staging)
         atomic_write_json(run_dir / "train_summary.json", summary)
         mark_done(run_dir, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     accelerator.wait_for_everyone()

@@ -37,6 +37,7 @@ import torch
 
 from kdlab.config.schema import TrainConfig
 from kdlab.errors import KdlabError
+from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import append_jsonl, atomic_directory, atomic_write_json, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -236,6 +237,8 @@ class TrainingLoop:
             torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), staging / "scheduler.pt")
             atomic_write_json(staging / "trainer_state.json", self._state(step))
+            maybe_fault("checkpoint_write", step)
+        maybe_fault("checkpoint", step)
         self._prune_checkpoints()
         self.accelerator.wait_for_everyone()
 
@@ -400,6 +403,7 @@ class TrainingLoop:
                             f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}"
                         )
                     accelerator.backward(result.loss / self.accumulation)
+                    maybe_fault("backward")
                 losses.append(float(result.loss.detach()))
                 ces.append(result.ce)
                 kds.append(result.kd)
@@ -423,6 +427,7 @@ class TrainingLoop:
                 self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             done = step + 1
+            maybe_fault("step", done)
             self.tokens += step_tokens * world
             window_tokens += step_tokens * world
             self.elapsed += time.perf_counter() - step_start
@@ -450,6 +455,7 @@ class TrainingLoop:
                         "skipped_batches": self.skipped,
                     }
                 )
+                maybe_fault("metrics", done)
                 window_tokens = 0
                 window_start = time.perf_counter()
             evaluate_now = (config.eval_steps and done % config.eval_steps == 0) or (

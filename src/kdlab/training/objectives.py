@@ -2,9 +2,18 @@
 
 ``loss = (1 − w)·CE + w·KD`` with ``w = distill.kd_weight``. KD is computed by the chunked
 path of :mod:`kdlab.losses` from the models' final hidden states and output projections, so
-``[batch, seq, vocab]`` fp32 logits never exist for the whole batch. Both models are asked
-for ``logits_to_keep=1`` (one position of logits, which nobody reads) and their hidden
-states; the student's last hidden state is taken *after* the final norm.
+``[batch, seq, vocab]`` fp32 logits never exist for the whole batch, and the lm_heads only
+run on the counted rows. The student is called through its (possibly DDP-wrapped) forward
+with ``logits_to_keep=1`` (one position of logits, which nobody reads) and
+``output_hidden_states``; its last hidden state is taken *after* the final norm. The teacher
+runs only its decoder stack (no lm_head at all, no list of per-layer hidden states kept
+alive) under ``torch.inference_mode``.
+
+Teacher-output cache (``distill.teacher_cache``, :mod:`kdlab.training.teacher_cache`): when
+given a :class:`~kdlab.training.teacher_cache.TeacherCache`, off-policy batches read the
+teacher's top-k log-probabilities of their examples (by ``batch["index"]``) instead of
+running the teacher, and the KD term takes the sparse path of ``chunked_distillation_loss``
+(top-k + tail bucket, see :mod:`kdlab.losses.sparse`).
 
 Positions: ``loss_on: response`` (default) covers the positions that predict a response
 token; ``loss_on: all`` covers every attended position, as the paper's scripts do.
@@ -17,15 +26,19 @@ those sequences (no CE: there is no gold token to imitate), else on the gold bat
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kdlab.config.schema import DistillSettings
 from kdlab.data.tokenize import IGNORE_INDEX, left_pad_prompts
+from kdlab.errors import KdlabError
 from kdlab.losses import chunked_distillation_loss
 from kdlab.training.common import response_mask
 from kdlab.training.loop import StepLoss, step_seed
+
+if TYPE_CHECKING:
+    from kdlab.training.teacher_cache import TeacherCache
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +46,11 @@ logger = logging.getLogger(__name__)
 def final_hidden_states(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """``[batch, seq, hidden]`` after the final norm, without computing full logits."""
+    """``[batch, seq, hidden]`` after the final norm, without computing full logits.
+
+    Goes through ``model``'s own forward (a DDP/FSDP wrapper must see the call to
+    synchronise gradients), asking for one position of logits only.
+    """
     outputs = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -42,6 +59,52 @@ def final_hidden_states(
         use_cache=False,
     )
     return outputs.hidden_states[-1]
+
+
+def teacher_hidden_states(
+    teacher: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The frozen teacher's ``[batch, seq, hidden]`` final hidden states (after the final norm).
+
+    Runs the decoder stack alone (``get_decoder()``, the backbone without lm_head): unlike
+    ``output_hidden_states=True`` it keeps no tuple of every layer's ``[batch, seq, hidden]``
+    output alive (31 of them for a 30-layer model), and no logits are computed. Models whose
+    decoder cannot be called this way fall back to :func:`final_hidden_states`. Call it under
+    ``torch.inference_mode()``: the teacher is never differentiated.
+    """
+    decoder = None
+    get_decoder = getattr(teacher, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            decoder = get_decoder()
+        except (AttributeError, NotImplementedError):
+            decoder = None
+    if decoder is None or decoder is teacher:
+        return final_hidden_states(teacher, input_ids, attention_mask)
+    outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = getattr(outputs, "last_hidden_state", None)
+    if hidden is None or hidden.shape[:2] != input_ids.shape:
+        return final_hidden_states(teacher, input_ids, attention_mask)
+    return hidden
+
+
+def kd_loss_mask(
+    attention_mask: torch.Tensor, labels: torch.Tensor, loss_on: str, *, on_policy: bool = False
+) -> torch.Tensor:
+    """``[batch, seq]`` bool: the positions whose next-token distribution the KD term compares.
+
+    Position t is aligned with the logits predicting token t + 1. ``loss_on="response"``
+    (and every on-policy batch): positions whose next token is a label. ``loss_on="all"``:
+    every attended position whose next position is attended too (the paper's attention-mask
+    positions minus each sequence's last one, which predicts nothing). A right-padded row's
+    mask does not depend on the padding, so the teacher cache computes it per example and
+    the batch sees the same positions.
+    """
+    if loss_on == "all" and not on_policy:
+        attended = attention_mask.bool()
+        mask = attended[:, 1:] & attended[:, :-1]
+        return torch.nn.functional.pad(mask, (0, 1), value=False)
+    return response_mask(labels)
 
 
 def output_projection(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from kdlab.config.core import to_dict
 from kdlab.errors import RunDirError
-from kdlab.utils.io import atomic_write_json, atomic_write_yaml, is_done
+from kdlab.utils.io import atomic_write_json, atomic_write_yaml, is_done, recover_staging
 
 
 def prepare_run_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -> Path:
@@ -35,6 +35,9 @@ def prepare_run_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) ->
     elif resume and is_done(directory):
         raise RunDirError(f"output directory '{directory}' holds a finished run (DONE exists)")
     directory.mkdir(parents=True, exist_ok=True)
+    if resume:  # a killed run may have left half-written files (never read, but large)
+        for folder in (directory, directory / "checkpoints"):
+            recover_staging(folder)
     return directory
 
 

@@ -20,6 +20,7 @@ import torch
 from kdlab.config.schema import DistillSettings
 from kdlab.data.templates import build_prompt, strip_continuation
 from kdlab.models.loading import cache_root
+from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import append_jsonl, atomic_write_json, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def teacher_responses(
                 response = strip_continuation(text).strip()
                 done[index] = response
                 append_jsonl(directory / "responses.jsonl", {"index": index, "response": response})
+                maybe_fault("seqkd_output")
     finally:
         tokenizer.padding_side = previous_side
     return [done[i] for i in range(len(records))], info

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from kdlab.utils.faults import maybe_fault
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: mkstemp/mkdtemp create private (0600/0700) entries; results get the modes a plain
+#: ``open``/``mkdir`` would give them, so that other users can read shared run directories.
+_UMASK = _read_umask()
+#: Names a killed atomic writer can leave behind: ``.NAME.XXXXXXXX.tmp`` and ``.NAME.old``.
+_STAGING = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+_OLD = re.compile(r"^\.(?P<name>.+)\.old$")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -35,10 +52,13 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        maybe_fault("atomic_write", target.name)
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -73,7 +93,9 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        staging.chmod(0o777 & ~_UMASK)
         yield staging
+        maybe_fault("atomic_directory", target.name)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             if old.exists():
@@ -87,6 +109,37 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def recover_staging(directory: str | os.PathLike[str]) -> list[str]:
+    """Tidy what killed atomic writers left in ``directory``; return the names handled.
+
+    A staging entry (``.NAME.XXXXXXXX.tmp``) is an unfinished write: it is deleted. A
+    ``.NAME.old`` directory is the previous version of ``NAME`` moved aside by
+    :func:`atomic_directory`: if the kill came before the new version was renamed into
+    place, ``NAME`` is missing and the old version is put back; otherwise it is deleted.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        return []
+    handled: list[str] = []
+    for entry in sorted(folder.iterdir()):
+        old = _OLD.match(entry.name)
+        if old and entry.is_dir():
+            target = folder / old.group("name")
+            if target.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                os.replace(entry, target)
+            handled.append(entry.name)
+        elif _STAGING.match(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+            handled.append(entry.name)
+    return handled
 
 
 def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
