@@ -133,7 +133,11 @@ def chunked_cross_entropy(
 
 
 class DistillationObjective:
-    """Callable ``(student, batch, training) -> StepLoss`` for the training loop."""
+    """Callable ``(student, batch, training) -> StepLoss`` for the training loop.
+
+    The teacher is given live (``teacher``), cached (``teacher_cache``: off-policy batches
+    read top-k teacher outputs, on-policy GKD batches still need ``teacher``), or both.
+    """
 
     def __init__(
         self,
@@ -145,16 +149,23 @@ class DistillationObjective:
         seed: int,
         cutoff_len: int,
         unwrap: Any,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         self.settings = settings
         self.teacher = teacher
+        self.teacher_cache = teacher_cache
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.seed = seed
         self.cutoff_len = cutoff_len
         self.unwrap = unwrap
-        self.divergence = settings.resolved_divergence if teacher is not None else None
+        has_teacher = teacher is not None or teacher_cache is not None
+        self.divergence = settings.resolved_divergence if has_teacher else None
         self.kd_weight = settings.kd_weight if self.divergence else 0.0
+        if teacher_cache is not None and settings.noise_std > 0:
+            # The cache holds top-k log-probabilities, not logits: noise on logits cannot be
+            # reproduced from it (distill.validate_config refuses the combination earlier).
+            raise KdlabError("distill.noise_std > 0 cannot be combined with distill.teacher_cache")
         #: the last sequences a loss was computed on (tests inspect on-policy batches)
         self.last_input_ids: torch.Tensor | None = None
         self.last_on_policy = False
@@ -242,11 +253,7 @@ class DistillationObjective:
             batch["labels"],
         )
         label_mask = response_mask(labels)
-        if self.settings.loss_on == "all" and not on_policy:
-            kd_mask = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
-            kd_mask = torch.nn.functional.pad(kd_mask, (0, 1), value=False)
-        else:
-            kd_mask = label_mask
+        kd_mask = kd_loss_mask(attention_mask, labels, self.settings.loss_on, on_policy=on_policy)
         tokens = int(kd_mask.sum()) if self.divergence else int(label_mask.sum())
         if tokens == 0:
             return StepLoss(loss=None, tokens=0, stats=stats)
@@ -261,27 +268,7 @@ class DistillationObjective:
             )
         kd = None
         if self.divergence:
-            with torch.no_grad():
-                teacher_hidden = final_hidden_states(self.teacher, input_ids, attention_mask)
-            teacher_weight, teacher_bias = output_projection(self.teacher)
-            kd = chunked_distillation_loss(
-                student_hidden,
-                weight,
-                teacher_hidden.to(student_hidden.dtype),
-                teacher_weight.to(weight.dtype),
-                kd_mask,
-                divergence=self.divergence,
-                temperature=self.settings.temperature,
-                beta=self.settings.beta,
-                skew=self.settings.skew,
-                reduction=self.settings.reduction,
-                scale_by_t2=self.settings.scale_by_t2,
-                chunk_size=self.settings.chunk_size,
-                student_lm_head_bias=bias,
-                teacher_lm_head_bias=teacher_bias,
-                teacher_noise_std=self.settings.noise_std,
-                vocab_size=self.vocab_size,
-            )
+            kd = self._kd_term(batch, student_hidden, weight, bias, kd_mask, on_policy)
         if kd is None:
             loss = ce
         elif ce is None or on_policy:
@@ -296,4 +283,68 @@ class DistillationObjective:
             kd=None if kd is None else float(kd.detach()),
             tokens=tokens,
             stats=stats,
+        )
+
+    def _kd_term(
+        self,
+        batch: dict[str, torch.Tensor],
+        student_hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        kd_mask: torch.Tensor,
+        on_policy: bool,
+    ) -> torch.Tensor:
+        """The KD divergence of one micro-batch, against the cached or the live teacher."""
+        assert self.divergence is not None
+        common: dict[str, Any] = {
+            "divergence": self.divergence,
+            "temperature": self.settings.temperature,
+            "beta": self.settings.beta,
+            "skew": self.settings.skew,
+            "reduction": self.settings.reduction,
+            "scale_by_t2": self.settings.scale_by_t2,
+            "chunk_size": self.settings.chunk_size,
+            "student_lm_head_bias": bias,
+            "vocab_size": self.vocab_size,
+        }
+        if self.teacher_cache is not None and not on_policy:
+            if "index" not in batch:
+                raise KdlabError(
+                    "distill.teacher_cache: the batch carries no example indices (batch['index'])"
+                )
+            rows = self.teacher_cache.lookup(
+                batch["index"].tolist(), kd_mask.sum(dim=1).tolist(), device=student_hidden.device
+            )
+            # [N, k] top-k log-probs / ids and [N] tail mass, in the row-major order of
+            # student_hidden[kd_mask]: the sparse (k + 1 buckets) path of the chunked loss.
+            return chunked_distillation_loss(
+                student_hidden,
+                weight,
+                loss_mask=kd_mask,
+                teacher_topk_logprobs=rows.topk_logprobs,
+                teacher_topk_ids=rows.topk_ids,
+                teacher_tail_mass=rows.tail_mass,
+                **common,
+            )
+        if self.teacher is None:
+            raise KdlabError(
+                "this batch needs the live teacher (on-policy GKD batch), but only a teacher "
+                "cache was given"
+            )
+        with torch.inference_mode():
+            teacher_hidden = teacher_hidden_states(
+                self.teacher, batch["input_ids"], batch["attention_mask"]
+            )
+        teacher_weight, teacher_bias = output_projection(self.teacher)
+        # Trap: teacher_hidden is an inference tensor. The loss only selects its masked rows
+        # (a new, normal tensor) and never saves it for backward, so this is allowed.
+        return chunked_distillation_loss(
+            student_hidden,
+            weight,
+            teacher_hidden.to(student_hidden.dtype),
+            teacher_weight.to(weight.dtype),
+            kd_mask,
+            teacher_lm_head_bias=teacher_bias,
+            teacher_noise_std=self.settings.noise_std,
+            **common,
         )

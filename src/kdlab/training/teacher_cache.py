@@ -1,0 +1,612 @@
+"""Teacher-output cache: the teacher's top-k log-probabilities at every KD position, once.
+
+Off-policy distillation runs the frozen teacher on the same examples in every epoch and for
+every student of a sweep. ``distill.teacher_cache: DIR`` runs it once: for every example of
+the training data (train *and* validation split) and every position of its KD mask
+(:func:`kdlab.training.objectives.kd_loss_mask`), the cache stores the teacher's ``k``
+largest log-probabilities at temperature 1, their token ids, and the probability mass of
+the other ``V − k`` tokens. Training then reads those rows instead of running the teacher
+and takes the sparse path of :func:`kdlab.losses.chunked_distillation_loss` (k + 1 buckets;
+the tail treatment is documented in :mod:`kdlab.losses.sparse`). When the cache covers
+every example, the distill stage does not load the teacher model at all.
+
+Layout of ``DIR``::
+
+    meta.json                  format version, fingerprint key and fields, layout
+    shard-00000.safetensors    examples 0 .. E-1 of the index-sorted example list
+    shard-00001.safetensors    ...
+
+Each shard holds, for its ``E`` examples (``R`` KD rows in all):
+
+==================  ===========  =========================================================
+tensor              dtype        shape / meaning
+==================  ===========  =========================================================
+``example_index``   int64        ``[E]`` example indices (``example["index"]``), ascending
+``row_offsets``     int64        ``[E + 1]`` rows of example e are ``offsets[e]:offsets[e+1]``
+``topk_logprobs``   float16      ``[R, k]`` log p_T of the k most likely tokens (T = 1)
+``topk_ids``        int32        ``[R, k]`` their token ids
+``tail_mass``       float32      ``[R]`` Σ p_T over the other V − k tokens (exact, not 1 − Σ)
+==================  ===========  =========================================================
+
+and the fingerprint key in its safetensors metadata. Rows of an example are its KD
+positions in increasing order, so the rows of a batch, example after example, are in the
+row-major order of ``hidden[kd_mask]``. At k = 64 a row takes 388 bytes (vs 4·V for a dense
+fp32 row: 196,608 bytes at V = 49,152).
+
+Fingerprint: everything the stored numbers depend on, and nothing else (``temperature`` is
+applied at training time, so one cache serves every temperature): the teacher's identity
+(model source, slice), a stamp of its weight files, the adapter's content hash, the dtype
+it runs in, the token ids and labels of every example, template, cutoff, ``loss_on``, k,
+the shared vocabulary width, and the stored value dtype. A ``DIR`` whose ``meta.json`` holds
+another fingerprint is refused with :class:`TeacherCacheError` naming the fields that
+differ (never silently mixed); every shard also carries the key, so a stray shard of another
+build is refused too. ``distill.teacher_cache: auto`` puts each fingerprint in its own
+directory, :func:`default_teacher_cache_dir` (what sweeps should use).
+
+Building is resumable: each shard is written atomically (:func:`kdlab.utils.io.
+atomic_write_bytes`) and a shard file exists only when complete, so an interrupted build
+continues with the missing shards. Under accelerate data parallelism each process builds
+the missing shards ``s`` with ``s % num_processes == process_index``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdlab.config.schema import ModelConfig
+from kdlab.data.tokenize import Collator
+from kdlab.errors import KdlabError
+from kdlab.models.loading import cache_root, resolve_model_source
+from kdlab.utils.faults import maybe_fault
+from kdlab.utils.io import atomic_write_bytes, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+SHARD_TEMPLATE = "shard-{:05d}.safetensors"
+DEFAULT_EXAMPLES_PER_SHARD = 256
+#: ``distill.teacher_cache`` value that picks :func:`default_teacher_cache_dir`.
+AUTO = "auto"
+_VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class TeacherCacheError(KdlabError):
+    """A teacher cache that cannot be used: other fingerprint, corrupt or incomplete."""
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+@dataclass(frozen=True)
+class CacheFingerprint:
+    """What a cache's numbers depend on: ``fields`` (JSON-able) and their 16-hex-digit key."""
+
+    key: str
+    fields: dict[str, Any] = field(hash=False)
+
+
+def examples_digest(examples: Sequence[dict[str, Any]]) -> str:
+    """SHA-256 of every example's index, token ids and labels, in index order."""
+    digest = hashlib.sha256()
+    for example in sorted(examples, key=lambda item: int(item["index"])):
+        digest.update(
+            json.dumps([int(example["index"]), example["input_ids"], example["labels"]]).encode()
+        )
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+def weights_stamp(model_config: ModelConfig) -> str:
+    """A cheap stamp of a model's weights: file names, sizes and mtimes (not contents).
+
+    A retrained model saved to the same path gets a new stamp (so its cache is rebuilt);
+    a byte-identical copy elsewhere gets another one too (a rebuild, never a wrong reuse).
+    Hub models are stamped by their revision only: pin ``revision`` for reproducible caches.
+    """
+    source = resolve_model_source(model_config.name_or_path, model_config.gguf_file)
+    if source.kind == "hub" and not source.gguf_file:
+        return f"revision={model_config.revision or 'unpinned'}"
+    directory = Path(source.location)
+    if source.gguf_file:
+        files = [directory / source.gguf_file]
+    else:
+        files = sorted(
+            path
+            for pattern in ("*.safetensors", "*.bin", "*.pt", "config.json")
+            for path in directory.glob(pattern)
+        )
+    digest = hashlib.sha256()
+    for path in files:
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def teacher_cache_fingerprint(
+    *,
+    teacher_identity: str,
+    teacher_stamp: str,
+    adapter_hash: str,
+    teacher_dtype: str,
+    examples: Sequence[dict[str, Any]],
+    template: str,
+    cutoff_len: int,
+    loss_on: str,
+    topk: int,
+    vocab_size: int,
+    value_dtype: str = "float16",
+) -> CacheFingerprint:
+    """The fingerprint of a cache (see the module docstring for what it covers).
+
+    Args:
+        teacher_identity: what ``run.json`` records for the teacher (source, slice).
+        teacher_stamp: :func:`weights_stamp` of the teacher's base model.
+        adapter_hash: :func:`kdlab.training.seqkd.adapter_fingerprint` of its adapter.
+        teacher_dtype: the dtype the teacher runs in (``"float32"``, ``"bfloat16"``...).
+        examples: every tokenized example (train and validation), with ``index``.
+        template, cutoff_len, loss_on: the data settings (also implied by the token ids,
+            recorded so a mismatch message can name them).
+        topk: k, already clamped to ``vocab_size``.
+        vocab_size: the logit width shared by teacher and student (the softmax's support).
+        value_dtype: dtype of the stored log-probabilities.
+    """
+    if value_dtype not in _VALUE_DTYPES:
+        raise TeacherCacheError(f"value_dtype must be one of {sorted(_VALUE_DTYPES)}")
+    fields = {
+        "format": FORMAT_VERSION,
+        "teacher": teacher_identity,
+        "teacher_weights": teacher_stamp,
+        "adapter": adapter_hash,
+        "teacher_dtype": teacher_dtype,
+        "data": examples_digest(examples),
+        "num_examples": len(examples),
+        "template": template,
+        "cutoff_len": int(cutoff_len),
+        "loss_on": loss_on,
+        "topk": int(topk),
+        "vocab_size": int(vocab_size),
+        "value_dtype": value_dtype,
+    }
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return CacheFingerprint(key=key, fields=fields)
+
+
+def default_teacher_cache_dir(fingerprint: CacheFingerprint | str) -> Path:
+    """``$KDLAB_CACHE/teacher-topk/<key>``: one directory per fingerprint.
+
+    This is what ``distill.teacher_cache: auto`` resolves to. Sweeps should set ``auto``
+    (every student of the same teacher, data and k then shares one cache, and runs with
+    another teacher or data get their own) rather than compute directories themselves.
+    """
+    key = fingerprint.key if isinstance(fingerprint, CacheFingerprint) else str(fingerprint)
+    return cache_root() / "teacher-topk" / key
+
+
+def resolve_cache_dir(setting: str, fingerprint: CacheFingerprint) -> Path:
+    """The directory of ``distill.teacher_cache`` (``auto`` or a path)."""
+    if setting.strip().lower() == AUTO:
+        return default_teacher_cache_dir(fingerprint)
+    return Path(setting).expanduser()
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+@dataclass
+class SparseTeacherRows:
+    """Cached teacher rows of a batch, in the row-major order of ``hidden[kd_mask]``.
+
+    ``topk_logprobs [N, k]`` (stored dtype), ``topk_ids [N, k]`` int32, ``tail_mass [N]``
+    float32.
+    """
+
+    topk_logprobs: torch.Tensor
+    topk_ids: torch.Tensor
+    tail_mass: torch.Tensor
+
+
+@dataclass
+class _ShardIndex:
+    handle: Any  # safetensors safe_open handle (memory-mapped)
+    offsets: list[int]
+    position: dict[int, int]  # example index -> position in the shard
+
+
+class TeacherCache:
+    """A cache directory bound to one fingerprint: its layout, build state and reader.
+
+    Opening checks (or, for a new directory, writes) ``meta.json``; nothing else is read
+    until :meth:`lookup`. The example → shard assignment is fixed by the fingerprint's
+    example list: shard ``s`` holds the index-sorted examples ``s·E .. (s+1)·E − 1``.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        fingerprint: CacheFingerprint,
+        example_indices: Iterable[int],
+        *,
+        examples_per_shard: int = DEFAULT_EXAMPLES_PER_SHARD,
+        create: bool = True,
+    ) -> None:
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+        self.example_indices = sorted(int(index) for index in example_indices)
+        if len(set(self.example_indices)) != len(self.example_indices):
+            raise TeacherCacheError("teacher cache: example indices must be unique")
+        if examples_per_shard < 1:
+            raise TeacherCacheError("teacher cache: examples_per_shard must be >= 1")
+        meta_file = self.directory / META_FILE
+        if meta_file.is_file():
+            meta = self._read_meta(meta_file)
+            self._check_fingerprint(meta)
+            examples_per_shard = int(meta["examples_per_shard"])  # the existing layout wins
+        elif create:
+            atomic_write_json(
+                meta_file,
+                {
+                    "key": fingerprint.key,
+                    "fingerprint": fingerprint.fields,
+                    "examples_per_shard": examples_per_shard,
+                    "num_shards": -(-len(self.example_indices) // examples_per_shard),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                },
+            )
+        else:
+            raise TeacherCacheError(f"teacher cache {self.directory}: no {META_FILE}")
+        self.examples_per_shard = examples_per_shard
+        self.num_shards = max(1, -(-len(self.example_indices) // examples_per_shard))
+        self._shards: dict[int, _ShardIndex] = {}
+        self._shard_of = {
+            index: position // examples_per_shard
+            for position, index in enumerate(self.example_indices)
+        }
+
+    # ------------------------------------------------------------------ meta / layout
+
+    @property
+    def topk(self) -> int:
+        return int(self.fingerprint.fields["topk"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.fingerprint.fields["vocab_size"])
+
+    @property
+    def value_dtype(self) -> torch.dtype:
+        return _VALUE_DTYPES[self.fingerprint.fields["value_dtype"]]
+
+    def _read_meta(self, meta_file: Path) -> dict[str, Any]:
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise TeacherCacheError(f"teacher cache {meta_file}: unreadable ({error})") from None
+        if not isinstance(meta, dict) or "key" not in meta or "fingerprint" not in meta:
+            raise TeacherCacheError(f"teacher cache {meta_file}: not a kdlab teacher cache")
+        return meta
+
+    def _check_fingerprint(self, meta: dict[str, Any]) -> None:
+        if meta["key"] == self.fingerprint.key:
+            return
+        stored = meta.get("fingerprint") or {}
+        differing = sorted(
+            name
+            for name in set(stored) | set(self.fingerprint.fields)
+            if stored.get(name) != self.fingerprint.fields.get(name)
+        )
+        details = ", ".join(
+            f"{name}: cached {stored.get(name)!r} vs now {self.fingerprint.fields.get(name)!r}"
+            for name in differing[:4]
+        )
+        raise TeacherCacheError(
+            f"teacher cache {self.directory} was built for another teacher/data/settings "
+            f"({details or 'different key'}); refusing to mix. Use another directory, delete "
+            f"this one, or set distill.teacher_cache=auto (one directory per fingerprint)"
+        )
+
+    def shard_path(self, shard: int) -> Path:
+        return self.directory / SHARD_TEMPLATE.format(shard)
+
+    def shard_examples(self, shard: int) -> list[int]:
+        """Example indices of ``shard``, ascending."""
+        start = shard * self.examples_per_shard
+        return self.example_indices[start : start + self.examples_per_shard]
+
+    def missing_shards(self) -> list[int]:
+        """Shards with no file yet (a shard file is only ever complete: atomic writes)."""
+        return [s for s in range(self.num_shards) if not self.shard_path(s).is_file()]
+
+    @property
+    def is_complete(self) -> bool:
+        return not self.missing_shards()
+
+    # ------------------------------------------------------------------ writing
+
+    def write_shard(
+        self,
+        shard: int,
+        rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    ) -> Path:
+        """Write one shard atomically from ``{example index: (logprobs, ids, tail)}``.
+
+        Each value: ``[r, k]`` log-probs (any float dtype), ``[r, k]`` ids, ``[r]`` tail
+        mass, for the example's ``r`` KD positions in increasing order.
+        """
+        from safetensors.torch import save
+
+        indices = self.shard_examples(shard)
+        missing = [index for index in indices if index not in rows]
+        if missing:
+            raise TeacherCacheError(f"shard {shard}: no rows for example {missing[0]}")
+        k = self.topk
+        counts = [int(rows[index][0].shape[0]) for index in indices]
+        offsets = torch.zeros(len(indices) + 1, dtype=torch.int64)
+        offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+        empty_values = torch.zeros((0, k))
+        empty_ids = torch.zeros((0, k), dtype=torch.int32)
+        tensors = {
+            "example_index": torch.tensor(indices, dtype=torch.int64),
+            "row_offsets": offsets,
+            "topk_logprobs": torch.cat([empty_values, *(rows[i][0].float() for i in indices)])
+            .to(self.value_dtype)
+            .contiguous(),
+            "topk_ids": torch.cat([empty_ids, *(rows[i][1].to(torch.int32) for i in indices)]),
+            "tail_mass": torch.cat([torch.zeros(0), *(rows[i][2].float() for i in indices)]),
+        }
+        data = save(tensors, metadata={"key": self.fingerprint.key, "shard": str(shard)})
+        path = atomic_write_bytes(self.shard_path(shard), data)
+        self._shards.pop(shard, None)
+        return path
+
+    # ------------------------------------------------------------------ reading
+
+    def _open_shard(self, shard: int) -> _ShardIndex:
+        if shard in self._shards:
+            return self._shards[shard]
+        from safetensors import safe_open
+
+        path = self.shard_path(shard)
+        if not path.is_file():
+            raise TeacherCacheError(
+                f"teacher cache {self.directory}: shard {path.name} is missing (incomplete "
+                "build: run the distill stage again to finish it)"
+            )
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as error:  # safetensors raises its own error types
+            raise TeacherCacheError(f"teacher cache {path}: unreadable ({error})") from None
+        key = (handle.metadata() or {}).get("key")
+        if key != self.fingerprint.key:
+            raise TeacherCacheError(
+                f"teacher cache {path}: shard of another build (key {key!r}, expected "
+                f"{self.fingerprint.key!r}); refusing to mix: delete it to rebuild"
+            )
+        example_index = handle.get_tensor("example_index").tolist()
+        if example_index != self.shard_examples(shard):
+            raise TeacherCacheError(f"teacher cache {path}: holds other examples than expected")
+        index = _ShardIndex(
+            handle=handle,
+            offsets=handle.get_tensor("row_offsets").tolist(),
+            position={example: position for position, example in enumerate(example_index)},
+        )
+        self._shards[shard] = index
+        return index
+
+    def example_rows(
+        self, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pragma: no cover - thin
+        """``(logprobs [r, k], ids [r, k], tail [r])`` of one example."""
+        rows = self.lookup([index], None)
+        return rows.topk_logprobs, rows.topk_ids, rows.tail_mass
+
+    def lookup(
+        self,
+        indices: Sequence[int],
+        counts: Sequence[int] | None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> SparseTeacherRows:
+        """The cached rows of a batch's examples, concatenated in batch order.
+
+        Args:
+            indices: ``[batch]`` example indices (``batch["index"]``).
+            counts: ``[batch]`` KD positions of each row (``kd_mask.sum(1)``), checked
+                against the cache (a mismatch means other data or another mask); None
+                skips the check.
+            device: where to put the tensors (default CPU).
+        """
+        values, ids, tails = [], [], []
+        for row, example in enumerate(indices):
+            example = int(example)
+            shard = self._shard_of.get(example)
+            if shard is None:
+                raise TeacherCacheError(
+                    f"teacher cache {self.directory}: example {example} is not in the cache"
+                )
+            index = self._open_shard(shard)
+            position = index.position[example]
+            start, end = index.offsets[position], index.offsets[position + 1]
+            if counts is not None and end - start != int(counts[row]):
+                raise TeacherCacheError(
+                    f"teacher cache {self.directory}: example {example} has {end - start} cached "
+                    f"positions but the batch needs {int(counts[row])} (cache built for other "
+                    "data or another loss_on)"
+                )
+            values.append(index.handle.get_slice("topk_logprobs")[start:end])
+            ids.append(index.handle.get_slice("topk_ids")[start:end])
+            tails.append(index.handle.get_slice("tail_mass")[start:end])
+        rows = SparseTeacherRows(torch.cat(values), torch.cat(ids), torch.cat(tails))
+        if device is not None:
+            rows = SparseTeacherRows(
+                rows.topk_logprobs.to(device), rows.topk_ids.to(device), rows.tail_mass.to(device)
+            )
+        return rows
+
+    def size_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.directory.glob("shard-*.safetensors"))
+
+
+# --------------------------------------------------------------------------- building
+
+
+def teacher_topk(
+    hidden_rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    topk: int,
+    vocab_size: int,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k log-probabilities (T = 1) of ``hidden_rows @ weight[:vocab].T``, chunk by chunk.
+
+    Args:
+        hidden_rows: ``[N, hidden]`` teacher final hidden states of the KD positions.
+        weight, bias: the teacher's lm_head ``[V_T, hidden]`` / ``[V_T]``; only the first
+            ``vocab_size`` rows count (the vocabulary shared with the student).
+
+    Returns:
+        ``(logprobs [N, k] float32, ids [N, k] int64, tail_mass [N] float32)``. The tail is
+        ``exp(logsumexp(log p over the other tokens))``: exact even when the top-k hold all
+        but 1e-9 of the mass, where ``1 − Σ p(top-k)`` would be rounding noise.
+    """
+    weight = weight[:vocab_size]
+    bias = None if bias is None else bias[:vocab_size]
+    values, ids, tails = [], [], []
+    for start in range(0, hidden_rows.shape[0], chunk_size):
+        logits = torch.nn.functional.linear(hidden_rows[start : start + chunk_size], weight, bias)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+        del logits
+        top_values, top_ids = logprobs.topk(topk, dim=-1)  # sorted, descending
+        if topk < vocab_size:
+            tail = logprobs.scatter_(-1, top_ids, float("-inf")).logsumexp(dim=-1).exp()
+        else:
+            tail = torch.zeros(top_values.shape[0])
+        values.append(top_values)
+        ids.append(top_ids)
+        tails.append(tail)
+    if not values:
+        return torch.zeros((0, topk)), torch.zeros((0, topk), dtype=torch.long), torch.zeros(0)
+    return torch.cat(values), torch.cat(ids), torch.cat(tails)
+
+
+@dataclass
+class BuildReport:
+    """What :func:`build_teacher_cache` did."""
+
+    built_shards: list[int]
+    reused_shards: int
+    seconds: float
+    rows: int
+
+
+def build_teacher_cache(
+    cache: TeacherCache,
+    *,
+    teacher: Any,
+    examples: Sequence[dict[str, Any]],
+    pad_token_id: int,
+    loss_on: str,
+    batch_size: int = 8,
+    chunk_size: int = 256,
+    process_index: int = 0,
+    num_processes: int = 1,
+    progress: bool = True,
+) -> BuildReport:
+    """Compute the missing shards of ``cache`` with the live ``teacher`` (this process's share).
+
+    Examples are batched ``batch_size`` at a time (longest first inside a shard, to waste
+    little on padding); right padding leaves the hidden states of real positions unchanged
+    (causal attention), so a row's cached values do not depend on its batch-mates beyond
+    float rounding.
+    """
+    from kdlab.training.objectives import kd_loss_mask, output_projection, teacher_hidden_states
+
+    started = time.perf_counter()
+    by_index = {int(example["index"]): example for example in examples}
+    missing = cache.missing_shards()
+    mine = [shard for shard in missing if shard % num_processes == process_index]
+    reused = cache.num_shards - len(missing)
+    if not mine:
+        return BuildReport([], reused, time.perf_counter() - started, 0)
+    logger.info(
+        "Teacher cache %s: computing %d of %d shards (k=%d)",
+        cache.directory,
+        len(mine),
+        cache.num_shards,
+        cache.topk,
+    )
+    collate = Collator(pad_token_id)
+    weight, bias = output_projection(teacher)
+    if weight.shape[0] < cache.vocab_size:
+        raise TeacherCacheError(
+            f"the teacher's lm_head has {weight.shape[0]} rows, fewer than the cache's "
+            f"vocabulary width {cache.vocab_size}"
+        )
+    device = weight.device
+    was_training = teacher.training
+    teacher.eval()
+    iterator: Iterable[int] = mine
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(mine, desc="teacher cache", unit="shard", dynamic_ncols=True)
+    total_rows = 0
+    try:
+        for shard in iterator:
+            members = sorted(
+                cache.shard_examples(shard), key=lambda i: -len(by_index[i]["input_ids"])
+            )
+            rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+            for start in range(0, len(members), batch_size):
+                chosen = members[start : start + batch_size]
+                batch = collate([by_index[i] for i in chosen])
+                mask = kd_loss_mask(batch["attention_mask"], batch["labels"], loss_on)
+                with torch.inference_mode():
+                    hidden = teacher_hidden_states(
+                        teacher, batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                    )
+                    values, ids, tails = teacher_topk(
+                        hidden[mask.to(device)],
+                        weight,
+                        bias,
+                        cache.topk,
+                        cache.vocab_size,
+                        chunk_size,
+                    )
+                values, ids, tails = values.cpu(), ids.cpu(), tails.cpu()
+                # Rows of hidden[mask] are row-major: each example's rows are contiguous.
+                counts = mask.sum(dim=1).tolist()
+                offset = 0
+                for index, count in zip(chosen, counts):
+                    rows[index] = (
+                        values[offset : offset + count],
+                        ids[offset : offset + count],
+                        tails[offset : offset + count],
+                    )
+                    offset += count
+                total_rows += offset
+            cache.write_shard(shard, rows)
+            maybe_fault("teacher_cache_shard", shard)
+    finally:
+        if was_training:
+            teacher.train()
+    seconds = time.perf_counter() - started
+    logger.info(
+        "Teacher cache %s: %d shards (%d positions) in %.1f s",
+        cache.directory,
+        len(mine),
+        total_rows,
+        seconds,
+    )
+    return BuildReport(mine, reused, seconds, total_rows)
