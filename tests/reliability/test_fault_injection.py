@@ -176,6 +176,22 @@ def _kill_then_resume(
         assert not leftovers, f"staging left after resume: {leftovers}"
 
 
+def _assert_close(actual: object, expected: object, where: str) -> None:
+    """Equal JSON trees, floats within 1e-5."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), (where, actual)
+        for key in expected:
+            _assert_close(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), (where, actual)
+        for index, (got, want) in enumerate(zip(actual, expected)):
+            _assert_close(got, want, f"{where}[{index}]")
+    elif isinstance(expected, float) and not isinstance(actual, bool):
+        assert actual == pytest.approx(expected, abs=1e-5), (where, actual, expected)
+    else:
+        assert actual == expected, (where, actual, expected)
+
+
 def _assert_same_training(reference: Path, resumed: Path) -> None:
     expected = load_file(reference / "adapter" / "adapter_model.safetensors")
     actual = load_file(resumed / "adapter" / "adapter_model.safetensors")
@@ -191,19 +207,13 @@ def _assert_same_training(reference: Path, resumed: Path) -> None:
     assert [(r["step"], r.get("split")) for r in actual_lines] == [
         (r["step"], r.get("split")) for r in expected_lines
     ], "a step was logged twice or lost"
-    for want, got in zip(expected_lines, actual_lines):
-        assert want.keys() == got.keys()
-        for key, value in want.items():
-            if isinstance(value, float):
-                assert got[key] == pytest.approx(value, abs=1e-5), (key, want, got)
-            else:
-                assert got[key] == value, (key, want, got)
+    _assert_close(actual_lines, expected_lines, "metrics.jsonl")
 
     def summary(run: Path) -> dict:
         data = json.loads((run / "train_summary.json").read_text())
         return {k: v for k, v in data.items() if k not in TIMING_KEYS}
 
-    assert summary(resumed) == pytest.approx(summary(reference), abs=1e-5)
+    _assert_close(summary(resumed), summary(reference), "train_summary.json")
     checkpoints = sorted(p.name for p in (reference / "checkpoints").iterdir())
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == checkpoints
 

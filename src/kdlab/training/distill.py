@@ -6,11 +6,18 @@ mode, no grad, no optimizer state) → student + PEFT → data, with seqKD teach
 
 With accelerate data parallelism every process holds its own teacher copy; the student is
 wrapped by accelerate (DDP) and only it is synchronised.
+
+``distill.teacher_cache`` (a directory, or ``auto`` for one per fingerprint under
+``$KDLAB_CACHE/teacher-topk/``): the teacher's top-k outputs are precomputed once for every
+example (:mod:`kdlab.training.teacher_cache`); the teacher model is then loaded only to
+build missing shards or for on-policy GKD batches. Its tokenizer is always loaded, for the
+vocabulary check.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +25,7 @@ from typing import Any
 
 import torch
 
-from kdlab.config.schema import DistillConfig, ModelConfig
+from kdlab.config.schema import DistillConfig, DistillSettings, ModelConfig
 from kdlab.data.tokenize import Collator
 from kdlab.errors import ConfigError
 from kdlab.models.loading import (
@@ -26,6 +33,7 @@ from kdlab.models.loading import (
     load_tokenizer,
     resolve_model_source,
     resolve_run_dir,
+    select_dtype,
 )
 from kdlab.models.peft_utils import apply_peft, count_parameters
 from kdlab.models.vocab import check_vocab_compatibility, shared_vocab_size
@@ -42,6 +50,16 @@ from kdlab.training.common import (
 from kdlab.training.loop import TrainingLoop
 from kdlab.training.objectives import DistillationObjective
 from kdlab.training.rundir import prepare_run_dir, write_run_files
+from kdlab.training.seqkd import adapter_fingerprint
+from kdlab.training.teacher_cache import (
+    CacheFingerprint,
+    PreparedCache,
+    model_logit_width,
+    prepare_teacher_cache,
+    shared_logit_width,
+    teacher_cache_fingerprint,
+    weights_stamp,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +104,51 @@ def validate_config(config: DistillConfig) -> None:
         )
     if settings.method == "seqkd" and settings.teacher_cache:
         raise ConfigError("distill.teacher_cache does not apply to seqkd (it caches responses)")
-    if settings.method == "gkd" and settings.teacher_cache:
-        logger.warning("gkd: on-policy batches use the live teacher; teacher_cache is ignored")
+    if settings.teacher_cache and settings.noise_std > 0:
+        raise ConfigError(
+            "distill.noise_std > 0 cannot be combined with distill.teacher_cache: the noise is "
+            "added to teacher logits, which the cache does not hold (it stores top-k "
+            "log-probabilities); drop the cache for noise ablations"
+        )
+    if settings.teacher_cache and settings.resolved_divergence is None:
+        logger.warning("distill.divergence = none: there is no KD term; teacher_cache is unused")
+    if settings.method == "gkd" and settings.teacher_cache and settings.lambda_on_policy > 0:
+        logger.info(
+            "gkd: off-policy batches read the teacher cache; on-policy batches (λ = %g) run "
+            "the live teacher, which is therefore loaded",
+            settings.lambda_on_policy,
+        )
+
+
+def uses_teacher_cache(settings: DistillSettings) -> bool:
+    """Whether the KD term reads :mod:`~kdlab.training.teacher_cache` (validated config)."""
+    return bool(
+        settings.teacher_cache
+        and settings.method not in ("sft", "seqkd")
+        and settings.resolved_divergence is not None
+    )
+
+
+def _teacher_loader(teacher_config: ModelConfig, adapter: str | None, device: torch.device) -> Any:
+    """A function loading the frozen teacher (eval mode, no grad) when called."""
+
+    def load() -> Any:
+        teacher, _ = load_model_and_tokenizer(teacher_config, adapter=adapter, device=device)
+        teacher.eval()
+        return teacher
+
+    return load
+
+
+def _normalised_adapter(adapter: str | None) -> str | None:
+    """A run directory given as an adapter means its ``adapter/`` folder (as load_adapter)."""
+    if (
+        adapter
+        and (Path(adapter) / "adapter").is_dir()
+        and not (Path(adapter) / "adapter_config.json").exists()
+    ):
+        return str(Path(adapter) / "adapter")
+    return adapter
 
 
 def run_distill(
@@ -97,6 +158,7 @@ def run_distill(
     validate_config(config)
     settings = config.distill
     uses_teacher = settings.method != "sft"
+    use_cache = uses_teacher_cache(settings)
     teacher_config, adapter, teacher_run = (
         resolve_teacher(config) if uses_teacher else (None, None, None)
     )
@@ -108,17 +170,22 @@ def run_distill(
     if uses_teacher:
         check_vocab_compatibility(load_tokenizer(teacher_config), student_tokenizer)
     teacher = None
-    if uses_teacher:
-        teacher, _ = load_model_and_tokenizer(
-            teacher_config, adapter=adapter, device=accelerator.device
-        )
-        teacher.eval()
+    load_teacher = (
+        _teacher_loader(teacher_config, adapter, accelerator.device) if uses_teacher else None
+    )
+    if uses_teacher and not use_cache:
+        assert load_teacher is not None
+        teacher = load_teacher()
     torch.manual_seed(config.train.seed)
     student, tokenizer = load_model_and_tokenizer(
         config.student, for_training=True, device=accelerator.device
     )
     student_parameters = count_parameters(student)[1]
     vocab = shared_vocab_size(teacher, student, tokenizer) if teacher is not None else None
+    if use_cache:
+        # Shared width from the teacher's config: the weights may never need loading.
+        assert teacher_config is not None
+        vocab = shared_logit_width(model_logit_width(teacher_config), student, tokenizer)
     if config.train.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     student = apply_peft(student, config.peft)
@@ -164,6 +231,23 @@ def run_distill(
     train_examples, validation_examples = build_examples(
         records, tokenizer, config.data, responses=responses
     )
+    cache = None
+    cache_info: dict[str, Any] = {}
+    if use_cache:
+        assert teacher_config is not None and load_teacher is not None and vocab is not None
+        prepared = _prepare_cache(
+            config,
+            teacher_config=teacher_config,
+            adapter=adapter,
+            teacher_identity=run_info["teacher"],
+            examples=[*train_examples, *validation_examples],
+            vocab=vocab,
+            pad_token_id=tokenizer.pad_token_id,
+            load_teacher=_checked_loader(load_teacher, vocab, teacher_config),
+            accelerator=accelerator,
+        )
+        cache, teacher, cache_info = prepared.cache, prepared.teacher, prepared.info
+        gc.collect()  # a teacher loaded only to build the cache is released here
     objective = DistillationObjective(
         settings=settings
         if settings.method != "seqkd" or settings.divergence
@@ -174,6 +258,7 @@ def run_distill(
         seed=config.train.seed,
         cutoff_len=config.data.cutoff_len,
         unwrap=accelerator.unwrap_model,
+        teacher_cache=cache,
     )
     tracker = init_trackers(config.train, run_dir) if accelerator.is_main_process else None
     loop = TrainingLoop(
@@ -210,6 +295,7 @@ def run_distill(
         "trainable_parameters": trainable,
         "stats": result.stats,
         "seqkd": seqkd_info,
+        "teacher_cache": cache_info,
     }
     save_final(
         model=loop.model,
@@ -222,6 +308,88 @@ def run_distill(
     if accelerator.is_main_process:
         forward_to_trackers(tracker, run_dir)
     return summary
+
+
+def teacher_cache_fingerprint_for(
+    config: DistillConfig,
+    *,
+    teacher_config: ModelConfig,
+    adapter: str | None,
+    teacher_identity: str,
+    examples: list[dict[str, Any]],
+    vocab: int,
+    device: torch.device,
+) -> CacheFingerprint:
+    """The teacher-cache fingerprint of a distill config (see :mod:`..teacher_cache`)."""
+    topk = min(config.distill.teacher_cache_topk, vocab)
+    if topk < config.distill.teacher_cache_topk:
+        logger.info("teacher_cache_topk %d > vocabulary %d: k = %d (dense)", topk, vocab, vocab)
+    return teacher_cache_fingerprint(
+        teacher_identity=teacher_identity,
+        teacher_stamp=weights_stamp(teacher_config),
+        adapter_hash=adapter_fingerprint(_normalised_adapter(adapter)),
+        teacher_dtype=str(select_dtype(teacher_config.dtype, device)).removeprefix("torch."),
+        examples=examples,
+        template=config.data.template,
+        cutoff_len=config.data.cutoff_len,
+        loss_on=config.distill.loss_on,
+        topk=topk,
+        vocab_size=vocab,
+    )
+
+
+def _checked_loader(load_teacher: Any, vocab: int, teacher_config: ModelConfig) -> Any:
+    """``load_teacher`` plus a check that its lm_head covers the width the config promised."""
+
+    def load() -> Any:
+        teacher = load_teacher()
+        width = teacher.get_output_embeddings().weight.shape[0]
+        if width < vocab:
+            raise ConfigError(
+                f"teacher {teacher_config.name_or_path}: lm_head has {width} rows but its config "
+                f"says at least {vocab}"
+            )
+        return teacher
+
+    return load
+
+
+def _prepare_cache(
+    config: DistillConfig,
+    *,
+    teacher_config: ModelConfig,
+    adapter: str | None,
+    teacher_identity: str,
+    examples: list[dict[str, Any]],
+    vocab: int,
+    pad_token_id: int,
+    load_teacher: Any,
+    accelerator: Any,
+) -> PreparedCache:
+    settings = config.distill
+    assert settings.teacher_cache is not None
+    fingerprint = teacher_cache_fingerprint_for(
+        config,
+        teacher_config=teacher_config,
+        adapter=adapter,
+        teacher_identity=teacher_identity,
+        examples=examples,
+        vocab=vocab,
+        device=accelerator.device,
+    )
+    return prepare_teacher_cache(
+        setting=settings.teacher_cache,
+        fingerprint=fingerprint,
+        examples=examples,
+        load_teacher=load_teacher,
+        pad_token_id=pad_token_id,
+        loss_on=settings.loss_on,
+        # On-policy GKD batches are the student's own samples: no cache can hold them.
+        needs_live_teacher=settings.method == "gkd" and settings.lambda_on_policy > 0,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        wait_for_everyone=accelerator.wait_for_everyone,
+    )
 
 
 def main(args: argparse.Namespace) -> int:

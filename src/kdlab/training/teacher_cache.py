@@ -55,7 +55,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,7 @@ import torch
 from kdlab.config.schema import ModelConfig
 from kdlab.data.tokenize import Collator
 from kdlab.errors import KdlabError
-from kdlab.models.loading import cache_root, resolve_model_source
+from kdlab.models.loading import cache_root, materialise_gguf, resolve_model_source
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import atomic_write_bytes, atomic_write_json
 
@@ -403,13 +403,6 @@ class TeacherCache:
         self._shards[shard] = index
         return index
 
-    def example_rows(
-        self, index: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pragma: no cover - thin
-        """``(logprobs [r, k], ids [r, k], tail [r])`` of one example."""
-        rows = self.lookup([index], None)
-        return rows.topk_logprobs, rows.topk_ids, rows.tail_mass
-
     def lookup(
         self,
         indices: Sequence[int],
@@ -491,7 +484,7 @@ def teacher_topk(
         if topk < vocab_size:
             tail = logprobs.scatter_(-1, top_ids, float("-inf")).logsumexp(dim=-1).exp()
         else:
-            tail = torch.zeros(top_values.shape[0])
+            tail = top_values.new_zeros(top_values.shape[0])
         values.append(top_values)
         ids.append(top_ids)
         tails.append(tail)
@@ -610,3 +603,124 @@ def build_teacher_cache(
         seconds,
     )
     return BuildReport(mine, reused, seconds, total_rows)
+
+
+# --------------------------------------------------------------------------- the stage's use
+
+
+def model_logit_width(model_config: ModelConfig) -> int:
+    """The logit width (lm_head rows) of a model, read from its config, without its weights.
+
+    Lets the distill stage compute the shared vocabulary (part of the fingerprint) before
+    deciding whether the teacher must be loaded at all. Checked against the real lm_head
+    whenever the teacher is loaded.
+    """
+    from transformers import AutoConfig
+
+    source = resolve_model_source(model_config.name_or_path, model_config.gguf_file)
+    location = source.location
+    kwargs: dict[str, Any] = {"trust_remote_code": model_config.trust_remote_code}
+    if source.gguf_file:
+        location = str(materialise_gguf(source))
+    elif model_config.revision:
+        kwargs["revision"] = model_config.revision
+    config = AutoConfig.from_pretrained(location, **kwargs)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_config.vocab_size)
+
+
+def shared_logit_width(teacher_width: int, student: Any, tokenizer: Any) -> int:
+    """Like :func:`kdlab.models.vocab.shared_vocab_size`, from the teacher's width alone."""
+    from kdlab.errors import ModelError
+
+    student_width = student.get_output_embeddings().weight.shape[0]
+    width = min(teacher_width, student_width)
+    if width < len(tokenizer):
+        raise ModelError(
+            f"logit widths {teacher_width} (teacher) and {student_width} (student) are smaller "
+            f"than the tokenizer's {len(tokenizer)} tokens"
+        )
+    return width
+
+
+@dataclass
+class PreparedCache:
+    """What :func:`prepare_teacher_cache` hands the distill stage."""
+
+    cache: TeacherCache
+    teacher: Any | None  # the live teacher when it was loaded and is still needed, else None
+    info: dict[str, Any]
+
+
+def prepare_teacher_cache(
+    *,
+    setting: str,
+    fingerprint: CacheFingerprint,
+    examples: Sequence[dict[str, Any]],
+    load_teacher: Callable[[], Any],
+    pad_token_id: int,
+    loss_on: str,
+    needs_live_teacher: bool,
+    teacher: Any | None = None,
+    process_index: int = 0,
+    num_processes: int = 1,
+    wait_for_everyone: Callable[[], None] | None = None,
+    examples_per_shard: int = DEFAULT_EXAMPLES_PER_SHARD,
+    batch_size: int = 8,
+) -> PreparedCache:
+    """Open the cache of ``setting`` (a directory or ``auto``), build what is missing.
+
+    The teacher model is loaded (``load_teacher()``) only when a shard is missing or when
+    ``needs_live_teacher`` (on-policy GKD batches); otherwise the stage never loads it.
+    With several processes every one calls this (the wait is collective).
+    """
+    directory = resolve_cache_dir(setting, fingerprint)
+    cache = TeacherCache(
+        directory,
+        fingerprint,
+        (int(example["index"]) for example in examples),
+        examples_per_shard=examples_per_shard,
+    )
+    missing_before = cache.missing_shards()
+    report = BuildReport([], cache.num_shards - len(missing_before), 0.0, 0)
+    loaded = teacher is not None
+    if missing_before:
+        if teacher is None:
+            teacher, loaded = load_teacher(), True
+        report = build_teacher_cache(
+            cache,
+            teacher=teacher,
+            examples=examples,
+            pad_token_id=pad_token_id,
+            loss_on=loss_on,
+            batch_size=batch_size,
+            process_index=process_index,
+            num_processes=num_processes,
+            progress=process_index == 0,
+        )
+    if wait_for_everyone is not None and num_processes > 1:
+        wait_for_everyone()
+    still_missing = cache.missing_shards()
+    if still_missing:
+        raise TeacherCacheError(
+            f"teacher cache {directory}: shards {still_missing[:5]} are still missing after "
+            "the build (another process failed?)"
+        )
+    if needs_live_teacher and teacher is None:
+        teacher, loaded = load_teacher(), True
+    if not needs_live_teacher and teacher is not None:
+        teacher = None  # the caller drops its reference too; training never runs it
+    if not missing_before and not needs_live_teacher:
+        logger.info("Teacher cache %s is complete: the teacher model is not loaded", directory)
+    info = {
+        "dir": str(directory),
+        "key": fingerprint.key,
+        "topk": cache.topk,
+        "built_shards": len(report.built_shards),
+        "reused_shards": report.reused_shards,
+        "build_seconds": round(report.seconds, 3),
+        "size_bytes": cache.size_bytes(),
+        "teacher_loaded": loaded,
+        "live_teacher": teacher is not None,
+    }
+    return PreparedCache(cache=cache, teacher=teacher, info=info)
