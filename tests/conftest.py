@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+# Before torch loads: spinning OpenMP threads make CPU tests crawl when cores are shared.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kdlab_testing import SHARED_DATA, save_tiny_model

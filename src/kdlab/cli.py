@@ -14,6 +14,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+# PyTorch's OpenMP threads busy-wait between parallel regions by default; on a shared
+# 2-core machine that made a training step ~50x slower. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from kdlab import __version__
 from kdlab.errors import KdlabError
 
@@ -30,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Accuracy, agreement, fidelity and the paper's statistics, as a report.",
     ),
     "demo": ("kdlab.sweep.demo", "The whole pipeline in miniature on the embedded SmolLM2-135M."),
+    "sweep": ("kdlab.sweep.stage", "Run a grid of teachers, students and methods; resumable."),
 }
 
 
@@ -71,9 +76,17 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
         handler = logging.StreamHandler()
         fmt = "%(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
+    logging.captureWarnings(True)  # library warnings join the log, not raw stderr lines
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so that the error gets its own line."""
+    tqdm_module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(module.main(args) or 0)
     except KdlabError as error:
+        _close_progress_bars()
         sys.stderr.write(f"kdlab {args.command}: error: {error.one_line()}\n")
         return error.exit_code
     except KeyboardInterrupt:

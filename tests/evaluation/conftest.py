@@ -145,7 +145,7 @@ def hellaswag_dir(tmp_path: Path) -> Path:
     return directory
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="module")
 def _single_torch_thread():
     """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
     import torch

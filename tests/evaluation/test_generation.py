@@ -62,11 +62,25 @@ def test_sampling_is_reproducible_for_a_seed(tiny_model_and_tokenizer) -> None:
     assert any(other != first for other in others)
 
 
+def test_paper_sampling_has_no_top_k_cut(tiny_model_and_tokenizer) -> None:
+    """top_k = 0 must reach generate as "off", not as transformers' default top-50."""
+    model, tokenizer = tiny_model_and_tokenizer
+    generator = HFGenerator(
+        model, tokenizer, EvalGenerationConfig(preset="paper", max_new_tokens=1)
+    )
+    first_tokens: set[str] = set()
+    for seed in range(4):
+        first_tokens.update(generator.generate([PROMPTS[0]] * 64, seed=seed))
+    # The tiny random model is close to uniform over its 300 tokens: top-50 sampling could
+    # never give more than 50 different first tokens.
+    assert len(first_tokens) > 50
+
+
 def test_generation_config_holds_exactly_our_settings(tiny_model_and_tokenizer) -> None:
     model, tokenizer = tiny_model_and_tokenizer
     paper = HFGenerator(model, tokenizer, EvalGenerationConfig(preset="paper")).generation_config()
     assert paper.do_sample and paper.temperature == 1.0 and paper.top_p == 1.0
-    assert not paper.top_k  # 0 = off
+    assert paper.top_k == 0  # off
     assert paper.max_new_tokens == 256
     greedy = HFGenerator(model, tokenizer, EvalGenerationConfig()).generation_config()
     assert not greedy.do_sample and greedy.num_beams == 1

@@ -419,3 +419,11 @@ def test_config_shorthands_and_validation(tmp_path) -> None:
     )
     loaded = load_eval_config(str(yaml_file), ["limit=3"])
     assert loaded.limit == 3 and loaded.tasks[1].type == "boolq"
+
+
+def test_flags_may_sit_between_overrides() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["c.yaml", "--resume", "limit=3", "--overwrite", "batch_size=2"])
+    assert args.config == "c.yaml" and args.overrides == ["limit=3", "batch_size=2"]
+    assert args.resume and args.overwrite

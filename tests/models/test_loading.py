@@ -81,7 +81,12 @@ def test_pickle_only_weights_are_refused_unless_allowed(
 
 @pytest.mark.parametrize(
     ("strategy", "expected"),
-    [("last", [6, 7, 8, 9]), ("first", [0, 1, 2, 3]), ("even", [0, 3, 6, 9])],
+    [
+        ("last", [6, 7, 8, 9]),
+        ("first", [0, 1, 2, 3]),
+        ("even", [0, 3, 6, 9]),
+        ("ends", [0, 1, 8, 9]),
+    ],
 )
 def test_layer_selection(strategy: str, expected: list[int]) -> None:
     assert select_layer_indices(10, 4, strategy) == expected

@@ -6,6 +6,7 @@ is never imported by name).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,3 +132,21 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:
 def snapshot() -> Snapshot:
     """``snapshot(dir)`` → {relative path: (size, mtime_ns, sha256)} of every file under it."""
     return _snapshot
+
+
+_FUZZ_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+@pytest.fixture(scope="session")
+def fuzz_counts() -> collections.Counter[str]:
+    """Examples run per fuzzed property (printed in the terminal summary)."""
+    return _FUZZ_COUNTS
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _FUZZ_COUNTS:
+        return
+    terminalreporter.section("kdlab fuzz examples")
+    for name, count in sorted(_FUZZ_COUNTS.items()):
+        terminalreporter.write_line(f"{count:6d}  {name}")
+    terminalreporter.write_line(f"{sum(_FUZZ_COUNTS.values()):6d}  total")

@@ -15,8 +15,10 @@ the dotted key, the bad value and the valid choices.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -227,11 +229,16 @@ def _coerce_type(annotation: Any, value: Any, *, source: str, key: str) -> Any:
         candidates = [a for a in args if a is not type(None)]
         errors: list[ConfigError] = []
         # Prefer an exact type match before trying conversions (e.g. str | list[str]).
-        for candidate in sorted(candidates, key=lambda a: 0 if _isinstance_plain(value, a) else 1):
+        plain = [a for a in candidates if _isinstance_plain(value, a)]
+        for candidate in plain + [a for a in candidates if a not in plain]:
             try:
                 return _coerce_type(candidate, value, source=source, key=key)
             except ConfigError as error:
                 errors.append(error)
+        if len(plain) == 1:
+            # The value has the right shape for one alternative (e.g. a mapping for a nested
+            # config): its own error names the nested key, which is more useful.
+            raise errors[0]
         expected = " or ".join(_type_name(a) for a in candidates)
         if type(None) in args:
             expected += " or null"
@@ -269,14 +276,15 @@ def _coerce_type(annotation: Any, value: Any, *, source: str, key: str) -> Any:
             return int(value)
         raise fail("an integer")
     if annotation is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise fail("a number")
+            number = float(value) if abs(value) < 2**1023 else math.inf
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None and math.isfinite(number):
+            return number
+        raise fail("a finite number")
     if annotation is str:
         if isinstance(value, str):
             return value

@@ -129,6 +129,12 @@ class CustomTaskConfig:
             "name",
             "must be usable as a directory name",
         )
+        check(  # the task's folder sits next to the evaluation's own files
+            self.name.isprintable()
+            and self.name not in ("config.yaml", "run.json", "summary.csv", "summary.md", "DONE"),
+            "name",
+            "must be printable and not the name of an evaluation file",
+        )
 
 
 @dataclass

@@ -58,8 +58,9 @@ class ModelConfig:
     )
     slice_strategy: str = config_field(
         "last",
-        help="Which layers a slice keeps: last (the paper), first, or evenly spaced.",
-        choices=("last", "first", "even"),
+        help="Which layers a slice keeps: last (the paper), first, evenly spaced, or ends "
+        "(the first and last halves, dropping a middle block).",
+        choices=("last", "first", "even", "ends"),
     )
     device: str = config_field("auto", help="auto, cpu, cuda, cuda:N.")
     attn_implementation: str | None = config_field(

@@ -36,7 +36,6 @@ A grid file (see ``configs/paper/`` and ``docs/sweeps.md``)::
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,7 +56,15 @@ from kdlab.errors import ConfigError
 #: Sections a ``defaults`` mapping may hold.
 DEFAULTS_SECTIONS = ("model", "data", "train", "peft", "distill")
 #: Eval keys the sweep sets itself (per run).
-EVAL_KEYS_SET_BY_SWEEP = ("model", "adapter", "run_dir", "output_dir", "name", "resume", "overwrite")
+EVAL_KEYS_SET_BY_SWEEP = (
+    "model",
+    "adapter",
+    "run_dir",
+    "output_dir",
+    "name",
+    "resume",
+    "overwrite",
+)
 #: Characters allowed in names that become directory names.
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 #: Nested ``extends`` chains longer than this are refused (a cycle, most likely).
@@ -314,8 +321,7 @@ class SweepConfig:
     )
     teachers: dict[str, Any] = config_field(
         default_factory=dict,
-        help="name → model or {model, size_b, students, temperatures, defaults, "
-        "student_defaults}.",
+        help="name → model or {model, size_b, students, temperatures, defaults, student_defaults}.",
     )
     students: dict[str, Any] = config_field(
         default_factory=dict, help="name → model or {model, size_b, defaults}."
@@ -352,8 +358,7 @@ class SweepConfig:
     )
     defaults: dict[str, Any] = config_field(
         default_factory=dict,
-        help="Shared overrides of every finetune/distill run (model, data, train, peft, "
-        "distill).",
+        help="Shared overrides of every finetune/distill run (model, data, train, peft, distill).",
     )
     eval: dict[str, Any] = config_field(
         default_factory=dict,
@@ -414,9 +419,7 @@ class SweepConfig:
         _check_defaults(self.defaults, "defaults")
         bad = [key for key in self.eval if key in EVAL_KEYS_SET_BY_SWEEP]
         check(not bad, "eval", f"{', '.join(bad)} are set by the sweep for each run")
-        check(
-            isinstance(self.eval.get("enabled", True), bool), "eval", "enabled must be a boolean"
-        )
+        check(isinstance(self.eval.get("enabled", True), bool), "eval", "enabled must be a boolean")
 
     def method_of(self, name: str) -> str:
         """The distill.method of method entry ``name``."""
@@ -548,11 +551,6 @@ def load_sweep_config(path: str | Path | None, overrides: Sequence[str] = ()) ->
         if not message.startswith(source):
             message = f"{source}: {message}"
         raise ConfigError(message) from None
-
-
-def entry_fields(cls: type) -> list[str]:
-    """Field names of an entry class (for messages and docs)."""
-    return [f.name for f in dataclasses.fields(cls)]
 
 
 __all__ = [

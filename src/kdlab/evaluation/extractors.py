@@ -202,7 +202,7 @@ class LetterExtractor:
         )
         if matches:
             return matches[-1]
-        matches = standalone.findall(text)
+        matches = _drop_echoed_options(standalone.findall(text), self.letters)
         if matches:
             return matches[-1]
         return None
@@ -215,7 +215,8 @@ class LetterExtractor:
 
 
 def _drop_echoed_options(letters: list[str], order: str) -> list[str]:
-    """Drop runs like ``(A) .. (B) .. (C) ..``: a restated list of choices, not an answer."""
+    """Drop runs like ``(A) .. (B) .. (C) ..`` or ``A. .. B. .. C. ..``: a restated list of
+    choices, not an answer."""
     kept: list[str] = []
     position = 0
     while position < len(letters):

@@ -152,10 +152,12 @@ class HFGenerator:
             "eos_token_id": self._eos_ids() or None,
         }
         if settings.do_sample:
-            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-            kwargs["top_k"] = settings.top_k if settings.top_k > 0 else None
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
+            # Explicit values: transformers fills fields left as None from the model's
+            # generation_config and its global defaults (top_k = 50), which would turn the
+            # paper's pure sampling (top_k = 0 = off) into top-50 sampling.
+            kwargs.update(
+                temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k
+            )
         return GenerationConfig(**kwargs)
 
     def _batch_tensors(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -230,7 +230,10 @@ def prepare_output_dir(out_dir: Path, config: EvalConfig) -> None:
     """Refuse to mix results: an existing non-empty directory needs resume or overwrite."""
     if out_dir.exists() and not out_dir.is_dir():
         raise KdlabError(f"output_dir {out_dir} exists and is not a directory")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
+    # Only config.yaml and empty task folders (a model that failed to load): nothing to lose.
+    if not out_dir.exists() or all(
+        e.name == "config.yaml" or (e.is_dir() and not any(e.iterdir())) for e in out_dir.iterdir()
+    ):
         return
     if config.overwrite:
         foreign = [entry.name for entry in out_dir.iterdir() if not _owned(entry)]
@@ -373,6 +376,8 @@ def run_task(
     """Generate the missing items of one task, then score it and write metrics.json."""
     task = plan.task
     task_dir = out_dir / task.name
+    if task.name in RUN_FILES or task_dir.resolve().parent != out_dir.resolve():
+        raise KdlabError(f"task name {task.name!r} cannot be a folder of {out_dir}")
     task_dir.mkdir(parents=True, exist_ok=True)
     predictions_path = task_dir / PREDICTIONS_FILE
     done = _load_done(predictions_path, plan)

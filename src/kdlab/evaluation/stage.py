@@ -53,6 +53,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Import the paper scripts' eval arguments (base_model, lora_weights, dataset, "
         "batch_size); implies generation: paper unless overridden.",
     )
+    _allow_intermixed(parser)
+
+
+def _allow_intermixed(parser: argparse.ArgumentParser) -> None:
+    """Accept flags between positionals (``kdlab eval c.yaml --resume limit=3``).
+
+    Plain argparse stops filling ``overrides`` at the first flag and rejects what follows;
+    ``parse_known_intermixed_args`` does not. A parent parser calls the sub-parser's
+    ``parse_known_args``, so that method is routed through the intermixed variant (which
+    itself calls ``parse_known_args``: the re-entrant call gets the original method).
+    """
+    original = parser.parse_known_args
+    inside = False
+
+    def parse_known_args(args: Any = None, namespace: Any = None) -> Any:
+        nonlocal inside
+        if inside:
+            return original(args, namespace)
+        inside = True
+        try:
+            return parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            inside = False
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
 def import_paper_eval_args(path: str | Path) -> dict[str, Any]:

@@ -269,7 +269,11 @@ def load_adapter(model: Any, adapter: str | Path, *, is_trainable: bool = False)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError, OSError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # "Error(s) in loading state_dict ...:" says nothing; its next lines say what differs.
+        first = next((line for line in lines if "mismatch" in line), None) or (
+            lines[0] if lines else type(error).__name__
+        )
         raise ModelError(
             f"adapter '{adapter}' does not fit model '{model.config.name_or_path}': {first}"
         ) from None

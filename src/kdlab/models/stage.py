@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     info = sub.add_parser("info", help="Load a model and print its architecture and size.")
     info.add_argument("name", help="Hub id, directory, .gguf file, alias or run directory.")
     info.add_argument("--slice-layers", type=int, default=None, help="Describe a layer slice.")
-    info.add_argument("--slice-strategy", default="last", choices=("last", "first", "even"))
+    info.add_argument("--slice-strategy", default="last", choices=("last", "first", "even", "ends"))
     info.add_argument("--trust-remote-code", action="store_true")
     info.add_argument("--json", action="store_true", help="Machine-readable output.")
 

@@ -176,11 +176,7 @@ def _normalise(value: Any) -> Any:
 def _layer(mapping: Mapping[str, Any] | None, *, keep_distill: bool) -> dict[str, Any]:
     """A ``defaults`` mapping restricted to the sections a stage has."""
     mapping = mapping or {}
-    return {
-        key: value
-        for key, value in mapping.items()
-        if keep_distill or key != "distill"
-    }
+    return {key: value for key, value in mapping.items() if keep_distill or key != "distill"}
 
 
 def _merge_layers(layers: Iterable[Mapping[str, Any] | None], *, keep_distill: bool) -> dict:
@@ -341,19 +337,9 @@ class GridPlanner:
             },
         )
 
-    def _uses_divergence(self, method: str, family: str) -> bool:
-        """Whether a KD method has a token-level divergence (temperature and noise apply)."""
-        teacher = next(iter(self.config.teachers))
-        probe = self.student_run(
-            student=next(iter(self.config.students)),
-            method=method,
-            family=family,
-            seed=self.config.seeds[0],
-            teacher=teacher,
-            teacher_dir=self.out_dir / "probe",
-            temperature=1.0,
-        )
-        return probe.config.distill.resolved_divergence is not None
+    def _uses_divergence(self, run: PlannedRun) -> bool:
+        """Whether a KD run has a token-level divergence (so temperature and noise apply)."""
+        return run.config.distill.resolved_divergence is not None
 
     def students_of(self, teacher: str) -> list[str]:
         """The students a teacher teaches (its list, else as ``pairing`` says)."""
@@ -447,7 +433,11 @@ class GridPlanner:
                     run_dir=run_dir,
                     config=config,
                     family=family,
-                    params={"model": name, "family": family, "size_b": self.model_size(entry, name)},
+                    params={
+                        "model": name,
+                        "family": family,
+                        "size_b": self.model_size(entry, name),
+                    },
                 )
             )
         return runs
@@ -461,11 +451,6 @@ class GridPlanner:
         students: list[PlannedRun] = []
         base_evals: list[PlannedRun] = []
         for family in config.selected_families:
-            divergence = {
-                method: self._uses_divergence(method, family)
-                for method in config.methods
-                if config.method_of(method) != "sft" and config.teachers
-            }
             for seed in config.seeds:
                 teacher_runs = {
                     name: self.teacher_run(name, entry, family, seed)
@@ -487,9 +472,7 @@ class GridPlanner:
                     for method in config.methods:
                         if config.method_of(method) == "sft":
                             continue
-                        students += self._kd_runs(
-                            teacher, teacher_run, method, family, seed, divergence[method]
-                        )
+                        students += self._kd_runs(teacher, teacher_run, method, family, seed)
             if config.base_models and config.eval_enabled:
                 base_evals += self.base_eval_runs(family)
         training = _deduplicate(teachers + students, self.notes)
@@ -513,39 +496,38 @@ class GridPlanner:
         return plan
 
     def _kd_runs(
-        self,
-        teacher: str,
-        teacher_run: PlannedRun,
-        method: str,
-        family: str,
-        seed: int,
-        uses_divergence: bool,
+        self, teacher: str, teacher_run: PlannedRun, method: str, family: str, seed: int
     ) -> list[PlannedRun]:
         config = self.config
-        temperatures: list[float | None] = [None]
-        noise_values = [0.0]
-        if uses_divergence:
-            temperatures = list(self.temperatures_of(teacher, method))
-            noise_values = [float(value) for value in config.noise_stds]
+        temperatures = self.temperatures_of(teacher, method)
+        runs = []
+        for student in self.students_of(teacher):
+            common = {
+                "student": student,
+                "method": method,
+                "family": family,
+                "seed": seed,
+                "teacher": teacher,
+                "teacher_dir": teacher_run.run_dir,
+            }
+            probe = self.student_run(**common, temperature=1.0)
+            if not self._uses_divergence(probe):
+                # No token-level divergence (seqkd): temperature and noise do not apply.
+                for base_teacher in dict.fromkeys(config.base_teacher):
+                    runs.append(self.student_run(**common, base_teacher=bool(base_teacher)))
+                continue
             if not temperatures:
                 note = f"teacher {teacher} × method {method}: no temperature left (skipped)"
                 if note not in self.notes:
                     self.notes.append(note)
                     logger.warning("%s", note)
-                return []
-        runs = []
-        for student in self.students_of(teacher):
+                continue
             for temperature in temperatures:
-                for noise_std in dict.fromkeys(noise_values):
+                for noise_std in dict.fromkeys(float(value) for value in config.noise_stds):
                     for base_teacher in dict.fromkeys(config.base_teacher):
                         runs.append(
                             self.student_run(
-                                student=student,
-                                method=method,
-                                family=family,
-                                seed=seed,
-                                teacher=teacher,
-                                teacher_dir=teacher_run.run_dir,
+                                **common,
                                 temperature=temperature,
                                 noise_std=noise_std,
                                 base_teacher=bool(base_teacher),

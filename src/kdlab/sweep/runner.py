@@ -87,13 +87,17 @@ def _call_stage(run: PlannedRun, out_dir: Path | None) -> dict[str, Any]:
 
         parser = argparse.ArgumentParser(prog="kdlab analyze")
         analysis_stage.add_arguments(parser)
-        args = parser.parse_args(list(run.config))
+        try:
+            args = parser.parse_args(list(run.config))
+        except SystemExit:  # argparse reports bad arguments by exiting
+            raise ConfigError(f"analysis.args: bad kdlab analyze arguments {run.config}") from None
         code = analysis_stage.main(args)
         if code:
             raise RuntimeError(f"kdlab analyze exited with code {code}")
         if out_dir is not None:
             atomic_write_json(
-                run.run_dir / ANALYSIS_INPUTS_FILE, {"inputs": evaluation_inputs(out_dir)}
+                run.run_dir / ANALYSIS_INPUTS_FILE,
+                {"inputs": evaluation_inputs(out_dir), "args": list(run.config)},
             )
         return {}
     raise ConfigError(f"unknown stage {run.stage!r}")
@@ -128,7 +132,7 @@ def execute_unit(
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if run.stage != "analysis" and disk_state(run.run_dir) == "done":
-        return UnitResult(status="done", summary={"skipped": "DONE exists"})
+        return UnitResult(status="done", summary={"note": "DONE existed"})
     clear_failure(run.run_dir)
     started = time.perf_counter()
     with _log_to_file(log_file):
@@ -157,7 +161,7 @@ def execute_unit(
 
 def _small(summary: dict[str, Any]) -> dict[str, Any]:
     """The scalar entries of a summary (what the status table keeps)."""
-    keep = ("steps", "seconds", "best_metric", "average", "method")
+    keep = ("steps", "best_metric", "average")
     return {key: summary[key] for key in keep if key in summary}
 
 
@@ -216,9 +220,13 @@ class SweepRunner:
         self.run_analysis = run_analysis
         self.book = StatusBook(plan, executor=executor.name)
         self.stages_run: list[str] = []
+        self._checked = False
 
     def check_changed(self) -> None:
         """Refuse to mix settings: existing runs whose config differs from the grid's."""
+        if self._checked:
+            return
+        self._checked = True
         changed = []
         for run in self.plan.runs:
             keys = changed_keys(run)
@@ -226,7 +234,9 @@ class SweepRunner:
                 changed.append((run, keys))
         if not changed or self.allow_changed:
             for run, keys in changed:
-                logger.warning("%s: settings changed (%s); keeping it", run.run_dir, ", ".join(keys))
+                logger.warning(
+                    "%s: settings changed (%s); keeping it", run.run_dir, ", ".join(keys)
+                )
             return
         first, keys = changed[0]
         raise ConfigError(
@@ -271,7 +281,7 @@ class SweepRunner:
         )
 
     def _on_result(self, run: PlannedRun, result: UnitResult) -> None:
-        info: dict[str, Any] = {"seconds": round(result.seconds, 3), **result.summary}
+        info: dict[str, Any] = {**result.summary, "wall_seconds": round(result.seconds, 3)}
         if result.status == "failed":
             info.update(
                 error_type=result.error_type,

@@ -82,14 +82,16 @@ def evaluation_inputs(out_dir: str | Path) -> list[str]:
 
 
 def analysis_state(run: PlannedRun, out_dir: str | Path) -> str:
-    """``done`` when the report covers the current evaluations, ``failed``, else ``todo``."""
+    """``done`` when the report covers the current evaluations with the current arguments,
+    ``failed`` after a failure, else ``todo``."""
     marker = run.run_dir / ANALYSIS_INPUTS_FILE
     if marker.is_file():
         try:
-            recorded = json.loads(marker.read_text(encoding="utf-8")).get("inputs")
+            recorded = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            recorded = None
-        if recorded == evaluation_inputs(out_dir):
+            recorded = {}
+        current = {"inputs": evaluation_inputs(out_dir), "args": list(run.config)}
+        if {key: recorded.get(key) for key in current} == current:
             return "done"
     if (run.run_dir / FAILED_FILE).is_file():
         return "failed"
@@ -209,7 +211,6 @@ class StatusBook:
                 "family": run.family,
                 "run_dir": str(run.run_dir),
                 "status": "reused" if run.reuses is not None else state,
-                "disk_state": state,
                 "estimated_seconds": run.estimate.seconds,
             }
             if run.reuses is not None:

@@ -162,9 +162,9 @@ def run_distill(
     teacher_config, adapter, teacher_run = (
         resolve_teacher(config) if uses_teacher else (None, None, None)
     )
+    records = load_training_records(config.data)  # before --overwrite deletes the run dir
     run_dir = prepare_run_dir(config.train.output_dir, resume=resume, overwrite=overwrite)
     accelerator = make_accelerator(config.train)
-    records = load_training_records(config.data)
     # Tokenizers first: a mismatch fails before any model is loaded.
     student_tokenizer = load_tokenizer(config.student)
     if uses_teacher:

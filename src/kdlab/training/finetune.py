@@ -15,7 +15,7 @@ import torch
 from kdlab.config.schema import FinetuneConfig
 from kdlab.data.tokenize import Collator
 from kdlab.models.loading import load_model_and_tokenizer, resolve_model_source
-from kdlab.models.peft_utils import apply_peft, count_parameters
+from kdlab.models.peft_utils import apply_peft, build_peft_config, count_parameters
 from kdlab.training.common import (
     add_stage_arguments,
     build_examples,
@@ -53,10 +53,13 @@ def cross_entropy_loss(model: Any, batch: dict[str, torch.Tensor], training: boo
 
 def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run one fine-tune; returns the training summary."""
+    # Bad data, model path or PEFT method fail before the run dir is touched (--overwrite
+    # deletes it) and before a model is loaded.
+    records = load_training_records(config.data)
+    source = resolve_model_source(config.model.name_or_path, config.model.gguf_file)
+    build_peft_config(config.peft)
     run_dir = prepare_run_dir(config.train.output_dir, resume=resume, overwrite=overwrite)
     accelerator = make_accelerator(config.train)
-    records = load_training_records(config.data)  # fail on bad data before loading a model
-    source = resolve_model_source(config.model.name_or_path, config.model.gguf_file)
     torch.manual_seed(config.train.seed)
     model, tokenizer = load_model_and_tokenizer(
         config.model, for_training=True, device=accelerator.device

@@ -202,6 +202,7 @@ class TrainingLoop:
         self.tokens = 0
         self.elapsed = 0.0
         self.stats: dict[str, float] = {}
+        self.last_metrics: dict[str, float] = {}  # the latest validation (kept in checkpoints)
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -251,6 +252,7 @@ class TrainingLoop:
             "tokens": self.tokens,
             "elapsed": self.elapsed,
             "stats": self.stats,
+            "last_validation": self.last_metrics,
             "total_steps": self.total_steps,
         }
 
@@ -285,6 +287,7 @@ class TrainingLoop:
         self.tokens = int(state.get("tokens", 0))
         self.elapsed = float(state.get("elapsed", 0.0))
         self.stats = dict(state.get("stats", {}))
+        self.last_metrics = dict(state.get("last_validation", {}))
         self._truncate_metrics(self.start_step)
         logger.info("Resumed from %s (step %d of %d)", path, self.start_step, self.total_steps)
 
@@ -344,6 +347,9 @@ class TrainingLoop:
         summed = self.accelerator.reduce(summed.to(self.accelerator.device), reduction="sum").cpu()
         if was_training:
             model.train()
+        if float(summed[3]) == 0:  # no response token at all: no metric, not a loss of 0.0
+            logger.warning("validation: every response is truncated away; no metric")
+            return {}
         count = max(float(summed[3]), 1.0)
         metrics = {"val_loss": float(summed[0]) / count, "val_ce": float(summed[1]) / count}
         if has_kd:
@@ -374,7 +380,7 @@ class TrainingLoop:
                 dynamic_ncols=True,
             )
         self.model.train()
-        last_metrics: dict[str, float] = {}
+        last_metrics = self.last_metrics
         window_tokens = 0
         window_start = time.perf_counter()
         for step in range(self.start_step, self.total_steps):
@@ -409,16 +415,17 @@ class TrainingLoop:
                 kds.append(result.kd)
                 step_tokens += result.tokens
             if losses:
-                if config.max_grad_norm > 0:
-                    norm = accelerator.clip_grad_norm_(
-                        [p for p in self.model.parameters() if p.requires_grad],
-                        config.max_grad_norm,
+                # With clipping off (0) the norm is still measured (max_norm inf scales by 1):
+                # an infinite gradient must stop the run before it reaches the weights.
+                norm = accelerator.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad],
+                    config.max_grad_norm if config.max_grad_norm > 0 else math.inf,
+                )
+                if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                    raise NumericalFaultError(
+                        f"non-finite gradient norm at step {step + 1}; the last good "
+                        f"checkpoint is kept in {self.run_dir / 'checkpoints'}"
                     )
-                    if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
-                        raise NumericalFaultError(
-                            f"non-finite gradient norm at step {step + 1}; the last good "
-                            f"checkpoint is kept in {self.run_dir / 'checkpoints'}"
-                        )
                 self.optimizer.step()
             with warnings.catch_warnings():
                 # A step whose micro-batches were all skipped still advances the schedule,
@@ -462,7 +469,7 @@ class TrainingLoop:
                 done == self.total_steps
             )
             if evaluate_now and self.validation_examples:
-                last_metrics = self.evaluate()
+                last_metrics = self.last_metrics = self.evaluate()
                 self._log({"step": done, "split": "val", **last_metrics})
                 metric = last_metrics.get(config.best_metric)
                 if metric is not None and self._is_better(metric):

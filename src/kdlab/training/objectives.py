@@ -108,8 +108,23 @@ def kd_loss_mask(
 
 
 def output_projection(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The lm_head ``(weight [vocab, hidden], bias [vocab] or None)`` of a model.
+
+    Trap: the chunked loss reads the weight *outside* the model's forward. Under FSDP2
+    (``fully_shard``) parameters are sharded ``DTensor``\\ s there; ``full_tensor()``
+    all-gathers them (differentiably, so a trainable lm_head still gets its gradient).
+    """
     head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return weight, bias
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+    if isinstance(bias, DTensor):
+        bias = bias.full_tensor()
+    return weight, bias
 
 
 def chunked_cross_entropy(

@@ -19,6 +19,7 @@ import torch
 
 from kdlab.config.schema import DistillSettings
 from kdlab.data.templates import build_prompt, strip_continuation
+from kdlab.errors import DataError
 from kdlab.models.loading import cache_root
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import append_jsonl, atomic_write_json, read_jsonl
@@ -93,15 +94,25 @@ def teacher_responses(
     directory.mkdir(parents=True, exist_ok=True)
     meta_file = directory / "meta.json"
     if meta_file.is_file():
-        existing = json.loads(meta_file.read_text())
+        try:
+            existing = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            existing = "(unreadable)"
         if existing != meta:
-            raise RuntimeError(f"seqKD cache {directory} holds other settings; refusing to mix")
+            raise DataError(
+                f"seqKD cache {directory}: meta.json holds other settings or is damaged; "
+                "refusing to mix (delete the folder to regenerate it)"
+            )
     else:
         atomic_write_json(meta_file, meta)
-    done = {
-        int(r["index"]): r["response"]
-        for r in read_jsonl(directory / "responses.jsonl", repair=True)
-    }
+    try:
+        cached = read_jsonl(directory / "responses.jsonl", repair=True)
+        done = {int(r["index"]): str(r["response"]) for r in cached}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise DataError(
+            f"seqKD cache {directory / 'responses.jsonl'} is damaged ({type(error).__name__}: "
+            f"{error}); delete it to regenerate the teacher responses"
+        ) from None
     todo = [i for i in range(len(records)) if i not in done]
     info = {"cache": str(directory), "cached": len(records) - len(todo), "generated": len(todo)}
     if not todo:

@@ -1,0 +1,677 @@
+"""Tokens/s and peak memory of one distillation training step on CPU: kdlab vs the paper
+scripts' approach vs TRL, with the floors a KD step cannot go below.
+
+Models: teacher ``smollm2-135m`` (SmolLM2-135M-Instruct, 30 layers, vocab 49,152), student
+its last 10 layers (``slice_layers: 10``, strategy last) with LoRA r = 8 (kdlab's defaults:
+q, k, v, up, down). Batches: ``--batch`` × ``--seq`` random token ids, the first half of
+each row a prompt and the second half the response (labels), so the response positions are
+half of all positions. Forward KL, T = 1. Every training variant does forward, backward,
+gradient clipping at 1.0 and an AdamW step, on the same student and the same batches.
+
+Variants:
+
+(a) the paper scripts' approach (``benchmarks/paper_baseline.py``): full fp32 logits of both
+    models at every position, softmax + 1e-9, dense loss over attended positions,
+    per-sequence mean, × T²;
+(b) TRL 1.16's ``DistillationTrainer`` loss path: both backbones' last hidden states on the
+    completion positions and ``_chunked_divergence_loss`` with ``beta = 0`` (forward KL
+    KL(teacher ‖ student) in TRL's convention: checked here against kdlab's value);
+(c) kdlab with the live teacher: :class:`kdlab.training.objectives.DistillationObjective`;
+(d) kdlab with the teacher cache (k = 64; the build time is reported separately);
+(e) floor: the student's SFT step alone (kdlab's chunked CE on the response positions);
+(f) floor: the teacher's forward pass alone (decoder + lm_head on the response positions,
+    ``torch.inference_mode``): what any live-teacher KD step must compute.
+
+Timing: one process, every variant once per round in a rotating order, after one untimed
+warm-up round; the table shows medians over ``--repeats`` rounds (the machine is shared:
+alternation spreads background load over all variants alike). tokens/s counts batch ×
+seq tokens per step.
+
+Peak memory: RSS above the loaded set-up. The models' weights are memory-mapped from
+safetensors files and only become resident when first read, so the set-up reads every
+parameter once. Before a variant's first (warm-up) step the process collects garbage,
+returns freed heap pages to the OS (``malloc_trim``), records its resident set (``VmRSS``)
+and resets the kernel's high-water mark (``/proc/self/clear_refs``); the variant's peak is
+``VmHWM`` after that step minus the recorded baseline. PyTorch's CPU allocator has no cache
+(freed tensors go straight back to glibc, and ``malloc_trim`` to the OS), so one process can
+measure the variants one after another; ``--fresh-memory`` instead runs each variant's
+warm-up step in its own subprocess (slower; the two agree within a few percent). Where
+``clear_refs`` is unavailable the subprocess method falls back to ``ru_maxrss``.
+
+Model FLOP/s of (c): ``2·N·tokens`` forward + ``4·N·tokens`` backward for the student's
+decoder parameters N (the standard count, although LoRA skips the frozen weights'
+gradients), ``2·N_T·tokens`` for the teacher's, attention scores (``4·seq²·width`` per layer
+and sequence forward, ×3 with backward), and the lm_heads on the response rows (student
+``2+4``, teacher ``2`` × ``vocab·hidden`` per row), against this machine's fp32 matmul peak
+(best of several 2048³ ``torch.mm``).
+
+Usage::
+
+    python benchmarks/distill_step.py                 # batch 4, seq 256, 3 rounds
+    python benchmarks/distill_step.py --quick         # batch 2, seq 128, 2 rounds
+    python benchmarks/distill_step.py --json out.json
+    python benchmarks/distill_step.py --topk-error 4  # k=64 vs dense on 4 real batches
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import logging
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import kdlab  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kdlab.config.schema import DistillSettings, ModelConfig, PeftConfig  # noqa: E402
+from kdlab.data.tokenize import Collator  # noqa: E402
+from kdlab.models.loading import load_model_and_tokenizer  # noqa: E402
+from kdlab.models.peft_utils import apply_peft  # noqa: E402
+from kdlab.training.objectives import (  # noqa: E402
+    DistillationObjective,
+    kd_loss_mask,
+    output_projection,
+    teacher_hidden_states,
+)
+from kdlab.training.teacher_cache import (  # noqa: E402
+    TeacherCache,
+    build_teacher_cache,
+    teacher_cache_fingerprint,
+)
+from paper_baseline import paper_distillation_step  # noqa: E402
+
+logger = logging.getLogger("distill_step")
+
+TEACHER = "smollm2-135m"
+STUDENT_LAYERS = 10
+TOPK = 64
+NUM_BATCHES = 2
+VARIANTS: dict[str, str] = {
+    "a": "paper scripts (dense fp32 logits)",
+    "b": "TRL DistillationTrainer loss (β=0)",
+    "c": "kdlab, live teacher",
+    "d": f"kdlab, teacher cache (k={TOPK})",
+    "e": "floor: student SFT step",
+    "f": "floor: teacher forward",
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    seq: int
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def make_examples(shape: Shape, count: int, vocab: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``count`` examples of ``seq`` random tokens; labels on the second half (the response)."""
+    generator = torch.Generator().manual_seed(seed)
+    prompt = shape.seq // 2
+    examples = []
+    for index in range(count):
+        ids = torch.randint(3, vocab, (shape.seq,), generator=generator).tolist()
+        examples.append(
+            {
+                "input_ids": ids,
+                "labels": [-100] * prompt + ids[prompt:],
+                "prompt_length": prompt,
+                "index": index,
+            }
+        )
+    return examples
+
+
+class Bench:
+    """The models, batches and one step function per variant."""
+
+    def __init__(self, shape: Shape, cache_dir: Path | None) -> None:
+        torch.manual_seed(0)
+        self.shape = shape
+        self.teacher, self.tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=TEACHER))
+        student, _ = load_model_and_tokenizer(
+            ModelConfig(name_or_path=TEACHER, slice_layers=STUDENT_LAYERS, slice_strategy="last"),
+            for_training=True,
+        )
+        self.student = apply_peft(student, PeftConfig(r=8))
+        self.student.train()
+        self.vocab = int(self.teacher.get_output_embeddings().weight.shape[0])
+        with torch.no_grad():  # make the memory-mapped weights resident (see docstring)
+            for model in (self.teacher, self.student):
+                for parameter in model.parameters():
+                    parameter.sum()
+        self.examples = make_examples(shape, shape.batch * NUM_BATCHES, self.vocab)
+        collate = Collator(self.tokenizer.pad_token_id)
+        self.batches = [
+            collate(self.examples[i * shape.batch : (i + 1) * shape.batch])
+            for i in range(NUM_BATCHES)
+        ]
+        self.fingerprint = teacher_cache_fingerprint(
+            teacher_identity=TEACHER,
+            teacher_stamp="benchmark",
+            adapter_hash="none",
+            teacher_dtype="float32",
+            examples=self.examples,
+            template="none",
+            cutoff_len=shape.seq,
+            loss_on="response",
+            topk=TOPK,
+            vocab_size=self.vocab,
+        )
+        self.cache: TeacherCache | None = None
+        if cache_dir is not None:
+            self.cache = TeacherCache(
+                cache_dir, self.fingerprint, (e["index"] for e in self.examples)
+            )
+        parameters = [p for p in self.student.parameters() if p.requires_grad]
+        # One optimizer per variant: the step includes AdamW's update, states do not mix.
+        self.optimizers = {v: torch.optim.AdamW(parameters, lr=1e-5) for v in VARIANTS}
+        self.parameters = parameters
+        common = {
+            "tokenizer": self.tokenizer,
+            "vocab_size": self.vocab,
+            "seed": 0,
+            "cutoff_len": shape.seq,
+            "unwrap": lambda model: model,
+        }
+        kd = DistillSettings(method="forward_kl", temperature=1.0)
+        self.live_objective = DistillationObjective(settings=kd, teacher=self.teacher, **common)
+        self.sft_objective = DistillationObjective(
+            settings=DistillSettings(method="sft"), teacher=None, **common
+        )
+        self.cached_objective: DistillationObjective | None = None
+        if self.cache is not None:
+            self.cached_objective = DistillationObjective(
+                settings=kd, teacher=None, teacher_cache=self.cache, **common
+            )
+
+    def build_cache(self) -> float:
+        assert self.cache is not None
+        start = time.perf_counter()
+        build_teacher_cache(
+            self.cache,
+            teacher=self.teacher,
+            examples=self.examples,
+            pad_token_id=self.tokenizer.pad_token_id,
+            loss_on="response",
+            batch_size=self.shape.batch,
+            progress=False,
+        )
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------ the steps
+
+    def _finish(self, variant: str, loss: torch.Tensor) -> None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
+        self.optimizers[variant].step()
+        self.optimizers[variant].zero_grad(set_to_none=True)
+
+    def step(self, variant: str, batch: dict[str, torch.Tensor]) -> None:
+        if variant == "a":
+            paper_distillation_step(self.student, self.teacher, batch, self.optimizers["a"])
+        elif variant == "b":
+            self._finish("b", self.trl_loss(batch))
+        elif variant == "c":
+            self._finish("c", self.live_objective(self.student, batch, True).loss)
+        elif variant == "d":
+            assert self.cached_objective is not None, "variant d needs the cache"
+            self._finish("d", self.cached_objective(self.student, batch, True).loss)
+        elif variant == "e":
+            self._finish("e", self.sft_objective(self.student, batch, True).loss)
+        elif variant == "f":
+            with torch.inference_mode():
+                hidden = teacher_hidden_states(
+                    self.teacher, batch["input_ids"], batch["attention_mask"]
+                )
+                mask = kd_loss_mask(batch["attention_mask"], batch["labels"], "response")
+                weight, bias = output_projection(self.teacher)
+                torch.nn.functional.linear(hidden[mask], weight, bias)
+        else:
+            raise ValueError(variant)
+
+    def trl_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """TRL's DistillationTrainer._compute_loss, minus its generation and logging.
+
+        TRL concatenates prompt and completion and keeps the backbones' last hidden states
+        of the completion positions (``[:, :-1][:, -completion_length:]``); here the
+        completion is each row's second half.
+        """
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        completion = self.shape.seq - self.shape.seq // 2
+        completion_mask = attention_mask[:, -completion:]
+
+        def last_hidden(model: Any) -> torch.Tensor:
+            if hasattr(model, "peft_config"):
+                model = model.base_model.model
+            hidden = model.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
+            return hidden[:, :-1, :][:, -completion:, :]
+
+        student_hidden = last_hidden(self.student)
+        with torch.no_grad():
+            teacher_hidden = last_hidden(self.teacher)
+        loss, _entropy, _count = _chunked_divergence_loss(
+            student_hidden,
+            teacher_hidden,
+            self.student.get_output_embeddings().weight,
+            self.teacher.get_output_embeddings().weight,
+            completion_mask,
+            0.0,  # beta = 0: forward KL(teacher ‖ student) in TRL's convention
+            temperature=1.0,
+        )
+        return loss
+
+    def check_losses(self) -> dict[str, float]:
+        """KD values of (b), (c) and (d) on the first batch before any update (no_grad)."""
+        batch = self.batches[0]
+        with torch.no_grad():
+            values = {
+                "trl_beta0": float(self.trl_loss(batch)),
+                "kdlab_live": float(self.live_objective(self.student, batch, False).kd or 0.0),
+            }
+            if self.cached_objective is not None:
+                result = self.cached_objective(self.student, batch, False)
+                values["kdlab_cache_k64"] = float(result.kd or 0.0)
+        return values
+
+    # ------------------------------------------------------------------ FLOPs
+
+    def model_flops_c(self) -> float:
+        """Model FLOPs of one step of (c) (see the module docstring)."""
+        config = self.teacher.config
+        hidden, vocab = config.hidden_size, self.vocab
+        tokens = self.shape.batch * self.shape.seq
+        rows = int(
+            sum(
+                kd_loss_mask(b["attention_mask"], b["labels"], "response").sum()
+                for b in self.batches
+            )
+            / len(self.batches)
+        )
+
+        def decoder_parameters(model: Any) -> int:
+            return sum(
+                p.numel()
+                for name, p in model.named_parameters()
+                if ".layers." in name or name.endswith("norm.weight")
+            )
+
+        student_layers = STUDENT_LAYERS
+        teacher_layers = config.num_hidden_layers
+        attention_width = config.num_attention_heads * config.head_dim
+        attention = 4 * self.shape.batch * self.shape.seq**2 * attention_width  # per layer fwd
+        student = 6 * decoder_parameters(self.student) * tokens + 3 * attention * student_layers
+        teacher = 2 * decoder_parameters(self.teacher) * tokens + attention * teacher_layers
+        heads = (6 + 2) * vocab * hidden * rows
+        return float(student + teacher + heads)
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 ``torch.mm`` FLOP/s of a ``size``³ product."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_variants(
+    bench: Bench, variants: list[str], repeats: int, measure_memory: bool
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per step of each variant, interleaved: round r runs them rotated by r.
+
+    A warm-up round (allocator, first-call paths) runs first, untimed; with
+    ``measure_memory`` it also measures each variant's peak (see the module docstring).
+    """
+    peaks: dict[str, float] = {}
+    for variant in variants:
+        meter = PeakMeter() if measure_memory else None
+        bench.step(variant, bench.batches[0])
+        if meter is not None:
+            peaks[variant] = meter.peak_mib()
+            logger.info("memory %s: %.0f MiB", variant, peaks[variant])
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for round_index in range(repeats):
+        order = variants[round_index % len(variants) :] + variants[: round_index % len(variants)]
+        for variant in order:
+            batch = bench.batches[round_index % len(bench.batches)]
+            gc.collect()
+            start = time.perf_counter()
+            bench.step(variant, batch)
+            times[variant].append(time.perf_counter() - start)
+            logger.info("round %d %s: %.2f s", round_index, variant, times[variant][-1])
+    return times, peaks
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _trim_heap() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakMeter:
+    """Resident-set peak above the state at construction (heap trimmed first), in MiB."""
+
+    def __init__(self) -> None:
+        gc.collect()
+        _trim_heap()
+        baseline = _status_kib("VmRSS")
+        self.exact = baseline is not None
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.exact = False
+        if not self.exact:  # ru_maxrss cannot be reset: right only if the step sets a new peak
+            baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert baseline is not None
+        self.baseline_kib = baseline
+
+    def peak_mib(self) -> float:
+        peak = _status_kib("VmHWM") if self.exact else None
+        if peak is None:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return max(peak - self.baseline_kib, 0) / 1024
+
+
+def memory_child(variant: str, shape: Shape, cache_dir: Path | None) -> dict[str, Any]:
+    """``--fresh-memory``: one variant's first step in a fresh process."""
+    bench = Bench(shape, cache_dir if variant == "d" else None)
+    meter = PeakMeter()
+    bench.step(variant, bench.batches[0])
+    return {"variant": variant, "peak_mib": meter.peak_mib(), "exact": meter.exact}
+
+
+def measure_memory(variants: list[str], shape: Shape, cache_dir: Path) -> dict[str, float]:
+    peaks = {}
+    for variant in variants:
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--memory-child",
+            variant,
+            "--batch",
+            str(shape.batch),
+            "--seq",
+            str(shape.seq),
+            "--cache-dir",
+            str(cache_dir),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"memory child {variant} failed:\n{result.stderr[-3000:]}")
+        record = json.loads(result.stdout.strip().splitlines()[-1])
+        peaks[variant] = record["peak_mib"]
+        logger.info("memory %s: %.0f MiB (exact=%s)", variant, record["peak_mib"], record["exact"])
+    return peaks
+
+
+# --------------------------------------------------------------------------- k = 64 error
+
+
+def topk_error(num_batches: int, batch_size: int = 4, cutoff: int = 256) -> dict[str, Any]:
+    """mean |KD(top-64 cache) − KD(dense)| / KD(dense) on real data, smollm2 vs its slice.
+
+    Data: ``shared/data/train/math_cot_3k.json`` when present (math with rationales), else
+    the generated arithmetic set; alpaca template, response positions, forward KL, T = 1
+    and 2; the student is the untrained 10-layer slice (+ LoRA at init, i.e. the slice).
+    """
+    from kdlab.data.records import load_records
+    from kdlab.data.tokenize import tokenize_records
+
+    bench = Bench(Shape(batch_size, cutoff), None)
+    shared = ROOT.parent / "shared" / "data" / "train" / "math_cot_3k.json"
+    source = str(shared) if shared.is_file() else "generated:arithmetic?split=train&n=64&seed=0"
+    records = load_records(source)[: num_batches * batch_size]
+    examples = tokenize_records(records, bench.tokenizer, cutoff_len=cutoff)
+    fingerprint = teacher_cache_fingerprint(
+        teacher_identity=TEACHER,
+        teacher_stamp="topk-error",
+        adapter_hash="none",
+        teacher_dtype="float32",
+        examples=examples,
+        template="alpaca",
+        cutoff_len=cutoff,
+        loss_on="response",
+        topk=TOPK,
+        vocab_size=bench.vocab,
+    )
+    directory = Path(tempfile.mkdtemp(prefix="kdlab-topk-error-"))
+    try:
+        cache = TeacherCache(directory, fingerprint, (e["index"] for e in examples))
+        build_teacher_cache(
+            cache,
+            teacher=bench.teacher,
+            examples=examples,
+            pad_token_id=bench.tokenizer.pad_token_id,
+            loss_on="response",
+            batch_size=batch_size,
+            progress=False,
+        )
+        collate = Collator(bench.tokenizer.pad_token_id)
+        results: dict[str, Any] = {"source": Path(source).name, "batches": num_batches}
+        for temperature in (1.0, 2.0):
+            settings = DistillSettings(method="forward_kl", temperature=temperature)
+            common = {
+                "tokenizer": bench.tokenizer,
+                "vocab_size": bench.vocab,
+                "seed": 0,
+                "cutoff_len": cutoff,
+                "unwrap": lambda model: model,
+            }
+            live = DistillationObjective(settings=settings, teacher=bench.teacher, **common)
+            cached = DistillationObjective(
+                settings=settings, teacher=None, teacher_cache=cache, **common
+            )
+            errors, dense_values = [], []
+            for index in range(num_batches):
+                batch = collate(examples[index * batch_size : (index + 1) * batch_size])
+                with torch.no_grad():
+                    dense = float(live(bench.student, batch, False).kd or 0.0)
+                    sparse = float(cached(bench.student, batch, False).kd or 0.0)
+                errors.append(abs(sparse - dense) / dense)
+                dense_values.append(dense)
+            results[f"T={temperature:g}"] = {
+                "mean_relative_error": statistics.fmean(errors),
+                "max_relative_error": max(errors),
+                "mean_dense_kd": statistics.fmean(dense_values),
+            }
+        return results
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render_table(
+    seconds: dict[str, float], peaks: dict[str, float], tokens: int, reference: str = "a"
+) -> str:
+    lines = [
+        "| variant | s/step | tokens/s | × (a) tokens/s | peak MiB | × (a) peak |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for variant, name in VARIANTS.items():
+        if variant not in seconds:
+            continue
+        speed = tokens / seconds[variant]
+        ratio = seconds[reference] / seconds[variant] if reference in seconds else float("nan")
+        peak = peaks.get(variant)
+        peak_ratio = (
+            peak / peaks[reference] if peak is not None and peaks.get(reference) else float("nan")
+        )
+        peak_text = "-" if peak is None else f"{peak:.0f}"
+        lines.append(
+            f"| ({variant}) {name} | {seconds[variant]:.2f} | {speed:.0f} | {ratio:.2f} | "
+            f"{peak_text} | {peak_ratio:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def check_targets(seconds: dict[str, float], peaks: dict[str, float]) -> list[tuple[str, bool]]:
+    """The issue's targets, each with whether it holds."""
+    checks: list[tuple[str, Callable[[], bool]]] = [
+        ("(c) ≥ 1.3× (a) tokens/s", lambda: seconds["a"] / seconds["c"] >= 1.3),
+        ("(c) ≤ 0.7× (a) peak memory", lambda: peaks["c"] <= 0.7 * peaks["a"]),
+        ("(c) ≥ 1.0× (b) tokens/s", lambda: seconds["b"] / seconds["c"] >= 1.0),
+        (
+            "(c) step ≤ 1.1× ((e) + (f))",
+            lambda: seconds["c"] <= 1.1 * (seconds["e"] + seconds["f"]),
+        ),
+        ("(d) ≥ 2× (a) tokens/s", lambda: seconds["a"] / seconds["d"] >= 2.0),
+        ("(d) step ≤ 1.15× (e)", lambda: seconds["d"] <= 1.15 * seconds["e"]),
+    ]
+    results = []
+    for name, check in checks:
+        try:
+            results.append((name, bool(check())))
+        except KeyError:
+            continue
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 2, seq 128, 2 rounds")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
+    parser.add_argument("--variants", default="".join(VARIANTS), help="subset, e.g. 'acef'")
+    parser.add_argument("--no-memory", action="store_true", help="do not measure memory")
+    parser.add_argument(
+        "--fresh-memory", action="store_true", help="measure memory in one subprocess per variant"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument(
+        "--topk-error", type=int, default=0, metavar="N", help="k=64 vs dense on N real batches"
+    )
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.memory_child is None else logging.WARNING,
+        format="%(asctime)s %(message)s",
+    )
+    for noisy in ("kdlab", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    shape = Shape(args.batch or (2 if args.quick else 4), args.seq or (128 if args.quick else 256))
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, shape, args.cache_dir)))
+        return 0
+    if args.topk_error:
+        result = topk_error(args.topk_error)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+    repeats = args.repeats or (2 if args.quick else 3)
+    variants = [v for v in VARIANTS if v in args.variants]
+    started = time.perf_counter()
+    peak_flops = matmul_peak()
+    cache_dir = Path(tempfile.mkdtemp(prefix="kdlab-bench-cache-"))
+    try:
+        bench = Bench(shape, cache_dir)
+        build_seconds = bench.build_cache()
+        cache_bytes = bench.cache.size_bytes() if bench.cache is not None else 0
+        losses = bench.check_losses()
+        logger.info("loss check: %s", losses)
+        in_process = not (args.no_memory or args.fresh_memory)
+        times, peaks = time_variants(bench, variants, repeats, measure_memory=in_process)
+        seconds = {v: statistics.median(t) for v, t in times.items()}
+        flops_c = bench.model_flops_c()
+        tokens = shape.batch * shape.seq
+        del bench
+        gc.collect()
+        if args.fresh_memory:
+            peaks = measure_memory(variants, shape, cache_dir)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    print()
+    print(
+        f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; batch {shape.batch} "
+        f"× seq {shape.seq} ({tokens} tokens/step, {tokens // 2} response positions); "
+        f"teacher {TEACHER} (30 layers), student its last {STUDENT_LAYERS} + LoRA r=8; "
+        f"median of {repeats} interleaved rounds"
+    )
+    print()
+    print(render_table(seconds, peaks, tokens))
+    print()
+    achieved = flops_c / seconds["c"] if "c" in seconds else float("nan")
+    print(
+        f"(c) model FLOPs/step {flops_c / 1e9:.0f} G → {achieved / 1e9:.1f} GFLOP/s achieved = "
+        f"{100 * achieved / peak_flops:.0f}% of the fp32 matmul peak {peak_flops / 1e9:.1f} GFLOP/s"
+    )
+    print(
+        f"(d) cache build: {build_seconds:.2f} s for {shape.batch * NUM_BATCHES} "
+        f"examples ({cache_bytes / 2**10:.0f} KiB on disk)"
+    )
+    print(f"loss check (first batch, before updates): {losses}")
+    targets = check_targets(seconds, peaks)
+    for name, holds in targets:
+        print(f"  target {name}: {'met' if holds else 'NOT met'}")
+    print(f"total wall time {time.perf_counter() - started:.0f} s")
+    if args.json:
+        payload = {
+            "shape": {"batch": shape.batch, "seq": shape.seq, "repeats": repeats},
+            "seconds_per_step": seconds,
+            "all_seconds": times,
+            "min_seconds": {v: min(t) for v, t in times.items()},
+            "tokens_per_s": {v: tokens / s for v, s in seconds.items()},
+            "peak_mib": peaks,
+            "model_flops_c": flops_c,
+            "achieved_flops_c": achieved,
+            "matmul_peak_flops": peak_flops,
+            "cache_build_seconds": build_seconds,
+            "cache_bytes": cache_bytes,
+            "loss_check": losses,
+            "targets": dict(targets),
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

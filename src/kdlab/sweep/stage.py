@@ -1,0 +1,258 @@
+"""``kdlab sweep GRID.yaml [key=value ...]``: run a grid of teachers, students and methods.
+
+Examples::
+
+    kdlab sweep configs/paper/qwen_math.yaml --dry-run
+    kdlab sweep configs/paper/qwen_math.yaml out_dir=/scratch/paper eval.data_dir=/data/eval
+    kdlab sweep configs/paper/qwen_math.yaml --executor submitit \\
+        executor.submitit.parameters.slurm_partition=gpu
+
+Running the same command again skips every completed run (its ``DONE`` marker), retries
+failed ones and continues interrupted ones. See ``docs/sweeps.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``kdlab sweep``."""
+    parser.add_argument("grid", help="Grid YAML file (see configs/paper/ and docs/sweeps.md).")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        help="key=value overrides of the grid, e.g. out_dir=/scratch/x seeds=[6,7] "
+        "eval.data_dir=/data/eval.",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Print every run (stage, state, directory) and the estimated cost; run nothing.",
+    )
+    parser.add_argument(
+        "--only-plan",
+        action="store_true",
+        help="Write <out_dir>/sweep_plan.<name>.json (every run with its resolved config and "
+        "dependencies) and stop; run nothing.",
+    )
+    parser.add_argument(
+        "--executor",
+        choices=("local", "submitit"),
+        default=None,
+        help="local: sequential in this process (default); submitit: one job per run "
+        "(SLURM on clusters). Overrides executor.name.",
+    )
+    parser.add_argument(
+        "--allow-changed",
+        action="store_true",
+        help="Keep existing runs whose settings differ from the grid's (default: refuse).",
+    )
+    parser.add_argument("--no-eval", action="store_true", help="Train only: skip evaluations.")
+    parser.add_argument(
+        "--no-analysis", action="store_true", help="Skip `kdlab analyze` at the end."
+    )
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _hours(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _work(run: Any) -> str:
+    if run.estimate.steps is not None:
+        return f"{run.estimate.steps} st"
+    if run.estimate.items is not None:
+        return f"{run.estimate.items} it"
+    return "-" if run.stage == "analysis" or run.reuses is not None else "?"
+
+
+def _sum(values: list[float | None]) -> tuple[float, bool]:
+    """Sum of the known values, and whether every value was known."""
+    known = [value for value in values if value is not None]
+    return float(sum(known)), len(known) == len(values)
+
+
+def describe_plan(plan: Any) -> str:
+    """The dry-run report: one line per run with its state, then totals and the cost."""
+    from kdlab.sweep.status import changed_keys, run_state
+
+    config = plan.config
+    lines = [
+        f"sweep {plan.name}: {plan.grid_path or '(no file)'} → {plan.out_dir}",
+        f"families: {', '.join(config.selected_families)} · seeds: "
+        f"{', '.join(map(str, config.seeds))} · teachers: {', '.join(config.teachers) or '-'}"
+        f" · students: {', '.join(config.students)} · methods: {', '.join(config.methods)}",
+        "",
+    ]
+    rows = []
+    states: dict[str, str] = {}
+    changes = {run.key: changed_keys(run) for run in plan.runs}
+    for run in plan.runs:
+        state = run_state(run, plan.out_dir)
+        states[run.key] = state
+        shown = state
+        if run.reuses is not None:
+            shown = "reused"
+        elif changes[run.key]:
+            shown = f"{state}*"
+        where = str(run.run_dir)
+        if run.reuses is not None:
+            where += f" = {run.reuses}"
+        cost = "-" if run.stage == "analysis" or run.reuses else _hours(run.estimate.seconds)
+        rows.append((run.stage, run.kind, shown, _work(run), cost, where))
+    header = ("STAGE", "KIND", "STATE", "WORK", "EST", "DIRECTORY")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
+    for row in [header, *rows]:
+        cells = [row[i].ljust(widths[i]) for i in range(5)]
+        lines.append("  ".join([*cells, row[5]]).rstrip())
+    lines.append("")
+    training = [run for run in plan.runs if run.stage in ("finetune", "distill")]
+    kinds = Counter(run.kind for run in training if run.reuses is None)
+    reused = sum(1 for run in training if run.reuses is not None)
+    evals = [run for run in plan.runs if run.stage == "eval"]
+    base = sum(1 for run in evals if run.kind == "base")
+    summary = (
+        f"runs: {len(training) - reused} training ({kinds.get('teacher', 0)} teachers, "
+        f"{kinds.get('sft', 0)} SFT students, {kinds.get('kd', 0)} KD students)"
+    )
+    if reused:
+        summary += f", {reused} SFT student(s) reusing a teacher run"
+    summary += f"; {len(evals)} evaluations"
+    if base:
+        summary += f" ({base} of base models)"
+    summary += f"; {sum(1 for run in plan.runs if run.stage == 'analysis')} analysis"
+    lines.append(summary)
+    for label, group in (("training", training), ("evaluations", evals)):
+        counts = Counter(states[run.key] for run in group if run.reuses is None)
+        if group:
+            lines.append(
+                f"state of {label}: "
+                + ", ".join(f"{counts.get(state, 0)} {state}" for state in ("done", "failed",
+                                                                           "partial", "todo"))
+            )  # fmt: skip
+    changed = [run for run in plan.runs if run.reuses is None and changes[run.key]]
+    if changed:
+        lines.append(
+            f"* {len(changed)} existing run(s) were made with other settings "
+            f"(e.g. {changed[0].run_dir}: {', '.join(changes[changed[0].key][:4])}); "
+            "the sweep refuses to start unless --allow-changed"
+        )
+    steps, steps_known = _sum([run.estimate.steps for run in training if run.reuses is None])
+    items, items_known = _sum([run.estimate.items for run in evals])
+    train_s, train_known = _sum([run.estimate.seconds for run in training if run.reuses is None])
+    eval_s, eval_known = _sum([run.estimate.seconds for run in evals])
+    remaining, remaining_known = _sum(
+        [
+            run.estimate.seconds
+            for run in training + evals
+            if run.reuses is None and states[run.key] != "done"
+        ]
+    )
+
+    def total(value: float, known: bool) -> str:
+        return f"{value:,.0f}{'' if known else '+ (some unknown)'}"
+
+    lines.append(
+        f"estimated cost (rough, one accelerator; model in docs/sweeps.md): training "
+        f"{total(steps, steps_known)} steps ≈ {_hours(train_s)}{'' if train_known else '+'}"
+        f"; evaluation {total(items, items_known)} items ≈ {_hours(eval_s)}"
+        f"{'' if eval_known else '+'}; remaining ≈ {_hours(remaining)}"
+        f"{'' if remaining_known else '+'}"
+    )
+    for note in plan.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def plan_as_dict(plan: Any) -> dict[str, Any]:
+    """Every run with its resolved config, dependencies and estimate (``--only-plan``)."""
+    from dataclasses import asdict
+
+    from kdlab.config.core import to_dict
+
+    return {
+        "name": plan.name,
+        "grid": plan.grid_path,
+        "out_dir": str(plan.out_dir),
+        "notes": plan.notes,
+        "runs": [
+            {
+                "stage": run.stage,
+                "kind": run.kind,
+                "name": run.name,
+                "family": run.family,
+                "run_dir": str(run.run_dir),
+                "depends_on": [str(path) for path in run.depends_on],
+                "reuses": str(run.reuses) if run.reuses else None,
+                "params": run.params,
+                "estimate": asdict(run.estimate),
+                "config": to_dict(run.config),
+            }
+            for run in plan.runs
+        ],
+    }
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``kdlab sweep``; returns 0 when every planned run is complete, 1 otherwise."""
+    from kdlab.config.core import to_dict
+    from kdlab.config.sweep import load_sweep_config
+    from kdlab.sweep.grid import plan_sweep
+    from kdlab.utils.io import atomic_write_json, atomic_write_yaml
+
+    config = load_sweep_config(args.grid, args.overrides)
+    if args.executor:
+        config.executor.name = args.executor
+    plan = plan_sweep(config, grid_path=args.grid)
+    if args.dry_run:
+        print(describe_plan(plan), end="")
+        return 0
+    if args.only_plan:
+        path = plan.out_dir / f"sweep_plan.{plan.name}.json"
+        atomic_write_json(path, plan_as_dict(plan))
+        print(f"plan of {len(plan.runs)} runs written to {path}")
+        return 0
+    from kdlab.sweep.executors import make_executor
+    from kdlab.sweep.runner import SweepRunner
+
+    executor = make_executor(config.executor, plan.out_dir, plan.name)
+    runner = SweepRunner(
+        plan,
+        executor,
+        allow_changed=args.allow_changed,
+        run_eval=not args.no_eval,
+        run_analysis=not args.no_analysis,
+    )
+    runner.check_changed()
+    atomic_write_yaml(plan.out_dir / "sweep_grids" / f"{plan.name}.yaml", to_dict(config))
+    outcome = runner.run()
+    counts = ", ".join(f"{count} {status}" for status, count in sorted(outcome.counts.items()))
+    print(f"sweep {plan.name}: {counts}")
+    for entry in outcome.unfinished:
+        detail = entry.get("reason") or (
+            f"{entry.get('error_type')}: {entry.get('message')}" if entry.get("error_type") else ""
+        )
+        print(f"  {entry['status']:<11} {entry['stage']:<9} {entry['run_dir']}  {detail}".rstrip())
+    print(f"status: {outcome.status_file}")
+    return 0 if outcome.ok else 1
+
+
+__all__ = ["add_arguments", "describe_plan", "main", "plan_as_dict"]

@@ -1,0 +1,103 @@
+"""``kdlab sweep configs/paper/<grid>.yaml --dry-run`` lists the paper's runs, loading nothing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from kdlab.cli import main as cli_main
+from kdlab.config.sweep import load_sweep_config
+from kdlab.sweep.grid import plan_sweep
+from kdlab_testing import REPO_ROOT
+
+PAPER_GRIDS = sorted((REPO_ROOT / "configs" / "paper").glob("*.yaml"))
+
+#: grid → (teachers, SFT students trained, SFT students reusing a teacher run, KD students,
+#: evaluations). Pairs and temperatures follow the paper's results tables.
+EXPECTED = {
+    # 3B→{0.5,1.5}, 7B→{0.5,1.5,3}: KD and RevKD at T 1,2,5 + GKD at T 1 = 7 per pair;
+    # 14B→{0.5,1.5,3,7}: 3 methods at T 1. 2×7 + 3×7 + 4×3 = 47.
+    "qwen_math": (3, 2, 2, 47, 52 + 5),
+    "qwen_commonsense": (3, 2, 2, 47, 52 + 5),
+    # 8B→{1B,3B}: KD, RevKD, GKD at T 1.
+    "llama_math": (1, 2, 0, 6, 9 + 3),
+    "llama_commonsense": (1, 2, 0, 6, 9 + 3),
+    # Both families: 3B→2 and 7B→3 students, forward KL at T 1 from the base teacher.
+    "qwen_base_teacher": (4, 4, 4, 10, 18),
+    # Both families: the same 5 pairs × σ 1, 2, 5.
+    "qwen_noise": (4, 4, 4, 30, 38),
+}
+
+
+def test_every_paper_grid_has_an_expectation() -> None:
+    assert {path.stem for path in PAPER_GRIDS} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("grid", PAPER_GRIDS, ids=lambda path: path.stem)
+def test_dry_run_lists_the_papers_runs(
+    grid: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    def no_loading(*args, **kwargs):
+        raise AssertionError("planning must not load a model")
+
+    monkeypatch.setattr("kdlab.models.loading.load_model_and_tokenizer", no_loading)
+    monkeypatch.setattr("kdlab.models.loading.load_tokenizer", no_loading)
+    out_dir = tmp_path / "paper"
+    code = cli_main(["sweep", str(grid), f"out_dir={out_dir}", "--dry-run"])
+    output = capsys.readouterr().out
+    assert code == 0
+    assert not out_dir.exists()  # a dry run writes nothing
+    teachers, sft, reused, kd, evals = EXPECTED[grid.stem]
+    summary = next(line for line in output.splitlines() if line.startswith("runs: "))
+    assert summary.startswith(
+        f"runs: {teachers + sft + kd} training ({teachers} teachers, {sft} SFT students, "
+        f"{kd} KD students)"
+    )
+    assert f"; {evals} evaluations" in summary
+    assert "estimated cost" in output and "?" not in output.split("estimated cost")[1]
+    plan = plan_sweep(load_sweep_config(grid, [f"out_dir={out_dir}"]))
+    kinds = Counter(run.kind for run in plan.training)
+    assert kinds == {"teacher": teachers, "sft": sft, "kd": kd}
+    assert sum(1 for run in plan.runs if run.reuses is not None) == reused
+    rows = [line for line in output.splitlines() if line.startswith(("finetune", "distill"))]
+    assert len(rows) == teachers + sft + reused + kd
+    for run in plan.training:
+        assert str(run.run_dir) in output
+
+
+def test_paper_settings_reach_every_run() -> None:
+    plan = plan_sweep(load_sweep_config(REPO_ROOT / "configs/paper/qwen_math.yaml"))
+    for run in plan.training:
+        config = run.config
+        assert (config.peft.r, config.peft.alpha, config.peft.dropout) == (8, 16, 0.05)
+        assert config.peft.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+        assert (config.train.batch_size, config.train.micro_batch_size) == (16, 4)
+        assert (config.train.learning_rate, config.train.warmup_steps) == (3e-4, 100)
+        assert (config.train.eval_steps, config.train.save_steps) == (200, 200)
+        assert config.train.save_total_limit == 3
+        assert (config.data.cutoff_len, config.data.val_set_size) == (256, 500)
+        assert config.train.seed == 6 and config.train.num_epochs == 4
+        assert config.data.train_files == ["data/math_10k.json"]
+        if run.stage == "distill":
+            assert config.distill.kd_weight == 1.0
+    kd = [run for run in plan.training if run.kind == "kd"]
+    assert {run.config.distill.temperature for run in kd} == {1.0, 2.0, 5.0}
+    assert {run.config.distill.method for run in kd} == {"forward_kl", "reverse_kl", "gkd"}
+    assert all(run.config.distill.temperature == 1.0 for run in kd if "14B" in run.name)
+    evaluation = next(run for run in plan.runs if run.stage == "eval")
+    assert evaluation.config.data_dir == "data/eval"
+    assert evaluation.config.tasks == ["math"]
+    overridden = plan_sweep(
+        load_sweep_config(
+            REPO_ROOT / "configs/paper/qwen_commonsense.yaml",
+            [
+                "eval.data_dir=/data/eval",
+                "families.commonsense.defaults.data.train_files=[/d.json]",
+            ],
+        )
+    )
+    assert overridden.stage("eval")[0].config.data_dir == "/data/eval"
+    assert overridden.training[0].config.data.train_files == ["/d.json"]
+    assert overridden.training[0].config.train.num_epochs == 3
