@@ -42,6 +42,18 @@ RunKdlab = Callable[..., subprocess.CompletedProcess]
 Snapshot = Callable[[Path], dict[str, tuple[int, int, str]]]
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Any:
+    """Tiny models run fastest on one thread, and a busy machine makes OpenMP threads spin
+    (seconds per step instead of milliseconds); the thread count is restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def kdlab_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Environment of kdlab subprocesses: offline, one thread, no fault armed."""
@@ -98,22 +110,17 @@ def eval_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def foreign_adapter_dir(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA adapter (safetensors) made for the hidden-32 teacher, not the hidden-16 model."""
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM
+    """A LoRA adapter trained (one kdlab finetune step) on the hidden-32 teacher model: it
+    does not fit the hidden-16 ``tiny_model_dir``."""
+    from kdlab.config.core import load_config
+    from kdlab.config.schema import FinetuneConfig
+    from kdlab.training.finetune import run_finetune
+    from kdlab_testing import finetune_overrides
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    wrapped = peft.get_peft_model(model, config)
-    with torch.no_grad():  # non-zero B so that the adapter changes the model
-        for name, parameter in wrapped.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_()
-    directory = tmp_path_factory.mktemp("foreign-adapter")
-    wrapped.save_pretrained(directory, safe_serialization=True)
-    return directory
+    out = tmp_path_factory.mktemp("foreign-run") / "teacher"
+    overrides = finetune_overrides(tiny_teacher_dir, out, "train.max_steps=1")
+    run_finetune(load_config(FinetuneConfig, None, overrides))
+    return out / "adapter"
 
 
 def _snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:

@@ -277,3 +277,24 @@ def test_two_process_accelerate_run(
     assert (out / "DONE").is_file()
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 2
+
+
+@pytest.mark.parametrize("method", ["sft", "forward_kl"])
+def test_bf16_weights_and_mixed_precision(
+    tiny_model_dir: Path, tiny_teacher_dir: Path, tmp_path: Path, method: str
+) -> None:
+    """The CUDA defaults (bf16 weights, bf16 autocast), exercised on the CPU."""
+    out = tmp_path / method
+    config = _config(
+        tiny_model_dir,
+        tiny_teacher_dir,
+        out,
+        method,
+        "student.dtype=bfloat16",
+        "teacher.model.dtype=bfloat16",
+        "train.mixed_precision=bf16",
+    )
+    summary = run_distill(config)
+    assert summary["steps"] == 2 and (out / "DONE").is_file()
+    # a second run in the same process with another mixed precision
+    run_distill(_config(tiny_model_dir, tiny_teacher_dir, tmp_path / "again", method))

@@ -105,9 +105,15 @@ def build_examples(
 def make_accelerator(train: TrainConfig) -> Any:
     from accelerate import Accelerator
 
+    from accelerate.state import AcceleratorState, PartialState
+
     precision = train.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
+    if PartialState._shared_state and PartialState().num_processes == 1:
+        # Several runs in one process (a sweep, the demo, tests) may ask for different mixed
+        # precision; accelerate's state is a process-wide singleton, so reset it between runs.
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=precision, log_with=None)
 
 

@@ -204,7 +204,9 @@ class DistillationObjective:
         pad = self.tokenizer.pad_token_id
         eos = self.tokenizer.eos_token_id
         prompts, prompt_mask = left_pad_prompts(batch["input_ids"], batch["prompt_lengths"], pad)
-        prompts, prompt_mask = prompts.to(batch["input_ids"].device), prompt_mask.to(prompts.device)
+        device = batch["input_ids"].device
+        # Both on the batch's device: a CPU attention mask makes CUDA rotary embeddings fail.
+        prompts, prompt_mask = prompts.to(device), prompt_mask.to(device)
         generation = self.settings.generation
         budget = max(1, min(generation.max_new_tokens, self.cutoff_len - prompts.shape[1]))
         was_training = model.training
@@ -274,6 +276,9 @@ class DistillationObjective:
             return StepLoss(loss=None, tokens=0, stats=stats)
         student_hidden = final_hidden_states(student, input_ids, attention_mask)
         weight, bias = output_projection(self.unwrap(student))
+        # Under autocast (or with bf16 weights) the final norm may return another dtype than
+        # the output projection's; the chunked matmuls need them equal.
+        student_hidden = student_hidden.to(weight.dtype)
         targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         need_ce = (self.kd_weight < 1.0 and not on_policy) or not training
         ce = None
