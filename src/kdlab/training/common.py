@@ -104,7 +104,6 @@ def build_examples(
 
 def make_accelerator(train: TrainConfig) -> Any:
     from accelerate import Accelerator
-
     from accelerate.state import AcceleratorState, PartialState
 
     precision = train.mixed_precision
