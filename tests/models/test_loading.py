@@ -168,6 +168,8 @@ def test_smollm2_alias_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
     assert (cache / "model.safetensors").is_file() and (cache / "kdlab-cache.json").is_file()
     assert model.config.num_hidden_layers == 30
+    assert "quantization_config" not in (cache / "config.json").read_text()
+    model.save_pretrained(tmp_path / "resaved")  # a full fine-tune must be able to save it
 
     import transformers
 

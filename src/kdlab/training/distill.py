@@ -54,6 +54,7 @@ from kdlab.training.seqkd import adapter_fingerprint
 from kdlab.training.teacher_cache import (
     CacheFingerprint,
     PreparedCache,
+    cache_refusal,
     model_logit_width,
     prepare_teacher_cache,
     shared_logit_width,
@@ -102,14 +103,9 @@ def validate_config(config: DistillConfig) -> None:
             f"distill.method = {settings.method!r} needs a teacher: set teacher.run_dir "
             "(a finetune run) or teacher.model (and teacher.adapter)"
         )
-    if settings.method == "seqkd" and settings.teacher_cache:
-        raise ConfigError("distill.teacher_cache does not apply to seqkd (it caches responses)")
-    if settings.teacher_cache and settings.noise_std > 0:
-        raise ConfigError(
-            "distill.noise_std > 0 cannot be combined with distill.teacher_cache: the noise is "
-            "added to teacher logits, which the cache does not hold (it stores top-k "
-            "log-probabilities); drop the cache for noise ablations"
-        )
+    if settings.teacher_cache and (settings.method == "seqkd" or settings.noise_std > 0):
+        # Model-free refusals here; temperature needs the vocabulary (run_distill).
+        raise ConfigError(f"distill.teacher_cache: {cache_refusal(settings)}")
     if settings.teacher_cache and settings.resolved_divergence is None:
         logger.warning("distill.divergence = none: there is no KD term; teacher_cache is unused")
     if settings.method == "gkd" and settings.teacher_cache and settings.lambda_on_policy > 0:
@@ -163,6 +159,11 @@ def run_distill(
         resolve_teacher(config) if uses_teacher else (None, None, None)
     )
     records = load_training_records(config.data)  # before --overwrite deletes the run dir
+    if use_cache and settings.temperature != 1.0:
+        assert teacher_config is not None
+        refusal = cache_refusal(settings, model_logit_width(teacher_config))
+        if refusal:
+            raise ConfigError(f"distill.teacher_cache: {refusal}")
     run_dir = prepare_run_dir(config.train.output_dir, resume=resume, overwrite=overwrite)
     accelerator = make_accelerator(config.train)
     # Tokenizers first: a mismatch fails before any model is loaded.

@@ -181,6 +181,18 @@ class DistillationObjective:
             # The cache holds top-k log-probabilities, not logits: noise on logits cannot be
             # reproduced from it (distill.validate_config refuses the combination earlier).
             raise KdlabError("distill.noise_std > 0 cannot be combined with distill.teacher_cache")
+        if (
+            teacher_cache is not None
+            and settings.temperature != 1.0
+            and teacher_cache.topk < teacher_cache.vocab_size
+        ):
+            # The stage refuses this (teacher_cache.cache_refusal); direct API users are warned.
+            logger.warning(
+                "teacher cache with k = %d < vocabulary at T = %g: the sparse loss is a crude "
+                "approximation (docs/performance.md)",
+                teacher_cache.topk,
+                settings.temperature,
+            )
         #: the last sequences a loss was computed on (tests inspect on-policy batches)
         self.last_input_ids: torch.Tensor | None = None
         self.last_on_policy = False

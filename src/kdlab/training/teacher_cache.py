@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from kdlab.config.schema import ModelConfig
+from kdlab.config.schema import DistillSettings, ModelConfig
 from kdlab.data.tokenize import Collator
 from kdlab.errors import KdlabError
 from kdlab.models.loading import cache_root, materialise_gguf, resolve_model_source
@@ -180,6 +180,40 @@ def teacher_cache_fingerprint(
     }
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     return CacheFingerprint(key=key, fields=fields)
+
+
+def cache_refusal(settings: DistillSettings, vocab_size: int | None = None) -> str | None:
+    """Why ``distill.teacher_cache`` cannot serve ``settings``; None when it can.
+
+    Sweeps setting ``teacher_cache: auto`` automatically should do so only where this
+    returns None (``vocab_size=None`` assumes k < vocabulary, the usual case).
+
+    - noise (``noise_std > 0``) is added to teacher logits, which the cache does not hold;
+    - seqKD caches responses (``training/seqkd.py``), not logits;
+    - temperature ≠ 1 with k < vocabulary: the cache holds T = 1 values and the top-k of
+      T = 1. Softened by T, the teacher puts much of its mass outside that top-k (53-57 % at
+      T = 2, 98 % at T = 5 for smollm2-135m on math_cot_3k, k = 64), which the k + 1 buckets
+      cannot represent: the KD loss came out 66 % (T = 2) and 98.5 % (T = 5) below the dense
+      one, against 1.6-2 % at T = 1 (``docs/performance.md``). A dense cache (k ≥ vocabulary)
+      is exact at every temperature.
+    """
+    if settings.method == "seqkd":
+        return "seqkd caches teacher responses, not logits"
+    if settings.noise_std > 0:
+        return (
+            "distill.noise_std > 0 adds noise to teacher logits, which the cache does not hold "
+            "(it stores top-k log-probabilities); drop the cache for noise ablations"
+        )
+    if settings.temperature != 1.0 and (
+        vocab_size is None or settings.teacher_cache_topk < vocab_size
+    ):
+        return (
+            f"distill.temperature = {settings.temperature:g}: the cache holds the teacher's "
+            f"top-{settings.teacher_cache_topk} at T = 1, and at T ≠ 1 most of the softened "
+            "mass can lie outside it (measured: the KD loss 66 % low at T = 2, 98 % at T = 5 "
+            "with k = 64); use the live teacher, or k >= the vocabulary (exact)"
+        )
+    return None
 
 
 def default_teacher_cache_dir(fingerprint: CacheFingerprint | str) -> Path:
