@@ -148,7 +148,7 @@ def make_examples(shape: Shape, count: int, vocab: int, seed: int = 0) -> list[d
 class Bench:
     """The models, batches and one step function per variant."""
 
-    def __init__(self, shape: Shape, cache_dir: Path | None) -> None:
+    def __init__(self, shape: Shape, cache_dir: Path | None, chunk_size: int | None = None) -> None:
         torch.manual_seed(0)
         self.shape = shape
         self.teacher, self.tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=TEACHER))
@@ -197,10 +197,12 @@ class Bench:
             "cutoff_len": shape.seq,
             "unwrap": lambda model: model,
         }
-        kd = DistillSettings(method="forward_kl", temperature=1.0)
+        # kdlab's objectives with their defaults (distill.chunk_size) unless --chunk-size.
+        chunk = {} if chunk_size is None else {"chunk_size": chunk_size}
+        kd = DistillSettings(method="forward_kl", temperature=1.0, **chunk)
         self.live_objective = DistillationObjective(settings=kd, teacher=self.teacher, **common)
         self.sft_objective = DistillationObjective(
-            settings=DistillSettings(method="sft"), teacher=None, **common
+            settings=DistillSettings(method="sft", **chunk), teacher=None, **common
         )
         self.cached_objective: DistillationObjective | None = None
         if self.cache is not None:
@@ -418,15 +420,19 @@ class PeakMeter:
         return max(peak - self.baseline_kib, 0) / 1024
 
 
-def memory_child(variant: str, shape: Shape, cache_dir: Path | None) -> dict[str, Any]:
+def memory_child(
+    variant: str, shape: Shape, cache_dir: Path | None, chunk_size: int | None
+) -> dict[str, Any]:
     """``--fresh-memory``: one variant's first step in a fresh process."""
-    bench = Bench(shape, cache_dir if variant == "d" else None)
+    bench = Bench(shape, cache_dir if variant == "d" else None, chunk_size)
     meter = PeakMeter()
     bench.step(variant, bench.batches[0])
     return {"variant": variant, "peak_mib": meter.peak_mib(), "exact": meter.exact}
 
 
-def measure_memory(variants: list[str], shape: Shape, cache_dir: Path) -> dict[str, float]:
+def measure_memory(
+    variants: list[str], shape: Shape, cache_dir: Path, chunk_size: int | None
+) -> dict[str, float]:
     peaks = {}
     for variant in variants:
         command = [
@@ -440,6 +446,7 @@ def measure_memory(variants: list[str], shape: Shape, cache_dir: Path) -> dict[s
             str(shape.seq),
             "--cache-dir",
             str(cache_dir),
+            *([] if chunk_size is None else ["--chunk-size", str(chunk_size)]),
         ]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -606,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--topk-error", type=int, default=0, metavar="N", help="k=64 vs dense on N real batches"
     )
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="distill.chunk_size of (c), (d), (e)"
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -617,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     shape = Shape(args.batch or (2 if args.quick else 4), args.seq or (128 if args.quick else 256))
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, shape, args.cache_dir)))
+        print(json.dumps(memory_child(args.memory_child, shape, args.cache_dir, args.chunk_size)))
         return 0
     if args.topk_error:
         result = topk_error(args.topk_error)
@@ -631,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     peak_flops = matmul_peak()
     cache_dir = Path(tempfile.mkdtemp(prefix="kdlab-bench-cache-"))
     try:
-        bench = Bench(shape, cache_dir)
+        bench = Bench(shape, cache_dir, args.chunk_size)
         build_seconds = bench.build_cache()
         cache_bytes = bench.cache.size_bytes() if bench.cache is not None else 0
         losses = bench.check_losses()
@@ -644,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         del bench
         gc.collect()
         if args.fresh_memory:
-            peaks = measure_memory(variants, shape, cache_dir)
+            peaks = measure_memory(variants, shape, cache_dir, args.chunk_size)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     print()

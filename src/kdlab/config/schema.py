@@ -276,7 +276,11 @@ class DistillSettings:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     seqkd_greedy: bool = config_field(True, help="seqKD: teacher decodes greedily.")
     seqkd_batch_size: int = config_field(8, help="seqKD: teacher generation batch size.")
-    chunk_size: int = config_field(256, help="Positions per chunk of the memory-efficient loss.")
+    chunk_size: int | None = config_field(
+        None,
+        help="Positions per chunk of the memory-efficient loss (None = auto: ~24 MiB fp32 "
+        "per [rows, vocab] temporary on CPU, the loss's own default on GPUs).",
+    )
     teacher_cache: str | None = config_field(
         None, help="Directory of a precomputed top-k teacher-output cache."
     )
@@ -291,7 +295,7 @@ class DistillSettings:
         check(self.noise_std >= 0, "noise_std", "must be >= 0")
         check(0.0 <= self.lambda_on_policy <= 1.0, "lambda_on_policy", "must be in [0, 1]")
         check(self.seqkd_batch_size >= 1, "seqkd_batch_size", "must be >= 1")
-        check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
+        check(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", "must be >= 1")
         check(self.teacher_cache_topk >= 1, "teacher_cache_topk", "must be >= 1")
 
     @property
