@@ -35,9 +35,10 @@ from safetensors files and only become resident when first read, so the set-up r
 parameter once; then the child collects garbage, returns freed heap pages to the OS
 (``malloc_trim``), records its resident set (``VmRSS``), resets the kernel's high-water mark
 (``/proc/self/clear_refs``) and runs the step; the peak is ``VmHWM`` minus the recorded
-baseline (``ru_maxrss`` where ``clear_refs`` is unavailable). ``--in-process-memory``
-measures the same way inside the timing process, before each variant's warm-up step
-(cheaper; it read (a) 16 % higher, 2.09 vs 1.80 GiB, and the others within ±10 %).
+baseline (``ru_maxrss`` where ``clear_refs`` is unavailable); the table gives the median of
+``--memory-repeats`` (3) such children, interleaved over the variants (one child's number
+varies by up to ±15 %: heap and arena layout). ``--in-process-memory`` measures the same
+way inside the timing process, before each variant's warm-up step (cheaper, no isolation).
 
 Model FLOP/s of (c): ``2·N·tokens`` forward + ``4·N·tokens`` backward for the student's
 decoder parameters N (the standard count, although LoRA skips the frozen weights'
@@ -430,30 +431,42 @@ def memory_child(
 
 
 def measure_memory(
-    variants: list[str], shape: Shape, cache_dir: Path, chunk_size: int | None
-) -> dict[str, float]:
-    peaks = {}
-    for variant in variants:
-        command = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--memory-child",
-            variant,
-            "--batch",
-            str(shape.batch),
-            "--seq",
-            str(shape.seq),
-            "--cache-dir",
-            str(cache_dir),
-            *([] if chunk_size is None else ["--chunk-size", str(chunk_size)]),
-        ]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"memory child {variant} failed:\n{result.stderr[-3000:]}")
-        record = json.loads(result.stdout.strip().splitlines()[-1])
-        peaks[variant] = record["peak_mib"]
-        logger.info("memory %s: %.0f MiB (exact=%s)", variant, record["peak_mib"], record["exact"])
-    return peaks
+    variants: list[str],
+    shape: Shape,
+    cache_dir: Path,
+    chunk_size: int | None,
+    repeats: int,
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median over ``repeats`` fresh subprocesses per variant, interleaved (and every sample).
+
+    A fresh process's first step varies by up to ±15 % from run to run (heap and arena
+    layout), hence the median.
+    """
+    samples: dict[str, list[float]] = {variant: [] for variant in variants}
+    for _ in range(repeats):
+        for variant in variants:
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--memory-child",
+                variant,
+                "--batch",
+                str(shape.batch),
+                "--seq",
+                str(shape.seq),
+                "--cache-dir",
+                str(cache_dir),
+                *([] if chunk_size is None else ["--chunk-size", str(chunk_size)]),
+            ]
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise RuntimeError(f"memory child {variant} failed:\n{result.stderr[-3000:]}")
+            record = json.loads(result.stdout.strip().splitlines()[-1])
+            samples[variant].append(record["peak_mib"])
+            logger.info(
+                "memory %s: %.0f MiB (exact=%s)", variant, record["peak_mib"], record["exact"]
+            )
+    return {variant: statistics.median(values) for variant, values in samples.items()}, samples
 
 
 # --------------------------------------------------------------------------- k = 64 error
@@ -606,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="".join(VARIANTS), help="subset, e.g. 'acef'")
     parser.add_argument("--no-memory", action="store_true", help="do not measure memory")
     parser.add_argument(
+        "--memory-repeats", type=int, default=3, help="fresh subprocesses per variant (median)"
+    )
+    parser.add_argument(
         "--in-process-memory",
         action="store_true",
         help="measure memory in the timing process (no subprocess per variant)",
@@ -655,8 +671,11 @@ def main(argv: list[str] | None = None) -> int:
         tokens = shape.batch * shape.seq
         del bench
         gc.collect()
+        memory_samples: dict[str, list[float]] = {}
         if not (args.no_memory or args.in_process_memory):
-            peaks = measure_memory(variants, shape, cache_dir, args.chunk_size)
+            peaks, memory_samples = measure_memory(
+                variants, shape, cache_dir, args.chunk_size, args.memory_repeats
+            )
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     print()
@@ -691,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
             "min_seconds": {v: min(t) for v, t in times.items()},
             "tokens_per_s": {v: tokens / s for v, s in seconds.items()},
             "peak_mib": peaks,
+            "peak_mib_samples": memory_samples,
             "model_flops_c": flops_c,
             "achieved_flops_c": achieved,
             "matmul_peak_flops": peak_flops,

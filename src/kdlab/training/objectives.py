@@ -7,7 +7,10 @@ run on the counted rows. The student is called through its (possibly DDP-wrapped
 with ``logits_to_keep=1`` (one position of logits, which nobody reads) and
 ``output_hidden_states``; its last hidden state is taken *after* the final norm. The teacher
 runs only its decoder stack (no lm_head at all, no list of per-layer hidden states kept
-alive) under ``torch.inference_mode``.
+alive) under ``torch.inference_mode``, and before the student, so that its transient
+buffers are gone by the time the student's activations are held for backward. On CPU the
+chunk size defaults to ~24 MiB per fp32 ``[rows, vocab]`` temporary
+(:func:`resolve_chunk_size`); ``docs/performance.md`` has the measurements.
 
 Teacher-output cache (``distill.teacher_cache``, :mod:`kdlab.training.teacher_cache`): when
 given a :class:`~kdlab.training.teacher_cache.TeacherCache`, off-policy batches read the
@@ -316,6 +319,11 @@ class DistillationObjective:
         tokens = int(kd_mask.sum()) if self.divergence else int(label_mask.sum())
         if tokens == 0:
             return StepLoss(loss=None, tokens=0, stats=stats)
+        teacher_hidden = None
+        if self.divergence and self._needs_live_teacher(on_policy):
+            # Teacher first: its forward's transient buffers are gone before the student's
+            # activations (kept for backward) exist, so the two peaks do not add up.
+            teacher_hidden = self._live_teacher_hidden(batch)
         student_hidden = final_hidden_states(student, input_ids, attention_mask)
         weight, bias = output_projection(self.unwrap(student))
         # Under autocast (or with bf16 weights) the final norm may return another dtype than
@@ -330,7 +338,7 @@ class DistillationObjective:
             )
         kd = None
         if self.divergence:
-            kd = self._kd_term(batch, student_hidden, weight, bias, kd_mask, on_policy)
+            kd = self._kd_term(batch, student_hidden, weight, bias, kd_mask, teacher_hidden)
         if kd is None:
             loss = ce
         elif ce is None or on_policy:
@@ -347,6 +355,20 @@ class DistillationObjective:
             stats=stats,
         )
 
+    def _needs_live_teacher(self, on_policy: bool) -> bool:
+        """Off-policy batches read the cache when there is one; on-policy ones cannot."""
+        return self.teacher_cache is None or on_policy
+
+    def _live_teacher_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[batch, seq, hidden_T]`` final hidden states of the live teacher."""
+        if self.teacher is None:
+            raise KdlabError(
+                "this batch needs the live teacher (on-policy GKD batch), but only a teacher "
+                "cache was given"
+            )
+        with torch.inference_mode():
+            return teacher_hidden_states(self.teacher, batch["input_ids"], batch["attention_mask"])
+
     def _kd_term(
         self,
         batch: dict[str, torch.Tensor],
@@ -354,9 +376,10 @@ class DistillationObjective:
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         kd_mask: torch.Tensor,
-        on_policy: bool,
+        teacher_hidden: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The KD divergence of one micro-batch, against the cached or the live teacher."""
+        """The KD divergence of one micro-batch: the live teacher's when ``teacher_hidden``
+        is given, else the cached top-k of the batch's examples."""
         assert self.divergence is not None
         common: dict[str, Any] = {
             "divergence": self.divergence,
@@ -373,7 +396,8 @@ class DistillationObjective:
             "student_lm_head_bias": bias,
             "vocab_size": self.vocab_size,
         }
-        if self.teacher_cache is not None and not on_policy:
+        if teacher_hidden is None:
+            assert self.teacher_cache is not None
             if "index" not in batch:
                 raise KdlabError(
                     "distill.teacher_cache: the batch carries no example indices (batch['index'])"
@@ -392,15 +416,7 @@ class DistillationObjective:
                 teacher_tail_mass=rows.tail_mass,
                 **common,
             )
-        if self.teacher is None:
-            raise KdlabError(
-                "this batch needs the live teacher (on-policy GKD batch), but only a teacher "
-                "cache was given"
-            )
-        with torch.inference_mode():
-            teacher_hidden = teacher_hidden_states(
-                self.teacher, batch["input_ids"], batch["attention_mask"]
-            )
+        assert self.teacher is not None
         teacher_weight, teacher_bias = output_projection(self.teacher)
         # Trap: teacher_hidden is an inference tensor. The loss only selects its masked rows
         # (a new, normal tensor) and never saves it for backward, so this is allowed.
