@@ -22,6 +22,7 @@ KD study needs and the paper's scripts lack:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -38,7 +39,13 @@ import torch
 from kdlab.config.schema import TrainConfig
 from kdlab.errors import KdlabError
 from kdlab.utils.faults import maybe_fault
-from kdlab.utils.io import append_jsonl, atomic_directory, atomic_write_json, read_jsonl
+from kdlab.utils.io import (
+    append_jsonl,
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -277,8 +284,6 @@ class TrainingLoop:
         load_trainable_state(self.unwrapped, load_file(str(path / "trainable.safetensors")))
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        import json
-
         state = json.loads((path / "trainer_state.json").read_text())
         self.start_step = int(state["step"])
         self.best_metric = state.get("best_metric")
@@ -299,10 +304,6 @@ class TrainingLoop:
         if not file.exists():
             return
         kept = [r for r in read_jsonl(file) if int(r.get("step", 0)) <= step]
-        import json
-
-        from kdlab.utils.io import atomic_write_text
-
         atomic_write_text(file, "".join(json.dumps(r) + "\n" for r in kept))
 
     # ------------------------------------------------------------------ the loop
