@@ -317,6 +317,12 @@ class GridPlanner:
         )
         what = f"student {student}, method {method} ({family})"
         distill_config = _build(DistillConfig, mapping, what, self.source)
+        if "teacher_cache" not in distill and _cache_applies(distill_config):
+            # Students of one teacher share its top-k outputs: computed once, the teacher
+            # is then not run again (docs/performance.md). Set distill.teacher_cache: null
+            # in the grid to always use the live teacher.
+            mapping["distill"]["teacher_cache"] = "auto"
+            distill_config = _build(DistillConfig, mapping, what, self.source)
         return PlannedRun(
             stage="distill",
             kind="kd" if teacher else "sft",
@@ -737,3 +743,13 @@ def estimate_plan(plan: SweepPlan, planner: GridPlanner) -> None:
             if items is not None and size is not None:
                 seconds = items * (estimate.eval_s_per_item + size * estimate.eval_s_per_item_per_b)
             run.estimate = RunEstimate(items=items, seconds=seconds)
+
+
+def _cache_applies(config: DistillConfig) -> bool:
+    """Whether the teacher-output cache serves this run exactly enough to use by default."""
+    from kdlab.training.teacher_cache import cache_refusal
+
+    settings = config.distill
+    if settings.method == "sft" or settings.resolved_divergence is None:
+        return False
+    return cache_refusal(settings) is None
