@@ -182,3 +182,33 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros_like(labels, dtype=torch.bool)
     mask[:, :-1] = labels[:, 1:] != -100
     return mask
+
+
+def train_summary(
+    result: Any,
+    train: TrainConfig,
+    *,
+    best_step: int | None,
+    train_records: int,
+    validation_records: int,
+    trainable_parameters: int,
+) -> dict[str, Any]:
+    """The fields of ``train_summary.json`` every training stage writes."""
+    return {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "seconds": round(result.seconds, 3),
+        "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+        "seconds_per_step": result.seconds / max(result.steps, 1),
+        "best_metric_name": train.best_metric,
+        "best_metric": result.best_metric,
+        "best_checkpoint": None
+        if result.best_step is None
+        else f"checkpoints/checkpoint-{result.best_step}",
+        "final_weights_from_step": best_step or result.steps,
+        "final_validation": result.final_metrics,
+        "skipped_batches": result.skipped_batches,
+        "train_records": train_records,
+        "validation_records": validation_records,
+        "trainable_parameters": trainable_parameters,
+    }

@@ -46,6 +46,7 @@ from kdlab.training.common import (
     load_training_records,
     make_accelerator,
     save_final,
+    train_summary,
 )
 from kdlab.training.loop import TrainingLoop
 from kdlab.training.objectives import DistillationObjective
@@ -278,22 +279,14 @@ def run_distill(
     best = loop.load_best() if config.train.load_best_at_end else None
     summary = {
         "method": settings.method,
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "seconds": round(result.seconds, 3),
-        "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
-        "seconds_per_step": result.seconds / max(result.steps, 1),
-        "best_metric_name": config.train.best_metric,
-        "best_metric": result.best_metric,
-        "best_checkpoint": None
-        if result.best_step is None
-        else f"checkpoints/checkpoint-{result.best_step}",
-        "final_weights_from_step": best or result.steps,
-        "final_validation": result.final_metrics,
-        "skipped_batches": result.skipped_batches,
-        "train_records": len(train_examples),
-        "validation_records": len(validation_examples),
-        "trainable_parameters": trainable,
+        **train_summary(
+            result,
+            config.train,
+            best_step=best,
+            train_records=len(train_examples),
+            validation_records=len(validation_examples),
+            trainable_parameters=trainable,
+        ),
         "stats": result.stats,
         "seqkd": seqkd_info,
         "teacher_cache": cache_info,

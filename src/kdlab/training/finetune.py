@@ -25,6 +25,7 @@ from kdlab.training.common import (
     load_training_records,
     make_accelerator,
     save_final,
+    train_summary,
 )
 from kdlab.training.loop import StepLoss, TrainingLoop
 from kdlab.training.rundir import prepare_run_dir, write_run_files
@@ -112,24 +113,14 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
     )
     result = loop.run()
     best = loop.load_best() if config.train.load_best_at_end else None
-    summary = {
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "seconds": round(result.seconds, 3),
-        "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
-        "seconds_per_step": result.seconds / max(result.steps, 1),
-        "best_metric_name": config.train.best_metric,
-        "best_metric": result.best_metric,
-        "best_checkpoint": None
-        if result.best_step is None
-        else f"checkpoints/checkpoint-{result.best_step}",
-        "final_weights_from_step": best or result.steps,
-        "final_validation": result.final_metrics,
-        "skipped_batches": result.skipped_batches,
-        "train_records": len(train_examples),
-        "validation_records": len(validation_examples),
-        "trainable_parameters": trainable,
-    }
+    summary = train_summary(
+        result,
+        config.train,
+        best_step=best,
+        train_records=len(train_examples),
+        validation_records=len(validation_examples),
+        trainable_parameters=trainable,
+    )
     save_final(
         model=loop.model,
         tokenizer=tokenizer,
