@@ -74,7 +74,8 @@ TRAIN_KEYS: dict[str, dict[str, str | None]] = {
 }
 
 
-def _read(path: str | Path) -> dict[str, Any]:
+def read_paper_args(path: str | Path) -> dict[str, Any]:
+    """A paper scripts' ``*_args.json`` as a dict; errors name the file."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{file}: paper args file not found")
@@ -97,7 +98,7 @@ def _set(result: dict[str, Any], dotted: str, value: Any) -> None:
 
 def import_paper_train_args(path: str | Path, *, stage: str) -> dict[str, Any]:
     """Map a paper ``train_args.json`` to a kdlab config mapping for ``stage``."""
-    data = _read(path)
+    data = read_paper_args(path)
     table = TRAIN_KEYS.get(stage)
     if table is None:
         raise ConfigError(f"--from-paper-args is not available for {stage}")

@@ -11,12 +11,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
-
-from kdlab.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -82,15 +79,9 @@ def _allow_intermixed(parser: argparse.ArgumentParser) -> None:
 
 def import_paper_eval_args(path: str | Path) -> dict[str, Any]:
     """Map the paper's ``eval_args.json`` to an eval config mapping (mappings are logged)."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{file}: paper args file not found")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{file}: invalid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file}: expected a JSON object of arguments")
+    from kdlab.config.paper_args import read_paper_args
+
+    data = read_paper_args(path)
     result: dict[str, Any] = {"generation": {"preset": "paper"}}
     for key, value in data.items():
         target = PAPER_EVAL_KEYS.get(key)
