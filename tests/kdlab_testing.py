@@ -98,9 +98,16 @@ def finetune_overrides(model_dir: Path, output_dir: Path, *extra: str) -> list[s
 def distill_overrides(
     student_dir: Path, teacher_dir: Path, output_dir: Path, method: str, *extra: str
 ) -> list[str]:
+    """Overrides of a 2-step distillation on the tiny models; the teacher and the
+    generation budget only where the method reads them (kdlab refuses the rest)."""
+    from kdlab.config.methods import get_method
+
+    spec = get_method(method)
+    never_on_policy = any(item.startswith("distill.lambda_on_policy=0") for item in extra)
+    samples = (spec.on_policy and not never_on_policy) or spec.teacher_responses
     return [
         f"student.name_or_path={student_dir}",
-        f"teacher.model.name_or_path={teacher_dir}",
+        *([f"teacher.model.name_or_path={teacher_dir}"] if spec.needs_teacher else []),
         f"data.train_files=['{TRAIN_DATA}']",
         "data.val_set_size=4",
         "train.max_steps=2",
@@ -110,8 +117,31 @@ def distill_overrides(
         "train.logging_steps=1",
         "train.eval_steps=2",
         "train.save_steps=2",
-        "distill.generation.max_new_tokens=6",
+        *(["distill.generation.max_new_tokens=6"] if samples else []),
         f"distill.method={method}",
         f"train.output_dir={output_dir}",
         *extra,
     ]
+
+
+def write_partly_truncated_data(path: Path, *, normal: int = 6, truncated: int = 6) -> Path:
+    """A JSON training file: ``normal`` arithmetic records, then ``truncated`` records whose
+    prompt alone is longer than the default ``cutoff_len`` (256): after tokenization they
+    keep no response token, so a micro-batch made only of them counts nothing."""
+    import json
+
+    from kdlab.data.records import load_records
+
+    records = load_records(f"generated:arithmetic?split=train&n={normal}&seed=0")
+    filler = " ".join(f"Tom counts {n} apples and {n + 1} pears." for n in range(80))
+    records += [
+        {
+            "instruction": f"{filler} Question {i}: how many?",
+            "input": "",
+            "output": "7.",
+            "answer": "7",
+        }
+        for i in range(truncated)
+    ]
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path

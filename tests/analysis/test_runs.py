@@ -74,7 +74,11 @@ def test_no_runs_or_no_evaluations_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match="does not exist"):
         collect_runs([tmp_path / "nope"])
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "run.json").write_text(json.dumps({"model": "m", "method": "sft"}))
+    (tmp_path / "run" / "run.json").write_text(
+        json.dumps(
+            {"stage": "finetune", "role": "student", "name": "run", "model": "m", "method": "sft"}
+        )
+    )
     with pytest.raises(RunDirError, match="no evaluation outputs"):
         collect_runs([tmp_path])
 

@@ -120,7 +120,11 @@ def test_user_errors(fake_sweep, analyze, tmp_path) -> None:
         analyze([empty, *out])
     not_evaluated = tmp_path / "not_evaluated" / "run"
     not_evaluated.mkdir(parents=True)
-    (not_evaluated / "run.json").write_text(json.dumps({"model": "m", "method": "sft"}))
+    (not_evaluated / "run.json").write_text(
+        json.dumps(
+            {"stage": "finetune", "role": "student", "name": "run", "model": "m", "method": "sft"}
+        )
+    )
     with pytest.raises(KdlabError, match="no evaluation outputs"):
         analyze([not_evaluated.parent, *out])
 

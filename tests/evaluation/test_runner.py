@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from kdlab.config.evaluation import load_eval_config
+from kdlab.config.run_identity import RunIdentity
 from kdlab.errors import ConfigError, DataError, KdlabError
 from kdlab.evaluation import TASK_GROUPS, evaluate
 from kdlab.evaluation.generation import HFGenerator
@@ -321,7 +322,9 @@ def test_run_dir_with_adapter(tiny_model_dir, hellaswag_dir, tmp_path) -> None:
     (run_dir / "config.yaml").write_text(
         yaml.safe_dump({"model": {"name_or_path": str(tiny_model_dir)}})
     )
-    identity = {"stage": "finetune", "role": "teacher", "name": "tiny-teacher", "method": "sft"}
+    identity = RunIdentity(
+        stage="finetune", role="teacher", name="tiny-teacher", model=str(tiny_model_dir)
+    ).to_dict()
     (run_dir / "run.json").write_text(json.dumps(identity))
     outputs = []
     for attempt in range(2):

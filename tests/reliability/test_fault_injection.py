@@ -168,12 +168,23 @@ def _kill_then_resume(
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "--resume" in error, error
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    saved = [
+        int(path.name.split("-")[1])
+        for path in (out / "checkpoints").glob("checkpoint-*")
+        if (path / "trainer_state.json").is_file()
+    ]
     resumed = run_kdlab([*build(out), "--resume"], cache=cache)
     assert resumed.returncode == 0, f"{fault.spec}: resume failed\n{resumed.stderr[-3000:]}"
     assert (out / "DONE").is_file()
     leftovers = [p.name for p in out.rglob(".*") if p.name.endswith((".tmp", ".old"))]
     if build(out)[0] != "eval":
         assert not leftovers, f"staging left after resume: {leftovers}"
+        # The resumed process ran only the steps after the last checkpoint (a resume that
+        # silently restarted at step 0 would reproduce the same weights: count the steps).
+        summary = json.loads((out / "train_summary.json").read_text())
+        start = max(saved, default=0)
+        assert summary["resumed_from_step"] == start, (summary, saved)
+        assert summary["steps_run"] == summary["steps"] - start
 
 
 def _assert_close(actual: object, expected: object, where: str) -> None:
@@ -211,7 +222,12 @@ def _assert_same_training(reference: Path, resumed: Path, *, ignore: tuple[str, 
 
     def summary(run: Path) -> dict:
         data = json.loads((run / "train_summary.json").read_text())
-        return {k: v for k, v in data.items() if k not in TIMING_KEYS and k not in ignore}
+        resume_keys = ("resumed_from_step", "steps_run")  # checked in _kill_then_resume
+        return {
+            k: v
+            for k, v in data.items()
+            if k not in TIMING_KEYS and k not in ignore and k not in resume_keys
+        }
 
     _assert_close(summary(resumed), summary(reference), "train_summary.json")
     checkpoints = sorted(p.name for p in (reference / "checkpoints").iterdir())
@@ -380,14 +396,18 @@ def test_seqkd_cache_torn_tail_is_repaired_and_damage_is_a_data_error(tmp_path: 
     records = [{"instruction": f"question {i}", "input": ""} for i in range(3)]
     settings = DistillSettings(method="seqkd")
     common = {"records": records, "template": "alpaca", "settings": settings, "cutoff_len": 64}
-    _key, meta = seqkd_fingerprint(teacher_identity="t", adapter=None, **common)
+    teacher = {"model": "t", "weights": "w", "adapter": "none", "dtype": "float32"}
+    _key, meta = seqkd_fingerprint(teacher=teacher, **common)
     (tmp_path / "meta.json").write_text(json.dumps(meta))
-    lines = [json.dumps({"index": i, "response": f"answer {i}"}) for i in range(3)]
+    lines = [
+        json.dumps({"index": i, "response": f"answer {i}", "finish_reason": "eos"})
+        for i in range(3)
+    ]
     responses = tmp_path / "responses.jsonl"
 
     def read() -> list[str]:  # every response cached: the teacher is never called
-        kwargs = {"teacher_identity": "t", "adapter": None, "cache_dir": tmp_path, **common}
-        return teacher_responses(teacher=None, tokenizer=None, **kwargs)[0]
+        kwargs = {"teacher_fingerprint": teacher, "cache_dir": tmp_path, **common}
+        return [r.text for r in teacher_responses(teacher=None, tokenizer=None, **kwargs)[0]]
 
     responses.write_text("\n".join(lines) + '\n{"index": 3, "resp')  # torn by a kill
     assert read() == ["answer 0", "answer 1", "answer 2"]

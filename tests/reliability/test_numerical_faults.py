@@ -1,5 +1,6 @@
 """Numerical faults: a NaN/inf loss or gradient stops the run at that step (exit code 3) and
-keeps the last good checkpoint; an all-masked batch is skipped and counted, never a NaN."""
+keeps the last good checkpoint; a micro-batch without a response token is skipped and
+counted, never a NaN, and a run past ``train.max_skipped_fraction`` fails."""
 
 from __future__ import annotations
 
@@ -12,13 +13,23 @@ import torch
 from safetensors.torch import load_file
 
 from kdlab.config.core import load_config
-from kdlab.config.schema import DistillConfig, FinetuneConfig
-from kdlab.training import finetune as finetune_module
+from kdlab.config.schema import DistillConfig, FinetuneConfig, ModelConfig
+from kdlab.data.records import load_records
+from kdlab.data.tokenize import Collator, tokenize_records
+from kdlab.errors import KdlabError
+from kdlab.models.loading import load_model_and_tokenizer, load_tokenizer
 from kdlab.training import objectives as objectives_module
+from kdlab.training.common import (
+    build_examples,
+    has_response_token,
+    load_training_records,
+    make_accelerator,
+)
 from kdlab.training.distill import run_distill
 from kdlab.training.finetune import run_finetune
-from kdlab.training.loop import NumericalFaultError, list_checkpoints
-from kdlab_testing import distill_overrides, finetune_overrides
+from kdlab.training.loop import DataStream, NumericalFaultError, TrainingLoop, list_checkpoints
+from kdlab.training.objectives import CrossEntropyObjective
+from kdlab_testing import distill_overrides, finetune_overrides, write_partly_truncated_data
 
 #: micro-batches per step in the settings below (batch 4, micro-batch 2)
 MICRO = 2
@@ -50,18 +61,18 @@ def _assert_stopped_at(out: Path, step: int, error: pytest.ExceptionInfo) -> Non
 
 def _poison_gradient_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """The loss of ``step`` stays finite, its gradient becomes infinite (a tensor hook)."""
-    real = finetune_module.cross_entropy_loss
+    real = CrossEntropyObjective.__call__
     calls = {"n": 0}
 
-    def poisoned(model, batch, training):
-        result = real(model, batch, training)
+    def poisoned(self, model, batch, training):
+        result = real(self, model, batch, training)
         if training:
             calls["n"] += 1
             if calls["n"] > (step - 1) * MICRO:
-                result.loss.register_hook(lambda grad: grad * math.inf)
+                result.sums["ce"].register_hook(lambda grad: grad * math.inf)
         return result
 
-    monkeypatch.setattr(finetune_module, "cross_entropy_loss", poisoned)
+    monkeypatch.setattr(CrossEntropyObjective, "__call__", poisoned)
 
 
 @pytest.mark.parametrize("max_grad_norm", ["1.0", "0"], ids=["clipping", "no-clipping"])
@@ -93,8 +104,8 @@ def test_nan_loss_in_distillation_stops_at_its_step(
         result = real(self, model, batch, training)
         if training:
             calls["n"] += 1
-            if calls["n"] > 2 * MICRO and result.loss is not None:
-                result.loss = result.loss * float("nan")
+            if calls["n"] > 2 * MICRO:
+                result.sums["kd"] = result.sums["kd"] * float("nan")
         return result
 
     monkeypatch.setattr(objectives_module.DistillationObjective, "__call__", poisoned)
@@ -113,15 +124,15 @@ def test_nan_loss_exits_3_from_the_cli(
 ) -> None:
     from kdlab.cli import main as cli_main
 
-    real = finetune_module.cross_entropy_loss
+    real = CrossEntropyObjective.__call__
 
-    def poisoned(model, batch, training):
-        result = real(model, batch, training)
-        if training and result.loss is not None:
-            result.loss = result.loss * float("nan")
+    def poisoned(self, model, batch, training):
+        result = real(self, model, batch, training)
+        if training:
+            result.sums["ce"] = result.sums["ce"] * float("nan")
         return result
 
-    monkeypatch.setattr(finetune_module, "cross_entropy_loss", poisoned)
+    monkeypatch.setattr(CrossEntropyObjective, "__call__", poisoned)
     out = tmp_path / "cli"
     assert cli_main(["finetune", *finetune_overrides(tiny_model_dir, out)]) == 3
     # the progress bar the error interrupted is closed: the error is a line of its own
@@ -130,33 +141,85 @@ def test_nan_loss_exits_3_from_the_cli(
     assert "non-finite loss" in error[0] and "step 1" in error[0]
 
 
+def _empty_micro_batches(config: DistillConfig | FinetuneConfig, model_dir: Path) -> int:
+    """How many of the run's micro-batches hold only examples without a response token."""
+    train, _ = build_examples(
+        load_training_records(config.data), load_tokenizer(ModelConfig(str(model_dir))), config.data
+    )
+    stream = DataStream(train, config.train.micro_batch_size, config.train.seed)
+    micro_batches = config.train.max_steps * config.train.batch_size // stream.micro_batch_size
+    return sum(
+        not any(has_response_token(example) for example in stream.micro_batch(index))
+        for index in range(micro_batches)
+    )
+
+
 @pytest.mark.parametrize("method", ["forward_kl", "reverse_kl", "jsd", "tvd", "sft"])
-def test_all_masked_batches_are_skipped_in_distillation(
+def test_micro_batches_without_response_tokens_are_counted_and_add_nothing(
     tiny_model_dir: Path, tiny_teacher_dir: Path, tmp_path: Path, method: str
 ) -> None:
+    """Half the records lose every response token to the cutoff: their micro-batches are
+    skipped and counted (never a NaN), the others train as usual."""
+    data = write_partly_truncated_data(tmp_path / "data.json")
     out = tmp_path / method
-    # a cutoff shorter than every prompt: every response is truncated away
-    summary = run_distill(
-        _distill(tiny_model_dir, tiny_teacher_dir, out, method, "data.cutoff_len=16")
+    config = _distill(
+        tiny_model_dir,
+        tiny_teacher_dir,
+        out,
+        method,
+        f"data.train_files=['{data}']",
+        "data.val_set_size=2",
+        "train.micro_batch_size=1",
+        "train.max_steps=3",
     )
-    assert summary["skipped_batches"] == 2 * MICRO  # 2 steps x 2 micro-batches
+    expected = _empty_micro_batches(config, tiny_model_dir)
+    assert 0 < expected < 12  # the fixture really mixes both kinds
+    summary = run_distill(config)
+    assert summary["skipped_batches"] == expected
     assert (out / "DONE").is_file()
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        assert record["step"] in (1, 2)
         for key, value in record.items():
             assert not (isinstance(value, float) and math.isnan(value)), (key, record)
-        # validation had no response token either: no made-up loss
-        assert "val_loss" not in record and "val_kd" not in record, record
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+def test_too_many_skipped_micro_batches_fail_the_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_partly_truncated_data(tmp_path / "data.json")
+    out = tmp_path / "limit"
+    config = _finetune(
+        tiny_model_dir,
+        out,
+        f"data.train_files=['{data}']",
+        "data.val_set_size=2",
+        "train.micro_batch_size=1",
+        "train.max_skipped_fraction=0.1",
+    )
+    assert _empty_micro_batches(config, tiny_model_dir) > 0.1 * 12
+    with pytest.raises(KdlabError, match=r"max_skipped_fraction = 0\.1"):
+        run_finetune(config)
+    assert not (out / "DONE").exists()
+
+
 def test_all_masked_validation_reports_no_metric(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Zero validation tokens must not report a val_loss of 0.0 (the best possible)."""
-    out = tmp_path / "masked"
-    summary = run_finetune(
-        _finetune(tiny_model_dir, out, "data.cutoff_len=16", "train.max_steps=2")
+    config = _finetune(tiny_model_dir, tmp_path / "unused")
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(str(tiny_model_dir)), for_training=True)
+    records = load_records(str(write_partly_truncated_data(tmp_path / "d.json", normal=4)))
+    examples = tokenize_records(records, tokenizer)
+    with_tokens = [e for e in examples if has_response_token(e)]
+    without = [e for e in examples if not has_response_token(e)]
+    loop = TrainingLoop(
+        config=config.train,
+        model=model,
+        train_examples=with_tokens,
+        validation_examples=without,
+        collate=Collator(tokenizer.pad_token_id),
+        objective=CrossEntropyObjective(),
+        run_dir=tmp_path,
+        accelerator=make_accelerator(config.train),
     )
-    assert summary["skipped_batches"] == 2 * MICRO
-    assert summary["best_metric"] is None and summary["final_validation"] == {}
+    assert loop.evaluate() == {}
+    loop.validation_examples = with_tokens
+    assert loop.evaluate()["val_loss"] > 0

@@ -26,7 +26,6 @@ TINY_TRAINING = {
         "save_steps": 0,
         "load_best_at_end": False,
     },
-    "distill": {"generation": {"max_new_tokens": 6}},
 }
 
 

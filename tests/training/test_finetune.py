@@ -112,20 +112,20 @@ def test_existing_output_dir_is_refused(tiny_model_dir: Path, tmp_path: Path, ca
 def test_non_finite_loss_stops_and_keeps_checkpoint(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kdlab.training import finetune as finetune_module
+    from kdlab.training.objectives import CrossEntropyObjective
 
-    real = finetune_module.cross_entropy_loss
+    real = CrossEntropyObjective.__call__
     calls = {"n": 0}
 
-    def poisoned(model, batch, training):
-        result = real(model, batch, training)
+    def poisoned(self, model, batch, training):
+        result = real(self, model, batch, training)
         if training:
             calls["n"] += 1
             if calls["n"] > 4:  # steps 1-2 are fine (2 micro-batches each), step 3 is NaN
-                result.loss = result.loss * float("nan")
+                result.sums["ce"] = result.sums["ce"] * float("nan")
         return result
 
-    monkeypatch.setattr(finetune_module, "cross_entropy_loss", poisoned)
+    monkeypatch.setattr(CrossEntropyObjective, "__call__", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(NumericalFaultError, match="step 3"):
         run_finetune(_config(tiny_model_dir, out, "train.max_steps=4"))
@@ -133,9 +133,15 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(
     assert not (out / "DONE").exists()
 
 
-def test_all_masked_batches_are_skipped(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_run_that_would_train_on_nothing_is_refused(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cutoff shorter than every prompt: every response is truncated away. Today's main
+    trained on nothing and ended with exit 0, DONE and tokens 0 (issue 12.3)."""
     out = tmp_path / "masked"
-    # cutoff shorter than any prompt: every response is truncated away
-    summary = run_finetune(_config(tiny_model_dir, out, "data.cutoff_len=16", "train.max_steps=2"))
-    assert summary["skipped_batches"] == 4
-    assert (out / "DONE").is_file()
+    args = ["finetune", *finetune_overrides(tiny_model_dir, out, "data.cutoff_len=16")]
+    assert cli_main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert "data.cutoff_len = 16" in error and "shortest prompt is" in error
+    assert not out.exists()

@@ -62,10 +62,12 @@ class _Setup:
 
     def fingerprint(self, topk: int, value_dtype: str = "float16", loss_on: str = "response"):
         return teacher_cache_fingerprint(
-            teacher_identity="tiny-teacher",
-            teacher_stamp="stamp",
-            adapter_hash="none",
-            teacher_dtype="float32",
+            teacher={
+                "model": "tiny-teacher",
+                "weights": "stamp",
+                "adapter": "none",
+                "dtype": "float32",
+            },
             examples=self.examples,
             template="alpaca",
             cutoff_len=256,
@@ -121,17 +123,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> _Setup:
 
 
 def _step(objective: DistillationObjective, student: Any, batch: dict[str, torch.Tensor]):
-    """KD loss and the student's gradients of one training micro-batch."""
+    """KD loss (mean over the micro-batch) and the student's gradients of one training
+    micro-batch."""
     student.zero_grad(set_to_none=True)
     result = objective(student, batch, True)
-    assert result.loss is not None
-    result.loss.backward()
+    mean = result.sums["kd"] / objective.counts(batch)["kd"]
+    mean.backward()
     grads = {
         name: parameter.grad.clone()
         for name, parameter in student.named_parameters()
         if parameter.grad is not None
     }
-    return result.kd, grads
+    return float(mean.detach()), grads
 
 
 def test_teacher_backbone_path_equals_output_hidden_states(setup: _Setup) -> None:

@@ -18,18 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdlab.config.methods import METHODS
+from kdlab.config.run_identity import RUN_FILE, RunIdentity, read_run_identity
 from kdlab.errors import RunDirError
 from kdlab.utils.io import read_jsonl
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 EVAL_DIR = "eval"
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 
-#: Methods whose runs are plain supervised fine-tuning (teachers and SFT students).
-SFT_METHODS = frozenset({"sft"})
 #: Methods (or roles) of evaluated models without any training.
 BASE_METHODS = frozenset({"base", "none"})
 
@@ -84,7 +83,7 @@ class Run:
     """One run directory: its identity (``run.json``) and its evaluation, if any."""
 
     run_dir: Path
-    identity: dict[str, Any]
+    identity: RunIdentity
     eval_dir: Path | None = None
     tasks: dict[str, TaskEvaluation] = field(default_factory=dict)
 
@@ -92,101 +91,96 @@ class Run:
     @property
     def name(self) -> str:
         """The human-readable run name (falls back to the directory name)."""
-        return str(self.identity.get("name") or self.run_dir.name)
+        return self.identity.name or self.run_dir.name
 
     @property
     def stage(self) -> str:
         """``finetune``, ``distill`` or ``eval``."""
-        return str(self.identity.get("stage") or "")
+        return self.identity.stage
 
     @property
     def role(self) -> str:
         """``teacher``, ``student`` or ``base``."""
-        return str(self.identity.get("role") or "")
+        return self.identity.role
 
     @property
     def model(self) -> str:
         """Identity of the trained or evaluated model."""
-        return str(self.identity.get("model") or "")
+        return self.identity.model
 
     @property
     def method(self) -> str:
         """Training method, lower case (``sft``, ``forward_kl``, ...)."""
-        return str(self.identity.get("method") or "").lower()
+        return self.identity.method.lower()
 
     @property
     def teacher(self) -> str | None:
         """Identity of the teacher model, ``None`` for a fine-tune."""
-        value = self.identity.get("teacher")
-        return str(value) if value else None
+        return self.identity.teacher or None
 
     @property
     def teacher_adapter(self) -> str | None:
         """Path of the teacher's adapter, ``None`` for a base teacher."""
-        value = self.identity.get("teacher_adapter")
-        return str(value) if value else None
+        return self.identity.teacher_adapter or None
 
     @property
     def teacher_run(self) -> str | None:
         """Path of the teacher's run directory, if recorded."""
-        value = self.identity.get("teacher_run")
-        return str(value) if value else None
+        return self.identity.teacher_run or None
 
     @property
     def temperature(self) -> float | None:
         """Distillation temperature."""
-        return _optional_float(self.identity.get("temperature"))
+        return self.identity.temperature
 
     @property
     def noise_std(self) -> float:
         """Standard deviation of the Gaussian noise added to the teacher logits."""
-        return _optional_float(self.identity.get("noise_std")) or 0.0
+        return self.identity.noise_std
 
     @property
     def kd_weight(self) -> float | None:
         """Weight of the KD term in the loss (1 = pure KD)."""
-        return _optional_float(self.identity.get("kd_weight"))
+        return self.identity.kd_weight
 
     @property
     def base_teacher(self) -> bool:
         """Whether the teacher is the pretrained model without its task adapter."""
-        return bool(self.identity.get("base_teacher"))
+        return self.identity.base_teacher
 
     @property
     def seed(self) -> int | None:
         """Training seed."""
-        value = self.identity.get("seed")
-        return int(value) if isinstance(value, int | float) else None
+        return self.identity.seed
 
     @property
     def task_family(self) -> str:
         """``math``, ``commonsense`` or ``custom``."""
-        return str(self.identity.get("task_family") or "custom")
+        return self.identity.task_family
 
     @property
     def student_layers(self) -> Any:
         """The layers a sliced student keeps, or ``None``."""
-        return self.identity.get("student_layers")
+        return self.identity.student_layers
 
     @property
     def model_params(self) -> int | None:
         """Number of parameters of the model, if recorded."""
-        value = self.identity.get("model_params")
-        return int(value) if isinstance(value, int | float) and value > 0 else None
+        value = self.identity.model_params
+        return value if value is not None and value > 0 else None
 
     # Derived identity.
     @property
     def is_kd(self) -> bool:
         """A distilled student (it has a teacher and is not plain SFT)."""
-        if self.method in SFT_METHODS or self.method in BASE_METHODS:
+        if _without_teacher(self.method) or self.method in BASE_METHODS:
             return False
-        return self.stage == "distill" or bool(self.identity.get("teacher"))
+        return self.stage == "distill" or bool(self.identity.teacher)
 
     @property
     def adapter(self) -> str | None:
         """The adapter a standalone evaluation (``kdlab eval --adapter``) recorded, if any."""
-        value = self.identity.get("adapter")
-        return str(value) if value else None
+        return self.identity.adapter or None
 
     @property
     def is_sft(self) -> bool:
@@ -197,7 +191,7 @@ class Run:
         """
         if self.is_kd:
             return False
-        if self.method in SFT_METHODS:
+        if _without_teacher(self.method):
             return True
         return self._untrained_identity and self.adapter is not None
 
@@ -294,14 +288,9 @@ class RunCollection:
         return families
 
 
-def _optional_float(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(number) else number
+def _without_teacher(method: str) -> bool:
+    """A training method that uses no teacher (plain supervised fine-tuning)."""
+    return method in METHODS and not METHODS[method].needs_teacher
 
 
 def _compact_layers(layers: Sequence[Any]) -> str:
@@ -309,16 +298,6 @@ def _compact_layers(layers: Sequence[Any]) -> str:
     if numbers and numbers == list(range(numbers[0], numbers[0] + len(numbers))):
         return f"{numbers[0]}-{numbers[-1]}"
     return ",".join(str(number) for number in numbers)
-
-
-def _read_run_json(path: Path) -> dict[str, Any]:
-    try:
-        identity = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise RunDirError(f"cannot read {path}: {error}") from error
-    if not isinstance(identity, dict):
-        raise RunDirError(f"{path} does not hold a JSON object")
-    return identity
 
 
 def _task_dirs(directory: Path) -> list[Path]:
@@ -366,7 +345,8 @@ def load_run(run_dir: Path) -> Run:
     run_file = run_dir / RUN_FILE
     if not run_file.is_file():
         raise RunDirError(f"{run_dir} has no {RUN_FILE}")
-    identity = _read_run_json(run_file)
+    identity = read_run_identity(run_dir)
+    assert identity is not None
     eval_dir = find_eval_dir(run_dir)
     tasks = load_task_evaluations(eval_dir) if eval_dir is not None else {}
     return Run(run_dir=run_dir.resolve(), identity=identity, eval_dir=eval_dir, tasks=tasks)

@@ -32,13 +32,21 @@ from kdlab.errors import ConfigError
 T = TypeVar("T")
 
 
-class FieldError(ValueError):
-    """Raised inside ``__post_init__`` for one field; the loader adds file and key path."""
+_UNSET: Any = object()
 
-    def __init__(self, field_name: str, message: str) -> None:
+
+class FieldError(ValueError):
+    """Raised inside ``__post_init__`` for one field; the loader adds file and key path.
+
+    ``field_name`` may be dotted (``generation.top_k``) for a key of a nested section;
+    ``value`` is shown when given (else the loader looks the field's value up).
+    """
+
+    def __init__(self, field_name: str, message: str, *, value: Any = _UNSET) -> None:
         super().__init__(message)
         self.field_name = field_name
         self.message = message
+        self.value = value
 
 
 def check(condition: bool, field_name: str, message: str) -> None:
@@ -171,7 +179,9 @@ def from_mapping(cls: type[T], data: Any, *, source: str = "config", prefix: str
     try:
         return cls(**kwargs)
     except FieldError as error:
-        bad = data.get(error.field_name, getattr(_defaults(cls), error.field_name, None))
+        bad = error.value
+        if bad is _UNSET:
+            bad = data.get(error.field_name, getattr(_defaults(cls), error.field_name, None))
         raise ConfigError(
             f"{where}'{prefix}{error.field_name}' = {bad!r}: {error.message}"
         ) from None
@@ -356,16 +366,31 @@ def load_config(
     return from_mapping(cls, data, source=source)
 
 
-def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every field, nested classes expanded."""
+def describe_fields(
+    cls: type, prefix: str = "", instance: Any = None
+) -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field, nested classes expanded.
+
+    Defaults are read from ``instance`` (default: ``cls()``), so a nested section whose
+    default comes from its parent (``DistillConfig.train.output_dir``) shows its real value.
+    """
     rows: list[tuple[str, str, str]] = []
     hints = typing.get_type_hints(cls)
+    if instance is None:
+        try:
+            instance = cls()
+        except TypeError:  # a class with required fields: describe the class defaults
+            instance = None
     for f in dataclasses.fields(cls):
         annotation = hints[f.name]
+        value = getattr(instance, f.name, dataclasses.MISSING)
         if dataclasses.is_dataclass(annotation):
-            rows.extend(describe_fields(annotation, f"{prefix}{f.name}."))
+            nested = value if dataclasses.is_dataclass(value) else None
+            rows.extend(describe_fields(annotation, f"{prefix}{f.name}.", nested))
             continue
-        if f.default is not dataclasses.MISSING:
+        if value is not dataclasses.MISSING:
+            default = repr(value)
+        elif f.default is not dataclasses.MISSING:
             default = repr(f.default)
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = repr(f.default_factory())  # type: ignore[misc]

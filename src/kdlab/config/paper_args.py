@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kdlab.config.schema import PAPER_METHOD_NAMES
+from kdlab.config.methods import PAPER_METHOD_NAMES
 from kdlab.errors import ConfigError
 
 logger = logging.getLogger(__name__)

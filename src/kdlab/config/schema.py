@@ -8,26 +8,22 @@ eval/save every 200 steps, keep 3; seed 6; KD weight 1.0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from kdlab.config.core import check, config_field
+from kdlab.config.core import FieldError, check, config_field, to_dict
+from kdlab.config.methods import (
+    DIVERGENCE_PARAMETERS,
+    PAPER_METHOD_NAMES,
+    MethodSpec,
+    get_method,
+    method_choices,
+    unread_settings,
+)
+from kdlab.losses.spec import KDLossSpec, LossSpecError
 
 PAPER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-
-#: Off-policy token-level divergences (they train on the dataset's gold responses).
-OFF_POLICY_METHODS = (
-    "forward_kl",
-    "reverse_kl",
-    "jsd",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "tvd",
-)
-#: Every distillation method; ``sft`` is supervised training of the student with no teacher.
-DISTILL_METHODS = ("sft", *OFF_POLICY_METHODS, "gkd", "seqkd")
-#: The paper scripts' ``kd_loss`` names.
-PAPER_METHOD_NAMES = {"": "sft", "kld": "forward_kl", "reversekld": "reverse_kl", "gkd": "gkd"}
 
 
 @dataclass
@@ -172,6 +168,11 @@ class TrainConfig:
         help="auto (bf16 on CUDA, none on CPU), no, bf16, fp16.",
         choices=("auto", "no", "bf16", "fp16"),
     )
+    max_skipped_fraction: float = config_field(
+        1.0,
+        help="Fail the run when more than this share of its micro-batches had no response "
+        "token to learn from (1.0: fail only when every one had none).",
+    )
 
     def __post_init__(self) -> None:
         check(self.num_epochs > 0, "num_epochs", "must be > 0")
@@ -191,6 +192,9 @@ class TrainConfig:
         check(self.save_steps >= 0, "save_steps", "must be >= 0")
         check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
         check(self.logging_steps >= 1, "logging_steps", "must be >= 1")
+        check(
+            0.0 <= self.max_skipped_fraction <= 1.0, "max_skipped_fraction", "must be in [0, 1]"
+        )
 
 
 @dataclass
@@ -249,12 +253,12 @@ class DistillSettings:
         "forward_kl",
         help="sft, off-policy divergences, gkd (on-policy), seqkd (sequence-level). "
         "The paper's kd_loss names kld/reversekld/gkd/'' are accepted.",
-        choices=(*DISTILL_METHODS, *[k for k in PAPER_METHOD_NAMES if k]),
+        choices=method_choices(),
     )
     divergence: str | None = config_field(
         None,
         help="Token-level divergence (default: the method's own; jsd for gkd; none for seqkd).",
-        choices=(*OFF_POLICY_METHODS, "none"),
+        choices=(*DIVERGENCE_PARAMETERS, "none"),
     )
     kd_weight: float = config_field(1.0, help="w in (1 - w)·CE + w·KD (paper: 1.0).")
     temperature: float = config_field(1.0, help="Softmax temperature of the divergence.")
@@ -276,6 +280,11 @@ class DistillSettings:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     seqkd_greedy: bool = config_field(True, help="seqKD: teacher decodes greedily.")
     seqkd_batch_size: int = config_field(8, help="seqKD: teacher generation batch size.")
+    seqkd_drop_truncated: bool = config_field(
+        False,
+        help="seqKD: drop records whose teacher response was cut by max_new_tokens (by "
+        "default they are kept, without an EOS after them).",
+    )
     chunk_size: int | None = config_field(
         None,
         help="Positions per chunk of the memory-efficient loss (None = auto: ~24 MiB fp32 "
@@ -289,27 +298,48 @@ class DistillSettings:
     def __post_init__(self) -> None:
         self.method = PAPER_METHOD_NAMES.get(self.method, self.method)
         check(0.0 <= self.kd_weight <= 1.0, "kd_weight", "must be in [0, 1]")
-        check(self.temperature > 0, "temperature", "must be > 0")
-        check(0.0 <= self.beta <= 1.0, "beta", "must be in [0, 1]")
-        check(0.0 <= self.skew <= 1.0, "skew", "must be in [0, 1]")
         check(self.noise_std >= 0, "noise_std", "must be >= 0")
         check(0.0 <= self.lambda_on_policy <= 1.0, "lambda_on_policy", "must be in [0, 1]")
         check(self.seqkd_batch_size >= 1, "seqkd_batch_size", "must be >= 1")
         check(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", "must be >= 1")
         check(self.teacher_cache_topk >= 1, "teacher_cache_topk", "must be >= 1")
+        try:
+            # Built once here, so the ranges of the loss settings are checked in one place
+            # (the spec) and every loss path receives the same validated object.
+            self._loss_spec = KDLossSpec(
+                divergence=self.resolved_divergence or "forward_kl",
+                temperature=self.temperature,
+                beta=self.beta,
+                skew=self.skew,
+                reduction=self.reduction,
+                scale_by_t2=self.scale_by_t2,
+            )
+        except LossSpecError as error:
+            raise FieldError(error.field, error.message) from None
+        for key, value in unread_settings(self):
+            divergence = self.resolved_divergence
+            raise FieldError(
+                key,
+                f"has no effect with distill.method = {self.method}"
+                + (f" (divergence {divergence})" if divergence else " (no KD divergence)")
+                + "; remove it (kdlab refuses settings a run would ignore)",
+                value=value,
+            )
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The method table's entry for ``method``."""
+        return get_method(self.method)
 
     @property
     def resolved_divergence(self) -> str | None:
         """The divergence actually used (None = no KD term)."""
-        if self.divergence == "none":
-            return None
-        if self.divergence is not None:
-            return self.divergence
-        if self.method in OFF_POLICY_METHODS:
-            return self.method
-        if self.method == "gkd":
-            return "jsd"
-        return None
+        return self.spec.divergence(self)
+
+    @property
+    def loss_spec(self) -> KDLossSpec | None:
+        """The KD term's settings, validated; None when the run has no KD term."""
+        return self._loss_spec if self.resolved_divergence is not None else None
 
 
 @dataclass
@@ -323,3 +353,16 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/distill"))
     distill: DistillSettings = field(default_factory=DistillSettings)
     task_family: str = config_field("math", help="Recorded in run.json (math, commonsense, ...).")
+
+    def __post_init__(self) -> None:
+        if self.distill.spec.needs_teacher:
+            return
+        defaults = TeacherConfig()
+        for item in fields(TeacherConfig):
+            value = getattr(self.teacher, item.name)
+            if value != getattr(defaults, item.name):
+                raise FieldError(
+                    f"teacher.{item.name}",
+                    f"distill.method = {self.distill.method} has no teacher; remove it",
+                    value=value if not dataclasses.is_dataclass(value) else to_dict(value),
+                )

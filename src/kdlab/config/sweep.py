@@ -36,6 +36,7 @@ A grid file (see ``configs/paper/`` and ``docs/sweeps.md``)::
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ from kdlab.config.core import (
     from_mapping,
     read_yaml_mapping,
 )
-from kdlab.config.schema import DISTILL_METHODS, PAPER_METHOD_NAMES
+from kdlab.config.methods import METHODS, PAPER_METHOD_NAMES, MethodSpec, get_method, method_choices
 from kdlab.errors import ConfigError
 
 #: Sections a ``defaults`` mapping may hold.
@@ -166,7 +167,7 @@ class MethodEntry:
     method: str | None = config_field(
         None,
         help="distill.method (default: the entry's name).",
-        choices=(*DISTILL_METHODS, *[k for k in PAPER_METHOD_NAMES if k]),
+        choices=method_choices(),
     )
     temperatures: list[float] | None = config_field(
         None, help="Temperatures of this method (default: the grid's `temperatures`)."
@@ -282,7 +283,11 @@ class EstimateSection:
         0.005, help="Seconds per 1k tokens per billion teacher parameters (forward only)."
     )
     method_factor: dict[str, float] = config_field(
-        default_factory=lambda: {"gkd": 3.0, "seqkd": 1.5},
+        default_factory=lambda: {
+            spec.name: spec.estimate_factor
+            for spec in METHODS.values()
+            if spec.estimate_factor != 1.0
+        },
         help="Multiplier of a method's step time (on-policy generation, teacher decoding).",
     )
     eval_s_per_item: float = config_field(0.3, help="Seconds per test item (generation).")
@@ -397,7 +402,17 @@ class SweepConfig:
                     check_name(name, kind)
                 except ConfigError as error:
                     raise ConfigError(f"{kind}s: {error}") from None
-        kd = [name for name in self.methods if self.method_of(name) != "sft"]
+        for name in self.methods:
+            method = self.method_of(name)
+            close = difflib.get_close_matches(method, list(method_choices()), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            check(
+                method in METHODS,
+                "methods",
+                f"{name}: distill.method {method!r} is not valid{hint}; choices: "
+                + ", ".join(method_choices()),
+            )
+        kd = [name for name in self.methods if self.method_spec(name).needs_teacher]
         check(
             not kd or bool(self.teachers),
             "teachers",
@@ -424,6 +439,10 @@ class SweepConfig:
     def method_of(self, name: str) -> str:
         """The distill.method of method entry ``name``."""
         return self.methods[name].method or PAPER_METHOD_NAMES.get(name, name)
+
+    def method_spec(self, name: str) -> MethodSpec:
+        """The method table's entry for method entry ``name`` (validated in __post_init__)."""
+        return get_method(self.method_of(name))
 
     @property
     def selected_families(self) -> list[str]:

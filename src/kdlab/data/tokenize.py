@@ -93,8 +93,13 @@ def tokenize_records(
     train_on_inputs: bool = False,
     add_eos: bool = True,
     responses: Sequence[str] | None = None,
+    complete: Sequence[bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """Tokenize many records; logs how many were truncated and how many lost every label."""
+    """Tokenize many records; logs how many were truncated and how many lost every label.
+
+    ``responses`` replace the records' outputs (seqKD: the teacher's); ``complete[i]``
+    False means response ``i`` was cut (by a generation budget), so no EOS follows it.
+    """
     examples: list[dict[str, Any]] = []
     truncated = 0
     empty = 0
@@ -105,7 +110,7 @@ def tokenize_records(
             template=template,
             cutoff_len=cutoff_len,
             train_on_inputs=train_on_inputs,
-            add_eos=add_eos,
+            add_eos=add_eos and (complete is None or complete[index]),
             response=None if responses is None else responses[index],
         )
         truncated += item.truncated

@@ -26,12 +26,13 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from kdlab import __version__
 from kdlab.config.evaluation import CustomTaskConfig, EvalConfig, compact_dict
+from kdlab.config.run_identity import RunIdentity, read_run_identity
 from kdlab.config.schema import ModelConfig
 from kdlab.errors import DataError, KdlabError
 from kdlab.evaluation.generation import Generator, choose_backend
@@ -86,13 +87,13 @@ class ModelIdentity:
     model_config: ModelConfig
     adapter: str | None
     run_dir: str | None
-    run_info: dict[str, Any] = field(default_factory=dict)
+    run_identity: RunIdentity | None = None
 
     @property
     def model(self) -> str:
         """The model's identity as run.json records it (alias, hub id or path)."""
-        if self.run_info.get("model"):
-            return str(self.run_info["model"])
+        if self.run_identity is not None:
+            return self.run_identity.model
         try:
             from kdlab.models.loading import resolve_model_source
 
@@ -107,10 +108,12 @@ class ModelIdentity:
 def resolve_identity(config: EvalConfig) -> ModelIdentity:
     """The model and adapter to evaluate (from ``run_dir`` when given)."""
     if config.run_dir is not None:
-        from kdlab.models.loading import read_run_info, resolve_run_dir
+        from kdlab.models.loading import resolve_run_dir
 
         model_config, adapter = resolve_run_dir(config.run_dir)
-        return ModelIdentity(model_config, adapter, config.run_dir, read_run_info(config.run_dir))
+        return ModelIdentity(
+            model_config, adapter, config.run_dir, read_run_identity(config.run_dir)
+        )
     return ModelIdentity(config.model, config.adapter, None)
 
 
@@ -569,8 +572,8 @@ def collect_summary_rows(eval_dirs: Sequence[str | Path]) -> tuple[list[dict[str
 def _model_label(config: EvalConfig, identity: ModelIdentity) -> str:
     if config.name:
         return config.name
-    if identity.run_info.get("name"):
-        return str(identity.run_info["name"])
+    if identity.run_identity is not None:
+        return identity.run_identity.name
     label = short_model_name(identity.model)
     if identity.adapter:
         label += " + " + short_model_name(identity.adapter.rstrip("/").removesuffix("/adapter"))
@@ -590,31 +593,23 @@ def _count_parameters(model: Any) -> int:
     )
 
 
-def _run_json(
+def _run_identity(
     identity: ModelIdentity, label: str, plans: Sequence[TaskPlan], model_params: int | None
-) -> dict[str, Any]:
-    if identity.run_info:
-        return dict(identity.run_info)
-    slice_layers = identity.model_config.slice_layers
-    return {
-        "stage": "eval",
-        "role": "base",
-        "name": label,
-        "model": identity.model,
-        "model_params": model_params,
-        "student_layers": slice_layers,
-        "adapter": identity.adapter,
-        "teacher": None,
-        "teacher_adapter": None,
-        "teacher_run": None,
-        "method": "base",
-        "temperature": None,
-        "noise_std": 0.0,
-        "base_teacher": False,
-        "kd_weight": None,
-        "seed": None,
-        "task_family": _task_family(plans),
-    }
+) -> RunIdentity:
+    """The evaluated run's own identity, or a ``base`` identity for a model alone."""
+    if identity.run_identity is not None:
+        return identity.run_identity
+    return RunIdentity(
+        stage="eval",
+        role="base",
+        name=label,
+        model=identity.model,
+        model_params=model_params,
+        student_layers=identity.model_config.slice_layers,
+        adapter=identity.adapter,
+        method="base",
+        task_family=_task_family(plans),
+    )
 
 
 def evaluate(
@@ -667,11 +662,10 @@ def evaluate(
     report = EvalReport(out_dir, label, results, backend)
     write_summary(out_dir, [report.summary_row()], [r.task for r in results])
     model_params = state["model_params"]
-    if model_params is None and (out_dir / "run.json").is_file():
-        import json
-
-        model_params = json.loads((out_dir / "run.json").read_text()).get("model_params")
-    atomic_write_json(out_dir / "run.json", _run_json(identity, label, plans, model_params))
+    if model_params is None:  # a resumed evaluation that generated nothing new
+        previous = read_run_identity(out_dir)
+        model_params = previous.model_params if previous is not None else None
+    _run_identity(identity, label, plans, model_params).write(out_dir)
     mark_done(
         out_dir,
         {

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -108,6 +107,14 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> Mod
             f"or alias ({', '.join(ALIASES)})"
         )
     return ModelSource("hub", key, gguf_file, identity=key)
+
+
+def model_identity(model_config: ModelConfig) -> str:
+    """What run.json records for a model: its source, plus the slice when there is one."""
+    identity = resolve_model_source(model_config.name_or_path, model_config.gguf_file).identity
+    if model_config.slice_layers:
+        identity += f"@{model_config.slice_strategy}{model_config.slice_layers}"
+    return identity
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -355,14 +362,3 @@ def load_run_model(run_dir: str | Path, **kwargs: Any) -> tuple[Any, Any]:
     """Load the trained model of a run directory (base + adapter, or the full model)."""
     model_config, adapter = resolve_run_dir(run_dir)
     return load_model_and_tokenizer(model_config, adapter=adapter, **kwargs)
-
-
-def read_run_info(run_dir: str | Path) -> dict[str, Any]:
-    """The run's ``run.json`` (empty dict when absent)."""
-    file = Path(run_dir) / "run.json"
-    if not file.is_file():
-        return {}
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise RunDirError(f"{file}: invalid JSON: {error.msg} (line {error.lineno})") from None

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from kdlab.config.schema import ModelConfig
 from kdlab.errors import ModelError
+from kdlab.models.loading import materialise_gguf, resolve_model_source
 
 
 def check_vocab_compatibility(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
@@ -31,10 +33,37 @@ def check_vocab_compatibility(teacher_tokenizer: Any, student_tokenizer: Any) ->
     )
 
 
-def shared_vocab_size(teacher_model: Any, student_model: Any, tokenizer: Any) -> int:
-    """The logit width both models share (padding rows beyond it are trimmed)."""
-    teacher_width = teacher_model.get_output_embeddings().weight.shape[0]
-    student_width = student_model.get_output_embeddings().weight.shape[0]
+def model_logit_width(model_config: ModelConfig) -> int:
+    """The logit width (lm_head rows) of a model, read from its config, without its weights.
+
+    Lets the distill stage compute the shared vocabulary (part of the teacher cache's
+    fingerprint) before deciding whether the teacher must be loaded at all. Checked against
+    the real lm_head whenever the teacher is loaded.
+    """
+    from transformers import AutoConfig
+
+    source = resolve_model_source(model_config.name_or_path, model_config.gguf_file)
+    location = source.location
+    kwargs: dict[str, Any] = {"trust_remote_code": model_config.trust_remote_code}
+    if source.gguf_file:
+        location = str(materialise_gguf(source))
+    elif model_config.revision:
+        kwargs["revision"] = model_config.revision
+    config = AutoConfig.from_pretrained(location, **kwargs)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_config.vocab_size)
+
+
+def output_width(model: Any) -> int:
+    """Rows of a loaded model's output projection (its logit width)."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def shared_logit_width(teacher_width: int, student_width: int, tokenizer: Any) -> int:
+    """The logit width both models share (padding rows beyond it are trimmed).
+
+    Raises :class:`ModelError` when it cannot hold every token of the tokenizer.
+    """
     width = min(teacher_width, student_width)
     if width < len(tokenizer):
         raise ModelError(
@@ -42,3 +71,8 @@ def shared_vocab_size(teacher_model: Any, student_model: Any, tokenizer: Any) ->
             f"than the tokenizer's {len(tokenizer)} tokens"
         )
     return width
+
+
+def shared_vocab_size(teacher_model: Any, student_model: Any, tokenizer: Any) -> int:
+    """:func:`shared_logit_width` of two loaded models."""
+    return shared_logit_width(output_width(teacher_model), output_width(student_model), tokenizer)

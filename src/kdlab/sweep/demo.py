@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdlab.config.methods import get_method
 from kdlab.utils.io import atomic_write_json, atomic_write_text, is_done
 
 logger = logging.getLogger(__name__)
@@ -203,11 +204,12 @@ class Demo:
         run_dir = self.students_dir / method
         if is_done(run_dir):
             return
+        needs_teacher = get_method(method).needs_teacher
         mapping = {
             "student": self.student_model(),
-            "teacher": {"run_dir": str(self.teacher_dir)},
+            "teacher": {"run_dir": str(self.teacher_dir)} if needs_teacher else {},
             "peft": {"method": self.plan.student_peft},
-            "distill": {"method": method, "temperature": 1.0},
+            "distill": {"method": method},
             "task_family": "math",
             **_train_common(
                 self.plan, self.train_file, run_dir, self.plan.student_steps, self.plan.student_lr
@@ -290,7 +292,7 @@ class Demo:
         sft = scores.get("student sft")
         verdicts = []
         for method in self.plan.methods:
-            if method == "sft":
+            if not get_method(method).needs_teacher:
                 continue
             kd = scores.get(f"student {method}")
             if kd is None or sft is None:

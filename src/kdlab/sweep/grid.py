@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.config.core import deep_merge, from_mapping, to_dict
+from kdlab.config.methods import SFT, teacher_cache_refusal
 from kdlab.config.schema import DistillConfig, FinetuneConfig
 from kdlab.config.sweep import EstimateSection, ModelEntry, SweepConfig, TeacherEntry
 from kdlab.errors import ConfigError
@@ -253,7 +254,7 @@ class GridPlanner:
             run_dir=run_dir,
             config=config,
             family=family,
-            params={"teacher": name, "family": family, "seed": seed, "method": "sft"},
+            params={"teacher": name, "family": family, "seed": seed, "method": SFT},
         )
 
     def student_run(
@@ -464,7 +465,7 @@ class GridPlanner:
                 }
                 teachers += teacher_runs.values()
                 for method in config.methods:
-                    if config.method_of(method) != "sft":
+                    if config.method_spec(method).needs_teacher:
                         continue
                     for student in config.students:
                         run = self.student_run(
@@ -476,7 +477,7 @@ class GridPlanner:
                         students.append(run)
                 for teacher, teacher_run in teacher_runs.items():
                     for method in config.methods:
-                        if config.method_of(method) == "sft":
+                        if not config.method_spec(method).needs_teacher:
                             continue
                         students += self._kd_runs(teacher, teacher_run, method, family, seed)
             if config.base_models and config.eval_enabled:
@@ -727,7 +728,7 @@ def estimate_plan(plan: SweepPlan, planner: GridPlanner) -> None:
                     trained * estimate.train_s_per_ktoken_per_b
                     + teacher_size * estimate.teacher_s_per_ktoken_per_b
                 )
-                method = run.config.distill.method if run.stage == "distill" else "sft"
+                method = run.config.distill.method if run.stage == "distill" else SFT
                 per_step *= float(estimate.method_factor.get(method, 1.0))
                 seconds = steps * per_step
             run.estimate = RunEstimate(steps=steps, seconds=seconds)
@@ -747,9 +748,4 @@ def estimate_plan(plan: SweepPlan, planner: GridPlanner) -> None:
 
 def _cache_applies(config: DistillConfig) -> bool:
     """Whether the teacher-output cache serves this run exactly enough to use by default."""
-    from kdlab.training.teacher_cache import cache_refusal
-
-    settings = config.distill
-    if settings.method == "sft" or settings.resolved_divergence is None:
-        return False
-    return cache_refusal(settings) is None
+    return teacher_cache_refusal(config.distill) is None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -12,8 +11,9 @@ from typing import Any
 import torch
 
 from kdlab.config.core import load_config
+from kdlab.config.run_identity import read_run_identity
 from kdlab.config.schema import DataConfig, PeftConfig, TrainConfig
-from kdlab.data.tokenize import split_train_validation, tokenize_records
+from kdlab.data.tokenize import IGNORE_INDEX, split_train_validation, tokenize_records
 from kdlab.errors import ConfigError, DataError
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import atomic_directory, atomic_write_json, mark_done
@@ -85,8 +85,13 @@ def build_examples(
     *,
     train_on_inputs: bool | None = None,
     responses: list[str] | None = None,
+    complete: list[bool] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Tokenize and split into (train, validation) examples by ``data.seed``."""
+    """Tokenize and split into (train, validation) examples by ``data.seed``.
+
+    Refuses (exit 2) data where no record keeps a response token within
+    ``data.cutoff_len``: such a run would train on nothing and still report success.
+    """
     examples = tokenize_records(
         records,
         tokenizer,
@@ -95,11 +100,23 @@ def build_examples(
         train_on_inputs=data.train_on_inputs if train_on_inputs is None else train_on_inputs,
         add_eos=data.add_eos,
         responses=responses,
+        complete=complete,
     )
+    if not any(has_response_token(example) for example in examples):
+        shortest = min(example["prompt_length"] for example in examples)
+        raise DataError(
+            f"data.cutoff_len = {data.cutoff_len}: no record keeps a response token (the "
+            f"shortest prompt is {shortest} tokens); raise cutoff_len or shorten the prompts"
+        )
     train, validation = split_train_validation(examples, data.val_set_size, data.seed)
     if not train:
         raise DataError("no training records left after the validation split")
     return train, validation
+
+
+def has_response_token(example: dict[str, Any]) -> bool:
+    """Whether a tokenized example has a label a next-token loss can learn from."""
+    return any(label != IGNORE_INDEX for label in example["labels"][1:])
 
 
 def make_accelerator(train: TrainConfig) -> Any:
@@ -130,7 +147,8 @@ def init_trackers(train: TrainConfig, run_dir: Path) -> Any:
         import wandb
     except ImportError:
         raise ConfigError("train.report_to = wandb needs `pip install wandb`") from None
-    return wandb.init(dir=str(run_dir), config=json.loads((run_dir / "run.json").read_text()))
+    identity = read_run_identity(run_dir)
+    return wandb.init(dir=str(run_dir), config=identity.to_dict() if identity else {})
 
 
 def forward_to_trackers(tracker: Any, run_dir: Path) -> None:
@@ -177,13 +195,6 @@ def save_final(
     accelerator.wait_for_everyone()
 
 
-def response_mask(labels: torch.Tensor) -> torch.Tensor:
-    """Positions whose next token is a label (aligned with logits: position t predicts t+1)."""
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != -100
-    return mask
-
-
 def train_summary(
     result: Any,
     train: TrainConfig,
@@ -208,6 +219,9 @@ def train_summary(
         "final_weights_from_step": best_step or result.steps,
         "final_validation": result.final_metrics,
         "skipped_batches": result.skipped_batches,
+        "num_processes": result.num_processes,
+        "resumed_from_step": result.resumed_from_step,
+        "steps_run": result.steps_run,
         "train_records": train_records,
         "validation_records": validation_records,
         "trainable_parameters": trainable_parameters,

@@ -1,8 +1,10 @@
 """``kdlab distill``: a student trained against a frozen teacher.
 
-Recipe: setup (config checks → run dir → tokenizers and vocabulary check → teacher (eval
-mode, no grad, no optimizer state) → student + PEFT → data, with seqKD teacher responses)
-→ train (:class:`TrainingLoop` with :class:`DistillationObjective`) → save → ``DONE``.
+Recipe: setup (config checks → data → tokenizers and vocabulary check → run dir →
+teacher (eval mode, no grad, no optimizer state) → student + PEFT → examples, with seqKD
+teacher responses) → train (:class:`TrainingLoop` with :class:`DistillationObjective`) →
+save → ``DONE``. What each method needs (a teacher, on-policy samples, teacher responses,
+the teacher cache) is asked of the method table, :mod:`kdlab.config.methods`.
 
 With accelerate data parallelism every process holds its own teacher copy; the student is
 wrapped by accelerate (DDP) and only it is synchronised.
@@ -11,7 +13,8 @@ wrapped by accelerate (DDP) and only it is synchronised.
 ``$KDLAB_CACHE/teacher-topk/``): the teacher's top-k outputs are precomputed once for every
 example (:mod:`kdlab.training.teacher_cache`); the teacher model is then loaded only to
 build missing shards or for on-policy GKD batches. Its tokenizer is always loaded, for the
-vocabulary check.
+vocabulary check. seqKD loads the teacher only when a response is missing from its cache,
+and keeps it for training only when a KD divergence is also asked for.
 """
 
 from __future__ import annotations
@@ -19,24 +22,32 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kdlab.config.schema import DistillConfig, DistillSettings, ModelConfig
+from kdlab.config.methods import teacher_cache_refusal
+from kdlab.config.run_identity import RunIdentity
+from kdlab.config.schema import DistillConfig, ModelConfig
 from kdlab.data.tokenize import Collator
 from kdlab.errors import ConfigError
+from kdlab.models.fingerprint import model_fingerprint
 from kdlab.models.loading import (
     load_model_and_tokenizer,
     load_tokenizer,
-    resolve_model_source,
+    model_identity,
     resolve_run_dir,
-    select_dtype,
 )
 from kdlab.models.peft_utils import apply_peft, count_parameters
-from kdlab.models.vocab import check_vocab_compatibility, shared_vocab_size
+from kdlab.models.vocab import (
+    check_vocab_compatibility,
+    model_logit_width,
+    output_width,
+    shared_logit_width,
+)
 from kdlab.training.common import (
     add_stage_arguments,
     build_examples,
@@ -51,16 +62,11 @@ from kdlab.training.common import (
 from kdlab.training.loop import TrainingLoop
 from kdlab.training.objectives import DistillationObjective
 from kdlab.training.rundir import prepare_run_dir, write_run_files
-from kdlab.training.seqkd import adapter_fingerprint
+from kdlab.training.seqkd import teacher_responses
 from kdlab.training.teacher_cache import (
-    CacheFingerprint,
     PreparedCache,
-    cache_refusal,
-    model_logit_width,
     prepare_teacher_cache,
-    shared_logit_width,
     teacher_cache_fingerprint,
-    weights_stamp,
 )
 
 logger = logging.getLogger(__name__)
@@ -70,33 +76,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stage_arguments(parser, "distill")
 
 
-def model_identity(model_config: ModelConfig) -> str:
-    """What run.json records for a model: its source, plus the slice when there is one."""
-    identity = resolve_model_source(model_config.name_or_path, model_config.gguf_file).identity
-    if model_config.slice_layers:
-        identity += f"@{model_config.slice_strategy}{model_config.slice_layers}"
-    return identity
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where the frozen teacher comes from: its model, adapter and finetune run."""
+
+    model: ModelConfig
+    adapter: str | None
+    run_dir: str | None
+    base_teacher: bool
 
 
-def resolve_teacher(config: DistillConfig) -> tuple[ModelConfig, str | None, str | None]:
-    """(teacher model config, adapter or None, teacher run dir or None)."""
+def resolve_teacher(config: DistillConfig) -> TeacherSource:
+    """The teacher of a validated config (which has one: ``spec.needs_teacher``)."""
     teacher = config.teacher
     if teacher.run_dir:
         model_config, adapter = resolve_run_dir(teacher.run_dir)
-        if teacher.adapter == "none":
+        base_teacher = teacher.adapter == "none"
+        if base_teacher:
             adapter = None  # the run's base model: the task-unaware teacher
-        return model_config, adapter, str(Path(teacher.run_dir).resolve())
+        return TeacherSource(
+            model_config, adapter, str(Path(teacher.run_dir).resolve()), base_teacher
+        )
     adapter = None if teacher.adapter in (None, "none") else teacher.adapter
     if adapter and not Path(adapter).exists():
         raise ConfigError(f"teacher.adapter = {adapter!r}: no such directory")
     assert teacher.model is not None  # validate_config checked it
-    return teacher.model, adapter, None
+    return TeacherSource(teacher.model, adapter, None, teacher.adapter == "none")
 
 
 def validate_config(config: DistillConfig) -> None:
     """Checks that need no model (so bad configs fail before anything loads)."""
     settings = config.distill
-    if settings.method == "sft":
+    method = settings.spec
+    if not method.needs_teacher:
         return
     teacher = config.teacher
     if not teacher.run_dir and teacher.model is None:
@@ -104,48 +116,43 @@ def validate_config(config: DistillConfig) -> None:
             f"distill.method = {settings.method!r} needs a teacher: set teacher.run_dir "
             "(a finetune run) or teacher.model (and teacher.adapter)"
         )
-    if settings.teacher_cache and (settings.method == "seqkd" or settings.noise_std > 0):
-        # Model-free refusals here; temperature needs the vocabulary (run_distill).
-        raise ConfigError(f"distill.teacher_cache: {cache_refusal(settings)}")
-    if settings.teacher_cache and settings.resolved_divergence is None:
-        logger.warning("distill.divergence = none: there is no KD term; teacher_cache is unused")
-    if settings.method == "gkd" and settings.teacher_cache and settings.lambda_on_policy > 0:
-        logger.info(
-            "gkd: off-policy batches read the teacher cache; on-policy batches (λ = %g) run "
-            "the live teacher, which is therefore loaded",
-            settings.lambda_on_policy,
-        )
+    if settings.teacher_cache:
+        # Model-free refusals here; temperature vs k needs the vocabulary (run_distill).
+        refusal = teacher_cache_refusal(settings, check_temperature=False)
+        if refusal:
+            raise ConfigError(f"distill.teacher_cache: {refusal}")
+        if method.on_policy and settings.lambda_on_policy > 0:
+            logger.info(
+                "gkd: off-policy batches read the teacher cache; on-policy batches (λ = %g) "
+                "run the live teacher, which is therefore loaded",
+                settings.lambda_on_policy,
+            )
 
 
-def uses_teacher_cache(settings: DistillSettings) -> bool:
-    """Whether the KD term reads :mod:`~kdlab.training.teacher_cache` (validated config)."""
-    return bool(
-        settings.teacher_cache
-        and settings.method not in ("sft", "seqkd")
-        and settings.resolved_divergence is not None
-    )
-
-
-def _teacher_loader(teacher_config: ModelConfig, adapter: str | None, device: torch.device) -> Any:
+def _teacher_loader(source: TeacherSource, device: torch.device) -> Callable[[], Any]:
     """A function loading the frozen teacher (eval mode, no grad) when called."""
 
     def load() -> Any:
-        teacher, _ = load_model_and_tokenizer(teacher_config, adapter=adapter, device=device)
+        teacher, _ = load_model_and_tokenizer(source.model, adapter=source.adapter, device=device)
         teacher.eval()
         return teacher
 
     return load
 
 
-def _normalised_adapter(adapter: str | None) -> str | None:
-    """A run directory given as an adapter means its ``adapter/`` folder (as load_adapter)."""
-    if (
-        adapter
-        and (Path(adapter) / "adapter").is_dir()
-        and not (Path(adapter) / "adapter_config.json").exists()
-    ):
-        return str(Path(adapter) / "adapter")
-    return adapter
+def _checked_loader(load_teacher: Callable[[], Any], vocab: int, source: TeacherSource) -> Any:
+    """``load_teacher`` plus a check that its lm_head covers the width the config promised."""
+
+    def load() -> Any:
+        teacher = load_teacher()
+        if output_width(teacher) < vocab:
+            raise ConfigError(
+                f"teacher {source.model.name_or_path}: lm_head has {output_width(teacher)} rows "
+                f"but its config says at least {vocab}"
+            )
+        return teacher
+
+    return load
 
 
 def run_distill(
@@ -154,106 +161,122 @@ def run_distill(
     """Run one distillation; returns the training summary."""
     validate_config(config)
     settings = config.distill
-    uses_teacher = settings.method != "sft"
-    use_cache = uses_teacher_cache(settings)
-    teacher_config, adapter, teacher_run = (
-        resolve_teacher(config) if uses_teacher else (None, None, None)
-    )
+    method = settings.spec
+    source = resolve_teacher(config) if method.needs_teacher else None
+    use_cache = method.uses_teacher_cache(settings, settings.teacher_cache)
     records = load_training_records(config.data)  # before --overwrite deletes the run dir
+    teacher_width = model_logit_width(source.model) if source is not None else None
     if use_cache and settings.temperature != 1.0:
-        assert teacher_config is not None
-        refusal = cache_refusal(settings, model_logit_width(teacher_config))
+        refusal = teacher_cache_refusal(settings, teacher_width)
         if refusal:
             raise ConfigError(f"distill.teacher_cache: {refusal}")
-    run_dir = prepare_run_dir(config.train.output_dir, resume=resume, overwrite=overwrite)
-    accelerator = make_accelerator(config.train)
     # Tokenizers first: a mismatch fails before any model is loaded.
     student_tokenizer = load_tokenizer(config.student)
-    if uses_teacher:
-        check_vocab_compatibility(load_tokenizer(teacher_config), student_tokenizer)
-    teacher = None
-    load_teacher = (
-        _teacher_loader(teacher_config, adapter, accelerator.device) if uses_teacher else None
+    if source is not None:
+        check_vocab_compatibility(load_tokenizer(source.model), student_tokenizer)
+    examples = None
+    if not method.teacher_responses:  # seqKD's examples wait for the teacher's responses
+        examples = build_examples(records, student_tokenizer, config.data)
+    run_dir = prepare_run_dir(config.train.output_dir, resume=resume, overwrite=overwrite)
+    accelerator = make_accelerator(config.train)
+    teacher_fingerprint = (
+        model_fingerprint(source.model, source.adapter, device=accelerator.device)
+        if source is not None
+        else None
     )
-    if uses_teacher and not use_cache:
-        assert load_teacher is not None
-        teacher = load_teacher()
+    load_teacher = _teacher_loader(source, accelerator.device) if source is not None else None
+    teacher = None
+    if (
+        load_teacher is not None
+        and not use_cache
+        and method.needs_live_teacher(settings, cached=False)
+    ):
+        teacher = load_teacher()  # with the cache, prepare_teacher_cache loads it if needed
     torch.manual_seed(config.train.seed)
     student, tokenizer = load_model_and_tokenizer(
         config.student, for_training=True, device=accelerator.device
     )
     student_parameters = count_parameters(student)[1]
-    vocab = shared_vocab_size(teacher, student, tokenizer) if teacher is not None else None
-    if use_cache:
-        # Shared width from the teacher's config: the weights may never need loading.
-        assert teacher_config is not None
-        vocab = shared_logit_width(model_logit_width(teacher_config), student, tokenizer)
+    vocab = None
+    if teacher_width is not None:
+        # The loaded teacher's own lm_head when there is one; else its config's width (the
+        # cache may spare loading it; _checked_loader verifies it if it is loaded later).
+        width = output_width(teacher) if teacher is not None else teacher_width
+        vocab = shared_logit_width(width, output_width(student), tokenizer)
     if config.train.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     student = apply_peft(student, config.peft)
     trainable, total = count_parameters(student)
     logger.info("Student trainable parameters: %s of %s", f"{trainable:,}", f"{total:,}")
-    run_info = {
-        "stage": "distill",
-        "role": "student",
-        "name": run_dir.name,
-        "model": model_identity(config.student),
-        "model_params": student_parameters,
-        "student_layers": config.student.slice_layers,
-        "teacher": model_identity(teacher_config) if teacher_config else None,
-        "teacher_adapter": adapter,
-        "teacher_run": teacher_run,
-        "method": settings.method,
-        "divergence": settings.resolved_divergence if uses_teacher else None,
-        "temperature": settings.temperature if uses_teacher else None,
-        "noise_std": settings.noise_std,
-        "base_teacher": uses_teacher and adapter is None and (config.teacher.adapter == "none"),
-        "kd_weight": settings.kd_weight if uses_teacher else 0.0,
-        "seed": config.train.seed,
-        "task_family": config.task_family,
-        "peft": config.peft.method,
-    }
+    identity = RunIdentity(
+        stage="distill",
+        role="student",
+        name=run_dir.name,
+        model=model_identity(config.student),
+        model_params=student_parameters,
+        student_layers=config.student.slice_layers,
+        teacher=model_identity(source.model) if source else None,
+        teacher_adapter=source.adapter if source else None,
+        teacher_run=source.run_dir if source else None,
+        method=settings.method,
+        divergence=settings.resolved_divergence,
+        temperature=settings.temperature if settings.loss_spec else None,
+        noise_std=settings.noise_std,
+        base_teacher=bool(source and source.base_teacher),
+        kd_weight=settings.kd_weight if settings.loss_spec else None,
+        seed=config.train.seed,
+        task_family=config.task_family,
+        peft=config.peft.method,
+        num_processes=accelerator.num_processes,
+    )
     if accelerator.is_main_process:
-        write_run_files(run_dir, config, run_info)
-    responses = None
+        write_run_files(run_dir, config, identity)
+    responses, complete = None, None
     seqkd_info: dict[str, Any] = {}
-    if settings.method == "seqkd":
-        from kdlab.training.seqkd import teacher_responses
-
-        responses, seqkd_info = teacher_responses(
-            teacher=teacher,
+    if method.teacher_responses:
+        assert load_teacher is not None and teacher_fingerprint is not None
+        generator = teacher if teacher is not None else _LazyTeacher(load_teacher)
+        answers, seqkd_info = teacher_responses(
+            teacher=generator,
             tokenizer=tokenizer,
             records=records,
             template=config.data.template,
             settings=settings,
             cutoff_len=config.data.cutoff_len,
-            teacher_identity=run_info["teacher"],
-            adapter=adapter,
+            teacher_fingerprint=teacher_fingerprint,
         )
-    train_examples, validation_examples = build_examples(
-        records, tokenizer, config.data, responses=responses
-    )
+        if settings.seqkd_drop_truncated:
+            kept = [index for index, answer in enumerate(answers) if answer.complete]
+            seqkd_info["dropped_truncated"] = len(answers) - len(kept)
+            records = [records[index] for index in kept]
+            answers = [answers[index] for index in kept]
+        responses = [answer.text for answer in answers]
+        complete = [answer.complete for answer in answers]
+        del generator
+        gc.collect()  # a teacher loaded only to write the responses is released here
+    if examples is None:
+        examples = build_examples(
+            records, tokenizer, config.data, responses=responses, complete=complete
+        )
+    train_examples, validation_examples = examples
     cache = None
     cache_info: dict[str, Any] = {}
     if use_cache:
-        assert teacher_config is not None and load_teacher is not None and vocab is not None
+        assert source is not None and load_teacher is not None and vocab is not None
+        assert teacher_fingerprint is not None
         prepared = _prepare_cache(
             config,
-            teacher_config=teacher_config,
-            adapter=adapter,
-            teacher_identity=run_info["teacher"],
+            teacher_fingerprint=teacher_fingerprint,
             examples=[*train_examples, *validation_examples],
             vocab=vocab,
             pad_token_id=tokenizer.pad_token_id,
-            load_teacher=_checked_loader(load_teacher, vocab, teacher_config),
+            load_teacher=_checked_loader(load_teacher, vocab, source),
             accelerator=accelerator,
         )
         cache, teacher, cache_info = prepared.cache, prepared.teacher, prepared.info
         gc.collect()  # a teacher loaded only to build the cache is released here
     objective = DistillationObjective(
-        settings=settings
-        if settings.method != "seqkd" or settings.divergence
-        else replace(settings, divergence="none"),
+        settings=settings,
         teacher=teacher,
         tokenizer=tokenizer,
         vocab_size=vocab,
@@ -269,7 +292,7 @@ def run_distill(
         train_examples=train_examples,
         validation_examples=validation_examples,
         collate=Collator(tokenizer.pad_token_id),
-        loss_function=objective,
+        objective=objective,
         run_dir=run_dir,
         accelerator=accelerator,
         resume=resume,
@@ -304,56 +327,26 @@ def run_distill(
     return summary
 
 
-def teacher_cache_fingerprint_for(
-    config: DistillConfig,
-    *,
-    teacher_config: ModelConfig,
-    adapter: str | None,
-    teacher_identity: str,
-    examples: list[dict[str, Any]],
-    vocab: int,
-    device: torch.device,
-) -> CacheFingerprint:
-    """The teacher-cache fingerprint of a distill config (see :mod:`..teacher_cache`)."""
-    topk = min(config.distill.teacher_cache_topk, vocab)
-    if topk < config.distill.teacher_cache_topk:
-        logger.info("teacher_cache_topk %d > vocabulary %d: k = %d (dense)", topk, vocab, vocab)
-    return teacher_cache_fingerprint(
-        teacher_identity=teacher_identity,
-        teacher_stamp=weights_stamp(teacher_config),
-        adapter_hash=adapter_fingerprint(_normalised_adapter(adapter)),
-        teacher_dtype=str(select_dtype(teacher_config.dtype, device)).removeprefix("torch."),
-        examples=examples,
-        template=config.data.template,
-        cutoff_len=config.data.cutoff_len,
-        loss_on=config.distill.loss_on,
-        topk=topk,
-        vocab_size=vocab,
-    )
+class _LazyTeacher:
+    """The teacher for seqKD generation, loaded on first use (not at all when every
+    response is cached)."""
 
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load = load
+        self._model: Any = None
 
-def _checked_loader(load_teacher: Any, vocab: int, teacher_config: ModelConfig) -> Any:
-    """``load_teacher`` plus a check that its lm_head covers the width the config promised."""
-
-    def load() -> Any:
-        teacher = load_teacher()
-        width = teacher.get_output_embeddings().weight.shape[0]
-        if width < vocab:
-            raise ConfigError(
-                f"teacher {teacher_config.name_or_path}: lm_head has {width} rows but its config "
-                f"says at least {vocab}"
-            )
-        return teacher
-
-    return load
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._model is None:
+            self._model = self._load()
+        return getattr(self._model, name)
 
 
 def _prepare_cache(
     config: DistillConfig,
     *,
-    teacher_config: ModelConfig,
-    adapter: str | None,
-    teacher_identity: str,
+    teacher_fingerprint: dict[str, Any],
     examples: list[dict[str, Any]],
     vocab: int,
     pad_token_id: int,
@@ -362,14 +355,17 @@ def _prepare_cache(
 ) -> PreparedCache:
     settings = config.distill
     assert settings.teacher_cache is not None
-    fingerprint = teacher_cache_fingerprint_for(
-        config,
-        teacher_config=teacher_config,
-        adapter=adapter,
-        teacher_identity=teacher_identity,
+    topk = min(settings.teacher_cache_topk, vocab)
+    if topk < settings.teacher_cache_topk:
+        logger.info("teacher_cache_topk %d > vocabulary %d: k = %d (dense)", topk, vocab, vocab)
+    fingerprint = teacher_cache_fingerprint(
+        teacher=teacher_fingerprint,
         examples=examples,
-        vocab=vocab,
-        device=accelerator.device,
+        template=config.data.template,
+        cutoff_len=config.data.cutoff_len,
+        loss_on=settings.loss_on,
+        topk=topk,
+        vocab_size=vocab,
     )
     return prepare_teacher_cache(
         setting=settings.teacher_cache,
@@ -379,7 +375,7 @@ def _prepare_cache(
         pad_token_id=pad_token_id,
         loss_on=settings.loss_on,
         # On-policy GKD batches are the student's own samples: no cache can hold them.
-        needs_live_teacher=settings.method == "gkd" and settings.lambda_on_policy > 0,
+        needs_live_teacher=settings.spec.needs_live_teacher(settings, cached=True),
         process_index=accelerator.process_index,
         num_processes=accelerator.num_processes,
         wait_for_everyone=accelerator.wait_for_everyone,

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
 
 import torch
 
+from kdlab.config.methods import SFT
+from kdlab.config.run_identity import RunIdentity
 from kdlab.config.schema import FinetuneConfig
 from kdlab.data.tokenize import Collator
-from kdlab.models.loading import load_model_and_tokenizer, resolve_model_source
+from kdlab.models.loading import (
+    load_model_and_tokenizer,
+    load_tokenizer,
+    model_identity,
+    resolve_model_source,
+)
 from kdlab.models.peft_utils import apply_peft, build_peft_config, count_parameters
 from kdlab.training.common import (
     add_stage_arguments,
@@ -27,7 +33,8 @@ from kdlab.training.common import (
     save_final,
     train_summary,
 )
-from kdlab.training.loop import StepLoss, TrainingLoop
+from kdlab.training.loop import TrainingLoop
+from kdlab.training.objectives import CrossEntropyObjective
 from kdlab.training.rundir import prepare_run_dir, write_run_files
 
 logger = logging.getLogger(__name__)
@@ -37,28 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stage_arguments(parser, "finetune")
 
 
-def cross_entropy_loss(model: Any, batch: dict[str, torch.Tensor], training: bool) -> StepLoss:
-    """Token-mean next-token cross-entropy over the labelled positions."""
-    labels = batch["labels"]
-    tokens = int((labels[:, 1:] != -100).sum())
-    if tokens == 0:
-        return StepLoss(loss=None, tokens=0)
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = outputs.logits[:, :-1].float()
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
-    value = float(loss.detach())
-    return StepLoss(loss=loss, ce=value, tokens=tokens)
-
-
 def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run one fine-tune; returns the training summary."""
-    # Bad data, model path or PEFT method fail before the run dir is touched (--overwrite
-    # deletes it) and before a model is loaded.
+    # Bad data, a model path, a PEFT method or data that trains on nothing fail before the
+    # run dir is touched (--overwrite deletes it) and before a model is loaded.
     records = load_training_records(config.data)
-    source = resolve_model_source(config.model.name_or_path, config.model.gguf_file)
+    resolve_model_source(config.model.name_or_path, config.model.gguf_file)
     build_peft_config(config.peft)
+    train_examples, validation_examples = build_examples(
+        records, load_tokenizer(config.model), config.data
+    )
     run_dir = prepare_run_dir(config.train.output_dir, resume=resume, overwrite=overwrite)
     accelerator = make_accelerator(config.train)
     torch.manual_seed(config.train.seed)
@@ -76,28 +71,21 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
         f"{total:,}",
         100 * trainable / total,
     )
-    run_info = {
-        "stage": "finetune",
-        "role": config.role,
-        "name": run_dir.name,
-        "model": source.identity,
-        "model_params": total_parameters,
-        "student_layers": config.model.slice_layers,
-        "teacher": None,
-        "teacher_adapter": None,
-        "teacher_run": None,
-        "method": "sft",
-        "temperature": None,
-        "noise_std": 0.0,
-        "base_teacher": False,
-        "kd_weight": 0.0,
-        "seed": config.train.seed,
-        "task_family": config.task_family,
-        "peft": config.peft.method,
-    }
+    identity = RunIdentity(
+        stage="finetune",
+        role=config.role,
+        name=run_dir.name,
+        model=model_identity(config.model),
+        model_params=total_parameters,
+        student_layers=config.model.slice_layers,
+        method=SFT,
+        seed=config.train.seed,
+        task_family=config.task_family,
+        peft=config.peft.method,
+        num_processes=accelerator.num_processes,
+    )
     if accelerator.is_main_process:
-        write_run_files(run_dir, config, run_info)
-    train_examples, validation_examples = build_examples(records, tokenizer, config.data)
+        write_run_files(run_dir, config, identity)
     tracker = init_trackers(config.train, run_dir) if accelerator.is_main_process else None
     loop = TrainingLoop(
         config=config.train,
@@ -105,7 +93,7 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
         train_examples=train_examples,
         validation_examples=validation_examples,
         collate=Collator(tokenizer.pad_token_id),
-        loss_function=cross_entropy_loss,
+        objective=CrossEntropyObjective(unwrap=accelerator.unwrap_model),
         run_dir=run_dir,
         accelerator=accelerator,
         resume=resume,

@@ -1,8 +1,14 @@
 """The optimisation loop shared by ``finetune`` and ``distill``, on :mod:`accelerate`.
 
-accelerate does the engine work: device placement, DDP wrapping (one process per GPU, or
-``--cpu --num_processes 2``), gradient synchronisation, mixed precision. The loop adds what a
-KD study needs and the paper's scripts lack:
+accelerate does the engine work: device placement, DDP wrapping (one process per GPU; on
+CPU ``ACCELERATE_USE_CPU=1 python -m torch.distributed.run --nproc_per_node 2 -m kdlab ...``),
+gradient synchronisation, mixed precision. The loop adds what a KD study needs and the
+paper's scripts lack:
+
+- **Exact means.** Every loss term is divided by its count over the whole optimizer step
+  (all micro-batches of all processes, all-reduced before the first backward), so
+  ``micro_batch_size`` 4 × accumulation 4, 1 × 16 and 2 processes × 2 × 4 train the same
+  weights: the per-token (or per-sequence) mean of one batch of ``batch_size``.
 
 - **Exact resume.** The data stream is a pure function of the step: epoch ``e`` is the
   permutation drawn from ``seed + e``, and the micro-batch for (step, accumulation index,
@@ -15,7 +21,8 @@ KD study needs and the paper's scripts lack:
   ``metrics.jsonl`` is appended line by line and lines past the resumed step are dropped.
 - **Numerical faults.** A non-finite loss or gradient norm stops the run naming the step
   (the last good checkpoint stays); a micro-batch with no response token (every response
-  truncated away) is skipped and counted, never turned into a NaN.
+  truncated away) adds nothing and is counted as skipped, never turned into a NaN; it still
+  back-propagates a zero, so no process of a group waits for another.
 - **Validation** reports student CE *and* the distillation divergence; the best checkpoint is
   chosen by a configurable metric.
 """
@@ -29,10 +36,10 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -58,52 +65,83 @@ class NumericalFaultError(KdlabError):
     exit_code = 3
 
 
+#: Batch keys the loop adds: the optimizer step and the micro-batch's global index
+#: (``(step · accumulation + a) · processes + rank``), which seed every random draw.
+STEP_KEY, MICRO_KEY = "_step", "_micro"
+
+
 @dataclass
 class StepLoss:
-    """What a loss function returns for one micro-batch.
+    """What an objective returns for one micro-batch.
 
-    ``loss`` is the tensor to back-propagate (None when the batch has nothing to learn
-    from); ``ce``/``kd`` are detached float views for logging; ``tokens`` counts the
-    positions the loss covered; ``stats`` holds extra counters (e.g. on-policy batches).
+    ``sums`` maps each loss term (``ce``, ``kd``) to its *sum* over the micro-batch's
+    counted units, a tensor on the autograd graph in training; a term the objective did not
+    need (weight 0 in training) is absent. ``stats`` holds extra counters (e.g. on-policy
+    batches), summed over the run.
     """
 
-    loss: torch.Tensor | None
-    ce: float | None = None
-    kd: float | None = None
-    tokens: int = 0
+    sums: dict[str, torch.Tensor]
     stats: dict[str, float] = field(default_factory=dict)
 
 
-LossFunction = Callable[[Any, dict[str, torch.Tensor], bool], StepLoss]
+class Objective(Protocol):
+    """The seam between the loop and what is optimised (see :mod:`..objectives`).
 
+    ``weights``: term → mixing weight. ``prepare`` may replace a batch before it is counted
+    (on-policy sampling). ``counts``: per term, the units its sum runs over (tokens, or
+    sequences), plus ``tokens`` (attended tokens, for throughput). ``__call__``: the sums.
+    The loop divides every term by its count over the whole optimizer step, all
+    micro-batches and processes together, then mixes the terms with their weights.
+    """
 
-def micro_batch_plan(num_examples: int, micro_batch_size: int) -> int:
-    """Micro-batches per epoch (the last partial one dropped only if it would be empty)."""
-    return max(1, math.ceil(num_examples / micro_batch_size))
+    weights: Mapping[str, float]
+
+    def prepare(
+        self, model: Any, batch: dict[str, torch.Tensor], training: bool
+    ) -> dict[str, torch.Tensor]: ...
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, float]: ...
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor], training: bool) -> StepLoss: ...
 
 
 class DataStream:
-    """Deterministic micro-batches as a function of their global index."""
+    """Deterministic examples as a function of their position in the run.
+
+    The run reads an endless sequence of positions: epoch ``e`` covers positions
+    ``[e·N, (e+1)·N)`` in the order :meth:`order` draws from ``(seed, e)``. Optimizer step
+    ``s`` takes the ``batch_size`` positions ``[s·B, (s+1)·B)``; its micro-batch of global
+    index ``g`` (accumulation index ``a``, process ``r``: ``g = a·W + r`` within the step)
+    takes ``micro_batch_size`` of them. Any split of a step into micro-batches and processes
+    therefore covers the same examples, and a resumed run finds every batch by arithmetic.
+    """
 
     def __init__(self, examples: Sequence[dict[str, Any]], micro_batch_size: int, seed: int):
+        if not examples:
+            raise KdlabError("no training examples")
         self.examples = examples
         self.micro_batch_size = micro_batch_size
         self.seed = seed
-        self.per_epoch = micro_batch_plan(len(examples), micro_batch_size)
         self._orders: dict[int, list[int]] = {}
 
     def order(self, epoch: int) -> list[int]:
+        """The permutation of example indices read in ``epoch``."""
         if epoch not in self._orders:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._orders = {epoch: torch.randperm(len(self.examples), generator=generator).tolist()}
         return self._orders[epoch]
 
-    def micro_batch(self, index: int) -> tuple[int, list[dict[str, Any]]]:
-        epoch, position = divmod(index, self.per_epoch)
-        order = self.order(epoch)
-        start = position * self.micro_batch_size
-        chosen = order[start : start + self.micro_batch_size]
-        return epoch, [self.examples[i] for i in chosen]
+    def micro_batch(self, index: int) -> list[dict[str, Any]]:
+        """The examples of the micro-batch of global index ``index``."""
+        chosen = []
+        for position in range(index * self.micro_batch_size, (index + 1) * self.micro_batch_size):
+            epoch, offset = divmod(position, len(self.examples))
+            chosen.append(self.examples[self.order(epoch)[offset]])
+        return chosen
+
+    def epochs_done(self, micro_batches: int) -> float:
+        """Epochs read after ``micro_batches`` micro-batches."""
+        return micro_batches * self.micro_batch_size / len(self.examples)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -152,6 +190,9 @@ class LoopResult:
     skipped_batches: int
     final_metrics: dict[str, float]
     stats: dict[str, float]
+    num_processes: int = 1
+    resumed_from_step: int | None = None
+    steps_run: int = 0
 
 
 class TrainingLoop:
@@ -165,7 +206,7 @@ class TrainingLoop:
         train_examples: Sequence[dict[str, Any]],
         validation_examples: Sequence[dict[str, Any]],
         collate: Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]],
-        loss_function: LossFunction,
+        objective: Objective,
         run_dir: Path,
         accelerator: Any,
         resume: bool = False,
@@ -175,7 +216,9 @@ class TrainingLoop:
         self.accelerator = accelerator
         self.run_dir = run_dir
         self.collate = collate
-        self.loss_function = loss_function
+        self.objective = objective
+        #: terms that enter the optimised loss, in a fixed order (all-reduced as a vector)
+        self.terms = sorted(objective.weights)
         self.resume = resume
         self.description = description
         self.validation_examples = validation_examples
@@ -312,50 +355,65 @@ class TrainingLoop:
         if self.accelerator.is_main_process:
             append_jsonl(self.run_dir / "metrics.jsonl", record)
 
+    def _reduce(self, values: list[float]) -> list[float]:
+        """Sum ``values`` over every process (float64; a no-op with one process)."""
+        tensor = torch.tensor(values, dtype=torch.float64)
+        if self.accelerator.num_processes > 1:
+            tensor = self.accelerator.reduce(tensor.to(self.accelerator.device), reduction="sum")
+        return tensor.cpu().tolist()
+
+    def _mean_terms(self, sums: Mapping[str, float], counts: Mapping[str, float]) -> dict:
+        """Per-term means (sum / count, terms with a count) and their weighted mix ``loss``."""
+        means = {term: sums[term] / counts[term] for term in sums if counts.get(term, 0) > 0}
+        weights = self.objective.weights
+        if not means:
+            return {}
+        mixed = sum(weights.get(term, 0.0) * value for term, value in means.items())
+        if not any(weights.get(term, 0.0) > 0 for term in means):
+            mixed = None  # the weighted terms counted nothing: no loss, not a loss of 0
+        return {"loss": mixed, **means}
+
     def evaluate(self) -> dict[str, float]:
-        """Token-weighted validation CE and KD over the held-out split."""
+        """Validation: every term's sum over the held-out split divided by its count.
+
+        ``val_ce`` and (for KD) ``val_kd`` are means over all validation tokens (or
+        sequences), whatever the batching and the number of processes; ``val_loss`` mixes
+        them with the objective's weights.
+        """
         if not self.validation_examples:
             return {}
         model = self.model
         was_training = model.training
         model.eval()
-        totals = {"ce": 0.0, "kd": 0.0, "loss": 0.0}
-        tokens = 0
+        terms = ["ce", "kd"]
+        sums = dict.fromkeys(terms, 0.0)
+        counts = dict.fromkeys(terms, 0.0)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         size = self.config.micro_batch_size
         batches = [
             self.validation_examples[i : i + size]
             for i in range(0, len(self.validation_examples), size)
         ]
-        has_kd = False
         with torch.no_grad():
             for batch_index, examples in enumerate(batches):
                 if batch_index % world != rank:
                     continue
                 batch = self._to_device(self.collate(examples))
-                result = self.loss_function(model, batch, False)
-                if result.loss is None or result.tokens == 0:
-                    continue
-                tokens += result.tokens
-                totals["loss"] += float(result.loss) * result.tokens
-                totals["ce"] += (result.ce or 0.0) * result.tokens
-                if result.kd is not None:
-                    has_kd = True
-                    totals["kd"] += result.kd * result.tokens
-        summed = torch.tensor(
-            [totals["loss"], totals["ce"], totals["kd"], float(tokens)], dtype=torch.float64
-        )
-        summed = self.accelerator.reduce(summed.to(self.accelerator.device), reduction="sum").cpu()
+                batch_counts = self.objective.counts(batch)
+                result = self.objective(model, batch, False)
+                for term, value in result.sums.items():
+                    sums[term] += float(value)
+                    counts[term] += batch_counts.get(term, 0.0)
+        reduced = self._reduce([*(sums[t] for t in terms), *(counts[t] for t in terms)])
+        sums = dict(zip(terms, reduced[: len(terms)]))
+        counts = dict(zip(terms, reduced[len(terms) :]))
         if was_training:
             model.train()
-        if float(summed[3]) == 0:  # no response token at all: no metric, not a loss of 0.0
+        means = self._mean_terms(sums, counts)
+        if means.get("loss") is None:  # no response token at all: no metric, not 0.0
             logger.warning("validation: every response is truncated away; no metric")
             return {}
-        count = max(float(summed[3]), 1.0)
-        metrics = {"val_loss": float(summed[0]) / count, "val_ce": float(summed[1]) / count}
-        if has_kd:
-            metrics["val_kd"] = float(summed[2]) / count
-        return metrics
+        return {f"val_{name}": value for name, value in means.items()}
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: value.to(self.accelerator.device) for key, value in batch.items()}
@@ -363,12 +421,95 @@ class TrainingLoop:
     def _is_better(self, value: float) -> bool:
         return self.best_metric is None or value < self.best_metric
 
+    def _prepare_step(
+        self, step: int
+    ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]:
+        """The micro-batches of ``step`` on this process, prepared, and their counts."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        batches, counts = [], []
+        for accumulation_index in range(self.accumulation):
+            global_index = (step * self.accumulation + accumulation_index) * world + rank
+            examples = self.stream.micro_batch(global_index)
+            batch = self._to_device(self.collate(examples))
+            batch[STEP_KEY] = torch.tensor(step)
+            batch[MICRO_KEY] = torch.tensor(global_index)
+            batch = self.objective.prepare(self.model, batch, True)
+            batches.append(batch)
+            counts.append(self.objective.counts(batch))
+        return batches, counts
+
+    def _train_step(self, step: int) -> dict[str, Any] | None:
+        """One optimizer step; the step's metrics, or None when nothing was counted.
+
+        Each term's sum is divided by its count over the whole step (every micro-batch of
+        every process, all-reduced *before* any backward), so the gradient is that of the
+        per-token (per-sequence) mean of one big batch, whatever the accumulation and the
+        number of processes. A micro-batch that counts nothing still back-propagates a
+        zero on every process, so all processes run the same collectives.
+        """
+        accelerator = self.accelerator
+        world = accelerator.num_processes
+        batches, counts = self._prepare_step(step)
+        names = [*self.terms, "tokens"]
+        step_counts = dict(
+            zip(names, self._reduce([sum(c.get(n, 0.0) for c in counts) for n in names]))
+        )
+        weights = self.objective.weights
+        active = [t for t in self.terms if weights[t] > 0 and step_counts[t] > 0]
+        empty = sum(1 for c in counts if not any(c.get(t, 0.0) > 0 for t in active))
+        self.skipped += empty
+        if not active:
+            return None
+        sums = dict.fromkeys(self.terms, 0.0)
+        for index, (batch, batch_counts) in enumerate(zip(batches, counts)):
+            is_last = index == len(batches) - 1
+            context = accelerator.no_sync(self.model) if not is_last else _null()
+            with context:
+                result = self.objective(self.model, batch, True)
+                for key, value in result.stats.items():
+                    self.stats[key] = self.stats.get(key, 0.0) + value
+                loss = sum(
+                    weights[term] * result.sums[term] / step_counts[term]
+                    for term in active
+                    if term in result.sums
+                )
+                if not isinstance(loss, torch.Tensor):  # no active term in this batch
+                    loss = next(iter(result.sums.values())) * 0.0
+                if not torch.isfinite(loss.detach()):
+                    raise NumericalFaultError(
+                        f"non-finite loss ({float(loss.detach())}) at step {step + 1}; "
+                        f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}"
+                    )
+                # DDP averages gradients over processes; the counts are already global.
+                accelerator.backward(loss * world)
+                maybe_fault("backward")
+            for term, value in result.sums.items():
+                if term in sums and batch_counts.get(term, 0.0) > 0:
+                    sums[term] += float(value.detach())
+        # With clipping off (0) the norm is still measured (max_norm inf scales by 1):
+        # an infinite gradient must stop the run before it reaches the weights.
+        norm = accelerator.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad],
+            self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf,
+        )
+        if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+            raise NumericalFaultError(
+                f"non-finite gradient norm at step {step + 1}; the last good "
+                f"checkpoint is kept in {self.run_dir / 'checkpoints'}"
+            )
+        self.optimizer.step()
+        reduced = dict(zip(self.terms, self._reduce([sums[t] for t in self.terms])))
+        metrics = self._mean_terms(
+            {t: reduced[t] for t in self.terms if step_counts[t] > 0}, step_counts
+        )
+        metrics["tokens"] = step_counts["tokens"]
+        return metrics
+
     def run(self) -> LoopResult:
         config = self.config
         accelerator = self.accelerator
         if self.resume:
             self.restore_latest()
-        world, rank = accelerator.num_processes, accelerator.process_index
         progress = None
         if accelerator.is_main_process:
             from tqdm.auto import tqdm
@@ -382,52 +523,13 @@ class TrainingLoop:
             )
         self.model.train()
         last_metrics = self.last_metrics
-        window_tokens = 0
+        window_tokens = 0.0
         window_start = time.perf_counter()
+        window: list[dict[str, Any]] = []
         for step in range(self.start_step, self.total_steps):
             step_start = time.perf_counter()
             torch.manual_seed(step_seed(config.seed, step))
-            losses, ces, kds = [], [], []
-            step_tokens = 0
-            for accumulation_index in range(self.accumulation):
-                global_index = (step * self.accumulation + accumulation_index) * world + rank
-                _epoch, examples = self.stream.micro_batch(global_index)
-                batch = self._to_device(self.collate(examples))
-                batch["_step"] = torch.tensor(step)
-                batch["_micro"] = torch.tensor(accumulation_index)
-                is_last = accumulation_index == self.accumulation - 1
-                context = accelerator.no_sync(self.model) if not is_last else _null()
-                with context:
-                    result = self.loss_function(self.model, batch, True)
-                    for key, value in result.stats.items():
-                        self.stats[key] = self.stats.get(key, 0.0) + value
-                    if result.loss is None or result.tokens == 0:
-                        self.skipped += 1
-                        continue
-                    if not torch.isfinite(result.loss.detach()):
-                        raise NumericalFaultError(
-                            f"non-finite loss ({float(result.loss.detach())}) at step {step + 1}; "
-                            f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}"
-                        )
-                    accelerator.backward(result.loss / self.accumulation)
-                    maybe_fault("backward")
-                losses.append(float(result.loss.detach()))
-                ces.append(result.ce)
-                kds.append(result.kd)
-                step_tokens += result.tokens
-            if losses:
-                # With clipping off (0) the norm is still measured (max_norm inf scales by 1):
-                # an infinite gradient must stop the run before it reaches the weights.
-                norm = accelerator.clip_grad_norm_(
-                    [p for p in self.model.parameters() if p.requires_grad],
-                    config.max_grad_norm if config.max_grad_norm > 0 else math.inf,
-                )
-                if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
-                    raise NumericalFaultError(
-                        f"non-finite gradient norm at step {step + 1}; the last good "
-                        f"checkpoint is kept in {self.run_dir / 'checkpoints'}"
-                    )
-                self.optimizer.step()
+            metrics = self._train_step(step)
             with warnings.catch_warnings():
                 # A step whose micro-batches were all skipped still advances the schedule,
                 # so the learning rate stays a function of the step number.
@@ -436,13 +538,16 @@ class TrainingLoop:
             self.optimizer.zero_grad(set_to_none=True)
             done = step + 1
             maybe_fault("step", done)
-            self.tokens += step_tokens * world
-            window_tokens += step_tokens * world
+            step_tokens = metrics["tokens"] if metrics else 0.0
+            self.tokens += int(step_tokens)
+            window_tokens += step_tokens
+            if metrics:
+                window.append(metrics)
             self.elapsed += time.perf_counter() - step_start
             if progress is not None:
-                postfix = {"loss": _format(_mean(losses))}
-                if any(k is not None for k in kds):
-                    postfix["kd"] = _format(_mean(kds))
+                postfix = {"loss": _format(_mean([m.get("loss") for m in window[-1:]]))}
+                if metrics and "kd" in metrics:
+                    postfix["kd"] = _format(metrics["kd"])
                 postfix["tok/s"] = (
                     f"{window_tokens / max(time.perf_counter() - window_start, 1e-9):.0f}"
                 )
@@ -450,13 +555,14 @@ class TrainingLoop:
                 progress.update(1)
             if done % config.logging_steps == 0 or done == self.total_steps:
                 seconds = max(time.perf_counter() - window_start, 1e-9)
+                micro_batches_done = done * self.accumulation * accelerator.num_processes
                 self._log(
                     {
                         "step": done,
-                        "epoch": round(global_index / self.stream.per_epoch, 4),
-                        "loss": _mean(losses),
-                        "ce": _mean(ces),
-                        "kd": _mean(kds),
+                        "epoch": round(self.stream.epochs_done(micro_batches_done), 4),
+                        "loss": _mean([m.get("loss") for m in window]),
+                        "ce": _mean([m.get("ce") for m in window]),
+                        "kd": _mean([m.get("kd") for m in window]),
                         "lr": self.scheduler.get_last_lr()[0],
                         "tokens_per_s": window_tokens / seconds,
                         "wall_s": self.elapsed,
@@ -464,7 +570,8 @@ class TrainingLoop:
                     }
                 )
                 maybe_fault("metrics", done)
-                window_tokens = 0
+                window_tokens = 0.0
+                window = []
                 window_start = time.perf_counter()
             evaluate_now = (config.eval_steps and done % config.eval_steps == 0) or (
                 done == self.total_steps
@@ -482,8 +589,7 @@ class TrainingLoop:
                 self.save_checkpoint(done)
         if progress is not None:
             progress.close()
-        if self.skipped:
-            logger.warning("%d micro-batches had no response token and were skipped", self.skipped)
+        self._check_skipped()
         return LoopResult(
             steps=self.total_steps,
             tokens=self.tokens,
@@ -493,7 +599,28 @@ class TrainingLoop:
             skipped_batches=self.skipped,
             final_metrics=last_metrics,
             stats=self.stats,
+            num_processes=accelerator.num_processes,
+            resumed_from_step=self.start_step if self.resume else None,
+            steps_run=self.total_steps - self.start_step,
         )
+
+    def _check_skipped(self) -> None:
+        """Warn about micro-batches that counted nothing; fail past the configured share."""
+        if not self.skipped:
+            return
+        total = self.total_steps * self.accumulation
+        share = self.skipped / max(total, 1)
+        limit = self.config.max_skipped_fraction
+        message = (
+            f"{self.skipped} of {total} micro-batches ({100 * share:.0f} %) had no response "
+            "token to learn from (every response truncated away by data.cutoff_len)"
+        )
+        if share >= 1.0 or share > limit:
+            raise KdlabError(
+                f"{message}: more than train.max_skipped_fraction = {limit:g}; the run did "
+                "not train on its data (checkpoints are kept)"
+            )
+        logger.warning("%s; they were skipped", message)
 
     def load_best(self) -> int | None:
         """Load the best checkpoint's weights into the model (when it is not the last)."""

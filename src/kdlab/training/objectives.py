@@ -1,34 +1,43 @@
-"""Per-micro-batch objectives of the distill stage.
+"""Per-micro-batch objectives of the training stages.
 
-``loss = (1 − w)·CE + w·KD`` with ``w = distill.kd_weight``. KD is computed by the chunked
-path of :mod:`kdlab.losses` from the models' final hidden states and output projections, so
-``[batch, seq, vocab]`` fp32 logits never exist for the whole batch, and the lm_heads only
-run on the counted rows. The student is called through its (possibly DDP-wrapped) forward
-with ``logits_to_keep=1`` (one position of logits, which nobody reads) and
-``output_hidden_states``; its last hidden state is taken *after* the final norm. The teacher
-runs only its decoder stack (no lm_head at all, no list of per-layer hidden states kept
-alive) under ``torch.inference_mode``, and before the student, so that its transient
-buffers are gone by the time the student's activations are held for backward. On CPU the
-chunk size defaults to ~24 MiB per fp32 ``[rows, vocab]`` temporary
-(:func:`resolve_chunk_size`); ``docs/performance.md`` has the measurements.
+An objective turns one micro-batch into the *sums* of its loss terms; the training loop
+(:mod:`kdlab.training.loop`) divides each term by its count over the whole optimizer step
+(all micro-batches and processes) before back-propagating, so gradient accumulation and
+data parallelism give exactly the per-token (or per-sequence) mean of one big batch::
 
-Teacher-output cache (``distill.teacher_cache``, :mod:`kdlab.training.teacher_cache`): when
-given a :class:`~kdlab.training.teacher_cache.TeacherCache`, off-policy batches read the
-teacher's top-k log-probabilities of their examples (by ``batch["index"]``) instead of
-running the teacher, and the KD term takes the sparse path of ``chunked_distillation_loss``
-(top-k + tail bucket, see :mod:`kdlab.losses.sparse`).
+    loss_step = Σ_term weight_term · (Σ_micro sum_term) / (Σ_micro count_term)
+
+Terms: ``ce`` (next-token cross-entropy on the labelled positions, counted in tokens) and
+``kd`` (the distillation divergence, counted in tokens for ``reduction: token`` or in
+sequences for ``reduction: sequence``). Weights: ``(1 − w)`` and ``w`` with
+``w = distill.kd_weight``; the same rule holds for every batch, on-policy GKD batches
+included (they have no gold response, so no CE term: they add ``w · KD`` only).
+
+Both models return final hidden states and the output projections run chunk by chunk over
+the counted rows only (:mod:`kdlab.training.forward`), so ``[batch, seq, vocab]`` logits
+never exist for a whole batch. The teacher runs its decoder only, under
+``torch.inference_mode``, and before the student, so that its transient buffers are gone by
+the time the student's activations are held for backward.
+
+Teacher-output cache (``distill.teacher_cache``, :mod:`kdlab.training.teacher_cache`):
+off-policy batches read the teacher's top-k log-probabilities of their examples (by
+``batch["index"]``) instead of running the teacher; the KD term then takes the sparse path
+of :func:`kdlab.losses.chunked_distillation_loss` (top-k + tail bucket).
 
 Positions: ``loss_on: response`` (default) covers the positions that predict a response
 token; ``loss_on: all`` covers every attended position, as the paper's scripts do.
 
 On-policy (GKD): with probability λ per micro-batch, drawn from a generator seeded by the
-step, the student samples a response to each prompt of the batch; the KD term is taken on
-those sequences (no CE: there is no gold token to imitate), else on the gold batch.
+step and the micro-batch's global index, :meth:`DistillationObjective.prepare` replaces
+the batch by the student's own samples from its prompts (before the step's counts are
+taken). Teacher-logit noise (``noise_std``) perturbs training batches only: validation
+compares with the clean teacher.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,155 +45,88 @@ import torch
 from kdlab.config.schema import DistillSettings
 from kdlab.data.tokenize import IGNORE_INDEX, left_pad_prompts
 from kdlab.errors import KdlabError
-from kdlab.losses import chunked_distillation_loss, default_chunk_size
-from kdlab.training.common import response_mask
-from kdlab.training.loop import StepLoss, step_seed
+from kdlab.losses import chunked_distillation_loss
+from kdlab.losses.spec import KDLossSpec
+from kdlab.training.forward import (
+    chunked_cross_entropy,
+    final_hidden_states,
+    kd_loss_mask,
+    next_token_targets,
+    output_projection,
+    resolve_chunk_size,
+    response_mask,
+    teacher_hidden_states,
+)
+from kdlab.training.loop import MICRO_KEY, STEP_KEY, StepLoss, step_seed
 
 if TYPE_CHECKING:
     from kdlab.training.teacher_cache import TeacherCache
 
 logger = logging.getLogger(__name__)
 
+#: Set by :meth:`DistillationObjective.prepare` on a batch of student samples.
+ON_POLICY_KEY = "_on_policy"
 
-def final_hidden_states(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """``[batch, seq, hidden]`` after the final norm, without computing full logits.
 
-    Goes through ``model``'s own forward (a DDP/FSDP wrapper must see the call to
-    synchronise gradients), asking for one position of logits only.
+def connected_zero(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A float32 0 that depends on ``hidden`` (and ``weight`` when it is trained).
+
+    A micro-batch that counts nothing on this process still back-propagates this zero,
+    so every process runs the same collective operations (DDP all-reduces in backward)
+    and no rank waits forever for one that skipped its backward.
     """
-    outputs = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
-    )
-    return outputs.hidden_states[-1]
+    zero = hidden.float().sum() * 0.0
+    if weight.requires_grad:
+        zero = zero + weight.float().sum() * 0.0
+    return zero
 
 
-def teacher_hidden_states(
-    teacher: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """The frozen teacher's ``[batch, seq, hidden]`` final hidden states (after the final norm).
+class CrossEntropyObjective:
+    """Next-token cross-entropy on the labelled positions (``kdlab finetune``, SFT)."""
 
-    Runs the decoder stack alone (``get_decoder()``, the backbone without lm_head): unlike
-    ``output_hidden_states=True`` it keeps no tuple of every layer's ``[batch, seq, hidden]``
-    output alive (31 of them for a 30-layer model), and no logits are computed. Models whose
-    decoder cannot be called this way fall back to :func:`final_hidden_states`. Call it under
-    ``torch.inference_mode()``: the teacher is never differentiated.
-    """
-    decoder = None
-    get_decoder = getattr(teacher, "get_decoder", None)
-    if callable(get_decoder):
-        try:
-            decoder = get_decoder()
-        except (AttributeError, NotImplementedError):
-            decoder = None
-    if decoder is None or decoder is teacher:
-        return final_hidden_states(teacher, input_ids, attention_mask)
-    outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = getattr(outputs, "last_hidden_state", None)
-    if hidden is None or hidden.shape[:2] != input_ids.shape:
-        return final_hidden_states(teacher, input_ids, attention_mask)
-    return hidden
+    weights: Mapping[str, float] = {"ce": 1.0}
 
+    def __init__(self, *, chunk_size: int | None = None, unwrap: Any = lambda model: model):
+        self.chunk_size = chunk_size
+        self.unwrap = unwrap
 
-def kd_loss_mask(
-    attention_mask: torch.Tensor, labels: torch.Tensor, loss_on: str, *, on_policy: bool = False
-) -> torch.Tensor:
-    """``[batch, seq]`` bool: the positions whose next-token distribution the KD term compares.
+    def prepare(
+        self, model: Any, batch: dict[str, torch.Tensor], training: bool
+    ) -> dict[str, torch.Tensor]:
+        return batch
 
-    Position t is aligned with the logits predicting token t + 1. ``loss_on="response"``
-    (and every on-policy batch): positions whose next token is a label. ``loss_on="all"``:
-    every attended position whose next position is attended too (the paper's attention-mask
-    positions minus each sequence's last one, which predicts nothing). A right-padded row's
-    mask does not depend on the padding, so the teacher cache computes it per example and
-    the batch sees the same positions.
-    """
-    if loss_on == "all" and not on_policy:
-        attended = attention_mask.bool()
-        mask = attended[:, 1:] & attended[:, :-1]
-        return torch.nn.functional.pad(mask, (0, 1), value=False)
-    return response_mask(labels)
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {
+            "ce": float(response_mask(batch["labels"]).sum()),
+            "tokens": float(batch["attention_mask"].sum()),
+        }
 
-
-def output_projection(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The lm_head ``(weight [vocab, hidden], bias [vocab] or None)`` of a model.
-
-    Trap: the chunked loss reads the weight *outside* the model's forward. Under FSDP2
-    (``fully_shard``) parameters are sharded ``DTensor``\\ s there; ``full_tensor()``
-    all-gathers them (differentiably, so a trainable lm_head still gets its gradient).
-    """
-    head = model.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return weight, bias
-    if isinstance(weight, DTensor):
-        weight = weight.full_tensor()
-    if isinstance(bias, DTensor):
-        bias = bias.full_tensor()
-    return weight, bias
-
-
-#: CPU chunk budget of :func:`resolve_chunk_size`: one fp32 ``[rows, vocab]`` temporary is
-#: at most this big (128 rows at vocab 49,152). glibc serves allocations below its mmap
-#: threshold (dynamic, capped at 32 MiB) from the heap and reuses them; bigger ones are
-#: fresh ``mmap``\ s, page-faulted and zeroed on every chunk. Measured on the smollm2 pair
-#: (benchmarks/distill_step.py, 512 KD rows): 24 MiB (128 rows) vs 48 MiB (256 rows) per
-#: temporary: 95k vs 209k page faults, 3.15 vs 3.49 s per live-teacher step, 1.59 vs 1.87 s
-#: per cached step, and 1.0 vs 1.2 GiB peak.
-CPU_CHUNK_BYTES = 24 * 2**20
-
-
-def resolve_chunk_size(chunk_size: int | None, vocab_size: int, device: torch.device) -> int | None:
-    """Rows per chunk: ``distill.chunk_size`` when set; else auto.
-
-    Auto on CPU: ``CPU_CHUNK_BYTES // (4 · vocab)`` rows (at least 16); elsewhere None, i.e.
-    :func:`kdlab.losses.default_chunk_size` for the device (GPUs want big chunks: small
-    ones are kernel-launch bound).
-    """
-    if chunk_size is not None:
-        return chunk_size
-    if device.type == "cpu":
-        return max(16, CPU_CHUNK_BYTES // (4 * vocab_size))
-    return None
-
-
-def chunked_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    mask: torch.Tensor,
-    chunk_size: int | None,
-) -> torch.Tensor:
-    """Token-mean CE over masked positions, logits computed chunk by chunk in float32.
-
-    ``chunk_size`` None: :func:`resolve_chunk_size`'s auto rule for ``hidden``'s device.
-    """
-    rows = hidden[mask]
-    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], hidden.device)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(weight.shape[0], hidden.device)
-    labels = targets[mask]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, rows.shape[0], chunk_size):
-        logits = torch.nn.functional.linear(rows[start : start + chunk_size], weight, bias).float()
-        total = total + torch.nn.functional.cross_entropy(
-            logits, labels[start : start + chunk_size], reduction="sum"
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor], training: bool) -> StepLoss:
+        hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        weight, bias = output_projection(self.unwrap(model))
+        hidden = hidden.to(weight.dtype)
+        mask = response_mask(batch["labels"])
+        total = chunked_cross_entropy(
+            hidden, weight, bias, next_token_targets(batch["labels"]), mask, self.chunk_size
         )
-    return total / max(rows.shape[0], 1)
+        if not bool(mask.any()):
+            total = connected_zero(hidden, weight)
+        return StepLoss(sums={"ce": total})
+
+
+def counted_units(mask: torch.Tensor, reduction: str) -> float:
+    """What a KD sum is normalised by: masked tokens, or sequences with a masked token."""
+    if reduction == "sequence":
+        return float((mask.sum(dim=1) > 0).sum())
+    return float(mask.sum())
 
 
 class DistillationObjective:
-    """Callable ``(student, batch, training) -> StepLoss`` for the training loop.
+    """``(student, batch, training) -> StepLoss`` against a frozen teacher.
 
     The teacher is given live (``teacher``), cached (``teacher_cache``: off-policy batches
     read top-k teacher outputs, on-policy GKD batches still need ``teacher``), or both.
+    ``settings.spec`` (the method table) decides what is sampled and what is compared.
     """
 
     def __init__(
@@ -200,6 +142,7 @@ class DistillationObjective:
         teacher_cache: TeacherCache | None = None,
     ) -> None:
         self.settings = settings
+        self.method = settings.spec
         self.teacher = teacher
         self.teacher_cache = teacher_cache
         self.tokenizer = tokenizer
@@ -208,37 +151,37 @@ class DistillationObjective:
         self.cutoff_len = cutoff_len
         self.unwrap = unwrap
         has_teacher = teacher is not None or teacher_cache is not None
-        self.divergence = settings.resolved_divergence if has_teacher else None
-        self.kd_weight = settings.kd_weight if self.divergence else 0.0
+        self.loss_spec: KDLossSpec | None = settings.loss_spec if has_teacher else None
+        kd_weight = settings.kd_weight if self.loss_spec is not None else 0.0
+        self.weights: Mapping[str, float] = (
+            {"ce": 1.0 - kd_weight, "kd": kd_weight} if self.loss_spec else {"ce": 1.0}
+        )
         if teacher_cache is not None and settings.noise_std > 0:
             # The cache holds top-k log-probabilities, not logits: noise on logits cannot be
-            # reproduced from it (distill.validate_config refuses the combination earlier).
+            # reproduced from it (the method table's teacher_cache_refusal says so earlier).
             raise KdlabError("distill.noise_std > 0 cannot be combined with distill.teacher_cache")
-        if (
-            teacher_cache is not None
-            and settings.temperature != 1.0
-            and teacher_cache.topk < teacher_cache.vocab_size
-        ):
-            # The stage refuses this (teacher_cache.cache_refusal); direct API users are warned.
-            logger.warning(
-                "teacher cache with k = %d < vocabulary at T = %g: the sparse loss is a crude "
-                "approximation (docs/performance.md)",
-                teacher_cache.topk,
-                settings.temperature,
-            )
         #: the last sequences a loss was computed on (tests inspect on-policy batches)
         self.last_input_ids: torch.Tensor | None = None
         self.last_on_policy = False
 
     # ------------------------------------------------------------------ on-policy
 
-    def _use_on_policy(self, batch: dict[str, torch.Tensor]) -> bool:
-        if self.settings.method != "gkd" or self.settings.lambda_on_policy <= 0:
+    def draws_on_policy(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether this training micro-batch is replaced by student samples (probability λ)."""
+        if not self.method.on_policy or self.settings.lambda_on_policy <= 0:
             return False
-        step = int(batch.get("_step", torch.tensor(0)))
-        micro = int(batch.get("_micro", torch.tensor(0)))
+        step = int(batch.get(STEP_KEY, torch.tensor(0)))
+        micro = int(batch.get(MICRO_KEY, torch.tensor(0)))
         generator = torch.Generator().manual_seed(step_seed(self.seed, step) + 31 * micro + 17)
         return float(torch.rand((), generator=generator)) < self.settings.lambda_on_policy
+
+    def prepare(
+        self, model: Any, batch: dict[str, torch.Tensor], training: bool
+    ) -> dict[str, torch.Tensor]:
+        """The batch to train on: the student's own samples with probability λ (GKD)."""
+        if training and self.draws_on_policy(batch):
+            return {**self.student_samples(model, batch), ON_POLICY_KEY: torch.tensor(True)}
+        return batch
 
     @torch.no_grad()
     def student_samples(
@@ -289,7 +232,6 @@ class DistillationObjective:
             input_ids[row, : len(sequence)] = torch.tensor(sequence)
             labels[row, len(prompt) : len(sequence)] = torch.tensor(tokens, dtype=torch.long)
             attention[row, : len(sequence)] = 1
-        device = batch["input_ids"].device
         return {
             "input_ids": input_ids.to(device),
             "attention_mask": attention.to(device),
@@ -299,61 +241,66 @@ class DistillationObjective:
 
     # ------------------------------------------------------------------ the loss
 
-    def __call__(self, student: Any, batch: dict[str, torch.Tensor], training: bool) -> StepLoss:
-        stats: dict[str, float] = {}
-        on_policy = training and self._use_on_policy(batch)
+    def _masks(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(CE mask, KD mask, on-policy) of a prepared batch; on-policy rows have no CE."""
+        on_policy = bool(batch.get(ON_POLICY_KEY, False))
+        labels = batch["labels"]
+        ce_mask = response_mask(labels)
         if on_policy:
-            batch = self.student_samples(student, batch)
+            ce_mask = torch.zeros_like(ce_mask)
+        kd_mask = kd_loss_mask(
+            batch["attention_mask"], labels, self.settings.loss_on, on_policy=on_policy
+        )
+        return ce_mask, kd_mask, on_policy
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        ce_mask, kd_mask, _ = self._masks(batch)
+        counts = {"ce": float(ce_mask.sum()), "tokens": float(batch["attention_mask"].sum())}
+        if self.loss_spec is not None:
+            counts["kd"] = counted_units(kd_mask, self.loss_spec.reduction)
+        return counts
+
+    def __call__(self, student: Any, batch: dict[str, torch.Tensor], training: bool) -> StepLoss:
+        ce_mask, kd_mask, on_policy = self._masks(batch)
+        stats: dict[str, float] = {}
+        if on_policy:
             stats["on_policy_batches"] = 1.0
-        elif self.settings.method == "gkd" and training:
+        elif self.method.on_policy and training:
             stats["off_policy_batches"] = 1.0
         self.last_input_ids = batch["input_ids"].detach().cpu()
         self.last_on_policy = on_policy
-        input_ids, attention_mask, labels = (
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["labels"],
-        )
-        label_mask = response_mask(labels)
-        kd_mask = kd_loss_mask(attention_mask, labels, self.settings.loss_on, on_policy=on_policy)
-        tokens = int(kd_mask.sum()) if self.divergence else int(label_mask.sum())
-        if tokens == 0:
-            return StepLoss(loss=None, tokens=0, stats=stats)
+        need_kd = self.loss_spec is not None and (not training or self.weights["kd"] > 0)
+        need_ce = not training or self.weights["ce"] > 0
         teacher_hidden = None
-        if self.divergence and self._needs_live_teacher(on_policy):
+        if need_kd and bool(kd_mask.any()) and self._needs_live_teacher(on_policy):
             # Teacher first: its forward's transient buffers are gone before the student's
             # activations (kept for backward) exist, so the two peaks do not add up.
             teacher_hidden = self._live_teacher_hidden(batch)
-        student_hidden = final_hidden_states(student, input_ids, attention_mask)
+        student_hidden = final_hidden_states(student, batch["input_ids"], batch["attention_mask"])
         weight, bias = output_projection(self.unwrap(student))
         # Under autocast (or with bf16 weights) the final norm may return another dtype than
         # the output projection's; the chunked matmuls need them equal.
         student_hidden = student_hidden.to(weight.dtype)
-        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        need_ce = (self.kd_weight < 1.0 and not on_policy) or not training
-        ce = None
-        if need_ce and int(label_mask.sum()) > 0:
-            ce = chunked_cross_entropy(
-                student_hidden, weight, bias, targets, label_mask, self.settings.chunk_size
+        sums: dict[str, torch.Tensor] = {}
+        if need_ce and bool(ce_mask.any()):
+            sums["ce"] = chunked_cross_entropy(
+                student_hidden,
+                weight,
+                bias,
+                next_token_targets(batch["labels"]),
+                ce_mask,
+                self.settings.chunk_size,
             )
-        kd = None
-        if self.divergence:
-            kd = self._kd_term(batch, student_hidden, weight, bias, kd_mask, teacher_hidden)
-        if kd is None:
-            loss = ce
-        elif ce is None or on_policy:
-            loss = kd if on_policy else self.kd_weight * kd
-        else:
-            loss = (1.0 - self.kd_weight) * ce + self.kd_weight * kd
-        if loss is None:
-            return StepLoss(loss=None, tokens=0, stats=stats)
-        return StepLoss(
-            loss=loss,
-            ce=None if ce is None else float(ce.detach()),
-            kd=None if kd is None else float(kd.detach()),
-            tokens=tokens,
-            stats=stats,
-        )
+        if need_kd and bool(kd_mask.any()):
+            assert self.loss_spec is not None
+            mean = self._kd_term(
+                batch, student_hidden, weight, bias, kd_mask, teacher_hidden, training
+            )
+            sums["kd"] = mean * counted_units(kd_mask, self.loss_spec.reduction)
+        if training and not sums:
+            # Nothing counted here; still back-propagate (see connected_zero).
+            sums["ce" if need_ce else "kd"] = connected_zero(student_hidden, weight)
+        return StepLoss(sums=sums, stats=stats)
 
     def _needs_live_teacher(self, on_policy: bool) -> bool:
         """Off-policy batches read the cache when there is one; on-policy ones cannot."""
@@ -377,17 +324,19 @@ class DistillationObjective:
         bias: torch.Tensor | None,
         kd_mask: torch.Tensor,
         teacher_hidden: torch.Tensor | None,
+        training: bool,
     ) -> torch.Tensor:
-        """The KD divergence of one micro-batch: the live teacher's when ``teacher_hidden``
-        is given, else the cached top-k of the batch's examples."""
-        assert self.divergence is not None
+        """The KD divergence (mean over the micro-batch's units, T² applied): the live
+        teacher's when ``teacher_hidden`` is given, else the cached top-k of the batch."""
+        spec = self.loss_spec
+        assert spec is not None
         common: dict[str, Any] = {
-            "divergence": self.divergence,
-            "temperature": self.settings.temperature,
-            "beta": self.settings.beta,
-            "skew": self.settings.skew,
-            "reduction": self.settings.reduction,
-            "scale_by_t2": self.settings.scale_by_t2,
+            "divergence": spec.divergence,
+            "temperature": spec.temperature,
+            "beta": spec.beta,
+            "skew": spec.skew,
+            "reduction": spec.reduction,
+            "scale_by_t2": spec.scale_by_t2,
             "chunk_size": resolve_chunk_size(
                 self.settings.chunk_size,
                 self.vocab_size or weight.shape[0],
@@ -427,6 +376,6 @@ class DistillationObjective:
             teacher_weight.to(weight.dtype),
             kd_mask,
             teacher_lm_head_bias=teacher_bias,
-            teacher_noise_std=self.settings.noise_std,
+            teacher_noise_std=self.settings.noise_std if training else 0.0,
             **common,
         )

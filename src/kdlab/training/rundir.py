@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.config.core import to_dict
+from kdlab.config.run_identity import RunIdentity
 from kdlab.errors import RunDirError
-from kdlab.utils.io import atomic_write_json, atomic_write_yaml, is_done, recover_staging
+from kdlab.utils.io import atomic_write_yaml, is_done, recover_staging
 
 
 def prepare_run_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -> Path:
@@ -41,7 +42,7 @@ def prepare_run_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) ->
     return directory
 
 
-def write_run_files(directory: Path, config: Any, run_info: dict[str, Any]) -> None:
+def write_run_files(directory: Path, config: Any, identity: RunIdentity) -> None:
     """``config.yaml`` (every field, defaults included) and ``run.json``."""
     atomic_write_yaml(directory / "config.yaml", to_dict(config))
-    atomic_write_json(directory / "run.json", run_info)
+    identity.write(directory)

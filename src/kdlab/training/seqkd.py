@@ -2,9 +2,18 @@
 
 The teacher decodes each training prompt (greedy by default, batched, left-padded); the
 responses are appended to ``responses.jsonl`` batch by batch under a directory named by a
-fingerprint of everything that determines them (teacher, adapter, prompts, template,
-decoding settings), with ``meta.json`` recording those settings. A second student, or a
-restarted run, reads the cache; an interrupted generation continues where it stopped.
+fingerprint of everything that determines them: the teacher (:func:`kdlab.models.
+fingerprint.model_fingerprint`: identity, a stamp of its weights, adapter hash, dtype), the
+prompts, template, cutoff, the decoding settings and the generation batch size (left
+padding makes a row's numbers depend slightly on its batch). ``meta.json`` records those
+fields. A second student, or a restarted run, reads the cache; an interrupted generation
+continues where it stopped.
+
+Every response records why it ended (``finish_reason``): ``eos`` (the teacher ended it),
+``stop`` (it started a new ``### Instruction`` block, cut there) or ``length`` (cut by
+``max_new_tokens`` or the cutoff). A truncated response is not a complete answer: it is
+trained on *without* an EOS after it (the student must not learn to stop mid-sentence), and
+``distill.seqkd_drop_truncated`` drops those records instead.
 """
 
 from __future__ import annotations
@@ -12,47 +21,53 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from kdlab.config.schema import DistillSettings
 from kdlab.data.templates import build_prompt, strip_continuation
 from kdlab.errors import DataError
+from kdlab.models.fingerprint import fingerprint_key
 from kdlab.models.loading import cache_root
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import append_jsonl, atomic_write_json, read_jsonl
 
 logger = logging.getLogger(__name__)
 
+#: Why a teacher response ended; ``length`` means it was cut.
+FINISH_REASONS = ("eos", "stop", "length")
 
-def adapter_fingerprint(adapter: str | None) -> str:
-    if not adapter:
-        return "none"
-    file = Path(adapter) / "adapter_model.safetensors"
-    if not file.is_file():
-        return str(adapter)
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+
+@dataclass(frozen=True)
+class TeacherResponse:
+    """One teacher response and why it ended (one of :data:`FINISH_REASONS`)."""
+
+    text: str
+    finish_reason: str
+
+    @property
+    def complete(self) -> bool:
+        """Whether the teacher finished it (EOS or a new block), rather than being cut."""
+        return self.finish_reason != "length"
 
 
 def seqkd_fingerprint(
     *,
-    teacher_identity: str,
-    adapter: str | None,
+    teacher: dict[str, Any],
     records: list[dict[str, Any]],
     template: str,
     settings: DistillSettings,
     cutoff_len: int,
 ) -> tuple[str, dict[str, Any]]:
+    """(key, fields) of the response cache; ``teacher`` is the teacher's model fingerprint."""
     generation = settings.generation
     meta = {
-        "teacher": teacher_identity,
-        "adapter": adapter_fingerprint(adapter),
+        "format": 2,
+        **{f"teacher_{name}": value for name, value in teacher.items()},
         "template": template,
         "cutoff_len": cutoff_len,
         "greedy": settings.seqkd_greedy,
@@ -60,13 +75,21 @@ def seqkd_fingerprint(
         "temperature": None if settings.seqkd_greedy else generation.temperature,
         "top_k": None if settings.seqkd_greedy else generation.top_k,
         "top_p": None if settings.seqkd_greedy else generation.top_p,
+        "batch_size": settings.seqkd_batch_size,
         "records": hashlib.sha256(
             json.dumps([[r["instruction"], r.get("input", "")] for r in records]).encode()
         ).hexdigest()[:16],
         "num_records": len(records),
     }
-    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    return key, meta
+    return fingerprint_key(meta), meta
+
+
+def _finish_reason(tokens: list[int], text: str, eos_ids: set[int]) -> str:
+    if strip_continuation(text) != text:
+        return "stop"
+    if any(token in eos_ids for token in tokens):
+        return "eos"
+    return "length"
 
 
 def teacher_responses(
@@ -77,14 +100,16 @@ def teacher_responses(
     template: str,
     settings: DistillSettings,
     cutoff_len: int,
-    teacher_identity: str,
-    adapter: str | None,
+    teacher_fingerprint: dict[str, Any],
     cache_dir: str | Path | None = None,
-) -> tuple[list[str], dict[str, Any]]:
-    """Responses of the teacher for every record (from the cache when possible)."""
+) -> tuple[list[TeacherResponse], dict[str, Any]]:
+    """The teacher's response to every record (from the cache when possible) and a summary.
+
+    The summary holds the cache directory, how many responses were cached or generated,
+    and how many were truncated (``finish_reason == "length"``).
+    """
     key, meta = seqkd_fingerprint(
-        teacher_identity=teacher_identity,
-        adapter=adapter,
+        teacher=teacher_fingerprint,
         records=records,
         template=template,
         settings=settings,
@@ -107,26 +132,62 @@ def teacher_responses(
         atomic_write_json(meta_file, meta)
     try:
         cached = read_jsonl(directory / "responses.jsonl", repair=True)
-        done = {int(r["index"]): str(r["response"]) for r in cached}
+        done = {
+            int(r["index"]): TeacherResponse(str(r["response"]), str(r["finish_reason"]))
+            for r in cached
+        }
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
         raise DataError(
             f"seqKD cache {directory / 'responses.jsonl'} is damaged ({type(error).__name__}: "
             f"{error}); delete it to regenerate the teacher responses"
         ) from None
     todo = [i for i in range(len(records)) if i not in done]
-    info = {"cache": str(directory), "cached": len(records) - len(todo), "generated": len(todo)}
-    if not todo:
+    if todo:
+        logger.info(
+            "seqKD: teacher generates %d of %d responses → %s", len(todo), len(records), directory
+        )
+        _generate(
+            teacher, tokenizer, records, todo, template, settings, cutoff_len, directory, done
+        )
+    else:
         logger.info("seqKD: all %d teacher responses read from %s", len(records), directory)
-        return [done[i] for i in range(len(records))], info
-    logger.info(
-        "seqKD: teacher generates %d of %d responses → %s", len(todo), len(records), directory
-    )
-    from tqdm.auto import tqdm
+    responses = [done[i] for i in range(len(records))]
+    truncated = sum(1 for response in responses if not response.complete)
+    if truncated:
+        logger.warning(
+            "seqKD: %d of %d teacher responses were cut by max_new_tokens = %d (trained on "
+            "without EOS%s)",
+            truncated,
+            len(responses),
+            settings.generation.max_new_tokens,
+            "; dropped: distill.seqkd_drop_truncated" if settings.seqkd_drop_truncated else "",
+        )
+    info = {
+        "cache": str(directory),
+        "cached": len(records) - len(todo),
+        "generated": len(todo),
+        "truncated": truncated,
+    }
+    return responses, info
 
+
+def _generate(
+    teacher: Any,
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    todo: list[int],
+    template: str,
+    settings: DistillSettings,
+    cutoff_len: int,
+    directory: Path,
+    done: dict[int, TeacherResponse],
+) -> None:
+    """Generate the responses of ``todo`` into ``done`` and ``responses.jsonl``."""
     device = next(teacher.parameters()).device
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     generation = settings.generation
+    eos_ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
     # Longest prompts first: the first batch shows the worst-case memory.
     prompts = {
         i: build_prompt(
@@ -159,14 +220,16 @@ def teacher_responses(
                     max_new_tokens=budget,
                     pad_token_id=tokenizer.pad_token_id,
                 )
-            texts = tokenizer.batch_decode(
-                output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-            for index, text in zip(chunk, texts):
-                response = strip_continuation(text).strip()
+            new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for index, tokens, text in zip(chunk, new_tokens, texts):
+                reason = _finish_reason(tokens, text, eos_ids)
+                response = TeacherResponse(strip_continuation(text).strip(), reason)
                 done[index] = response
-                append_jsonl(directory / "responses.jsonl", {"index": index, "response": response})
+                append_jsonl(
+                    directory / "responses.jsonl",
+                    {"index": index, "response": response.text, "finish_reason": reason},
+                )
                 maybe_fault("seqkd_output")
     finally:
         tokenizer.padding_side = previous_side
-    return [done[i] for i in range(len(records))], info

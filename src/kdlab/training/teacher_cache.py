@@ -61,17 +61,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from tqdm.auto import tqdm
 
-from kdlab.config.schema import DistillSettings, ModelConfig
 from kdlab.data.tokenize import Collator
 from kdlab.errors import KdlabError
-from kdlab.models.loading import cache_root, materialise_gguf, resolve_model_source
+from kdlab.models.fingerprint import fingerprint_key
+from kdlab.models.loading import cache_root
+from kdlab.training.forward import kd_loss_mask, output_projection, teacher_hidden_states
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_FILE = "meta.json"
 SHARD_TEMPLATE = "shard-{:05d}.safetensors"
 DEFAULT_EXAMPLES_PER_SHARD = 256
@@ -106,39 +110,9 @@ def examples_digest(examples: Sequence[dict[str, Any]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def weights_stamp(model_config: ModelConfig) -> str:
-    """A cheap stamp of a model's weights: file names, sizes and mtimes (not contents).
-
-    A retrained model saved to the same path gets a new stamp (so its cache is rebuilt);
-    a byte-identical copy elsewhere gets another one too (a rebuild, never a wrong reuse).
-    Hub models are stamped by their revision only: pin ``revision`` for reproducible caches.
-    """
-    source = resolve_model_source(model_config.name_or_path, model_config.gguf_file)
-    if source.kind == "hub" and not source.gguf_file:
-        return f"revision={model_config.revision or 'unpinned'}"
-    directory = Path(source.location)
-    if source.gguf_file:
-        files = [directory / source.gguf_file]
-    else:
-        files = sorted(
-            path
-            for pattern in ("*.safetensors", "*.bin", "*.pt", "config.json")
-            for path in directory.glob(pattern)
-        )
-    digest = hashlib.sha256()
-    for path in files:
-        if path.is_file():
-            stat = path.stat()
-            digest.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
-
-
 def teacher_cache_fingerprint(
     *,
-    teacher_identity: str,
-    teacher_stamp: str,
-    adapter_hash: str,
-    teacher_dtype: str,
+    teacher: dict[str, Any],
     examples: Sequence[dict[str, Any]],
     template: str,
     cutoff_len: int,
@@ -150,10 +124,8 @@ def teacher_cache_fingerprint(
     """The fingerprint of a cache (see the module docstring for what it covers).
 
     Args:
-        teacher_identity: what ``run.json`` records for the teacher (source, slice).
-        teacher_stamp: :func:`weights_stamp` of the teacher's base model.
-        adapter_hash: :func:`kdlab.training.seqkd.adapter_fingerprint` of its adapter.
-        teacher_dtype: the dtype the teacher runs in (``"float32"``, ``"bfloat16"``...).
+        teacher: :func:`kdlab.models.fingerprint.model_fingerprint` of the teacher (identity,
+            weights stamp, adapter hash, dtype).
         examples: every tokenized example (train and validation), with ``index``.
         template, cutoff_len, loss_on: the data settings (also implied by the token ids,
             recorded so a mismatch message can name them).
@@ -165,10 +137,7 @@ def teacher_cache_fingerprint(
         raise TeacherCacheError(f"value_dtype must be one of {sorted(_VALUE_DTYPES)}")
     fields = {
         "format": FORMAT_VERSION,
-        "teacher": teacher_identity,
-        "teacher_weights": teacher_stamp,
-        "adapter": adapter_hash,
-        "teacher_dtype": teacher_dtype,
+        **{f"teacher_{name}": value for name, value in teacher.items()},
         "data": examples_digest(examples),
         "num_examples": len(examples),
         "template": template,
@@ -178,42 +147,7 @@ def teacher_cache_fingerprint(
         "vocab_size": int(vocab_size),
         "value_dtype": value_dtype,
     }
-    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-    return CacheFingerprint(key=key, fields=fields)
-
-
-def cache_refusal(settings: DistillSettings, vocab_size: int | None = None) -> str | None:
-    """Why ``distill.teacher_cache`` cannot serve ``settings``; None when it can.
-
-    Sweeps setting ``teacher_cache: auto`` automatically should do so only where this
-    returns None (``vocab_size=None`` assumes k < vocabulary, the usual case).
-
-    - noise (``noise_std > 0``) is added to teacher logits, which the cache does not hold;
-    - seqKD caches responses (``training/seqkd.py``), not logits;
-    - temperature ≠ 1 with k < vocabulary: the cache holds T = 1 values and the top-k of
-      T = 1. Softened by T, the teacher puts much of its mass outside that top-k (53-57 % at
-      T = 2, 98 % at T = 5 for smollm2-135m on math_cot_3k, k = 64), which the k + 1 buckets
-      cannot represent: the KD loss came out 66 % (T = 2) and 98.5 % (T = 5) below the dense
-      one, against 1.6-2 % at T = 1 (``docs/performance.md``). A dense cache (k ≥ vocabulary)
-      is exact at every temperature.
-    """
-    if settings.method == "seqkd":
-        return "seqkd caches teacher responses, not logits"
-    if settings.noise_std > 0:
-        return (
-            "distill.noise_std > 0 adds noise to teacher logits, which the cache does not hold "
-            "(it stores top-k log-probabilities); drop the cache for noise ablations"
-        )
-    if settings.temperature != 1.0 and (
-        vocab_size is None or settings.teacher_cache_topk < vocab_size
-    ):
-        return (
-            f"distill.temperature = {settings.temperature:g}: the cache holds the teacher's "
-            f"top-{settings.teacher_cache_topk} at T = 1, and at T ≠ 1 most of the softened "
-            "mass can lie outside it (measured: the KD loss 66 % low at T = 2, 98 % at T = 5 "
-            "with k = 64); use the live teacher, or k >= the vocabulary (exact)"
-        )
-    return None
+    return CacheFingerprint(key=fingerprint_key(fields), fields=fields)
 
 
 def default_teacher_cache_dir(fingerprint: CacheFingerprint | str) -> Path:
@@ -377,8 +311,6 @@ class TeacherCache:
         Each value: ``[r, k]`` log-probs (any float dtype), ``[r, k]`` ids, ``[r]`` tail
         mass, for the example's ``r`` KD positions in increasing order.
         """
-        from safetensors.torch import save
-
         indices = self.shard_examples(shard)
         missing = [index for index in indices if index not in rows]
         if missing:
@@ -408,8 +340,6 @@ class TeacherCache:
     def _open_shard(self, shard: int) -> _ShardIndex:
         if shard in self._shards:
             return self._shards[shard]
-        from safetensors import safe_open
-
         path = self.shard_path(shard)
         if not path.is_file():
             raise TeacherCacheError(
@@ -557,8 +487,6 @@ def build_teacher_cache(
     (causal attention), so a row's cached values do not depend on its batch-mates beyond
     float rounding.
     """
-    from kdlab.training.objectives import kd_loss_mask, output_projection, teacher_hidden_states
-
     started = time.perf_counter()
     by_index = {int(example["index"]): example for example in examples}
     missing = cache.missing_shards()
@@ -585,8 +513,6 @@ def build_teacher_cache(
     teacher.eval()
     iterator: Iterable[int] = mine
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(mine, desc="teacher cache", unit="shard", dynamic_ncols=True)
     total_rows = 0
     try:
@@ -640,41 +566,6 @@ def build_teacher_cache(
 
 
 # --------------------------------------------------------------------------- the stage's use
-
-
-def model_logit_width(model_config: ModelConfig) -> int:
-    """The logit width (lm_head rows) of a model, read from its config, without its weights.
-
-    Lets the distill stage compute the shared vocabulary (part of the fingerprint) before
-    deciding whether the teacher must be loaded at all. Checked against the real lm_head
-    whenever the teacher is loaded.
-    """
-    from transformers import AutoConfig
-
-    source = resolve_model_source(model_config.name_or_path, model_config.gguf_file)
-    location = source.location
-    kwargs: dict[str, Any] = {"trust_remote_code": model_config.trust_remote_code}
-    if source.gguf_file:
-        location = str(materialise_gguf(source))
-    elif model_config.revision:
-        kwargs["revision"] = model_config.revision
-    config = AutoConfig.from_pretrained(location, **kwargs)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text_config.vocab_size)
-
-
-def shared_logit_width(teacher_width: int, student: Any, tokenizer: Any) -> int:
-    """Like :func:`kdlab.models.vocab.shared_vocab_size`, from the teacher's width alone."""
-    from kdlab.errors import ModelError
-
-    student_width = student.get_output_embeddings().weight.shape[0]
-    width = min(teacher_width, student_width)
-    if width < len(tokenizer):
-        raise ModelError(
-            f"logit widths {teacher_width} (teacher) and {student_width} (student) are smaller "
-            f"than the tokenizer's {len(tokenizer)} tokens"
-        )
-    return width
 
 
 @dataclass

@@ -1,0 +1,308 @@
+"""The method table: what each distillation method does, in one place.
+
+Every distillation method kdlab offers has one :class:`MethodSpec` in :data:`METHODS`. Config
+validation, the distill stage, the training objective, the teacher-output cache, the sweep
+grid, the demo and the analysis ask the spec; nothing outside this module compares a method
+name with a string. Adding a method (or a divergence, which is also an off-policy method of
+the same name) is a line here plus its loss.
+
+=================  ===========  ================  =========  ===================  ===========
+method             teacher      KD divergence     on-policy  trains on            cache
+=================  ===========  ================  =========  ===================  ===========
+``sft``            no           none              no         gold responses       no
+divergence names   yes          the method's own  no         gold responses       yes (*)
+``gkd``            yes          ``jsd``           λ share    student samples      off-policy
+``seqkd``          yes          none              no         teacher responses    no
+=================  ===========  ================  =========  ===================  ===========
+
+(*) The teacher-output cache serves a run when :func:`teacher_cache_refusal` returns None.
+
+The divergence names and the loss parameters each one reads (:data:`DIVERGENCE_PARAMETERS`)
+are tied to the loss registry :data:`kdlab.losses.DIVERGENCES` by a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = [
+    "DIVERGENCE_PARAMETERS",
+    "METHODS",
+    "PAPER_METHOD_NAMES",
+    "SFT",
+    "MethodSpec",
+    "get_method",
+    "method_choices",
+    "teacher_cache_refusal",
+    "unread_settings",
+]
+
+#: Divergence name → the loss parameters it reads besides temperature, reduction and T²
+#: scaling (``distill.<name>``). Every divergence is also an off-policy method of that name.
+DIVERGENCE_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "forward_kl": (),
+    "reverse_kl": (),
+    "jsd": ("beta",),
+    "skew_forward_kl": ("skew",),
+    "skew_reverse_kl": ("skew",),
+    "tvd": (),
+}
+
+#: ``distill.*`` keys read by every run with a KD divergence.
+_KD_KEYS = frozenset(
+    {
+        "divergence",
+        "kd_weight",
+        "temperature",
+        "scale_by_t2",
+        "reduction",
+        "loss_on",
+        "noise_std",
+        "teacher_cache",
+        "teacher_cache_topk",
+    }
+)
+#: ``distill.generation.*`` sampling keys, read only when the method samples.
+_SAMPLING_KEYS = frozenset({"generation.temperature", "generation.top_k", "generation.top_p"})
+
+
+class DistillSettingsLike(Protocol):
+    """The fields of :class:`kdlab.config.schema.DistillSettings` the table reads."""
+
+    method: str
+    divergence: str | None
+    noise_std: float
+    temperature: float
+    teacher_cache_topk: int
+    lambda_on_policy: float
+    seqkd_greedy: bool
+
+    @property
+    def generation(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What one distillation method does.
+
+    Attributes:
+        name: the ``distill.method`` value.
+        summary: one line for ``kdlab config`` and docs.
+        needs_teacher: the method reads a teacher (everything but ``sft``).
+        default_divergence: the token-level KD divergence used when ``distill.divergence``
+            is unset; None = no KD term unless the config asks for one.
+        on_policy: a share λ of the micro-batches is replaced by the student's own samples
+            (GKD); those batches always need the live teacher.
+        teacher_responses: the student trains on responses the teacher generated once
+            (sequence-level KD) instead of the data's gold responses.
+        cacheable: the teacher-output cache (top-k teacher log-probabilities of the data's
+            responses) can stand in for the teacher's forward pass.
+        paper_name: the paper scripts' ``kd_loss`` value, when the method is one of theirs.
+        extra_keys: ``distill.*`` keys the method reads besides the KD keys.
+        estimate_factor: default multiplier of a step's cost in sweep estimates.
+    """
+
+    name: str
+    summary: str
+    needs_teacher: bool
+    default_divergence: str | None
+    on_policy: bool = False
+    teacher_responses: bool = False
+    cacheable: bool = False
+    paper_name: str | None = None
+    extra_keys: frozenset[str] = frozenset()
+    estimate_factor: float = 1.0
+
+    def divergence(self, settings: DistillSettingsLike) -> str | None:
+        """The KD divergence a run uses (None = no KD term): ``distill.divergence`` when set
+        (``none`` switches it off), else the method's default; never one for ``sft``."""
+        if not self.needs_teacher or settings.divergence == "none":
+            return None
+        return settings.divergence or self.default_divergence
+
+    def keys_read(self, settings: DistillSettingsLike) -> frozenset[str]:
+        """Every ``distill.*`` key (dotted below ``distill.``) the run reads.
+
+        A key outside this set has no effect on the run; the config loader refuses it when
+        it is set to anything but its default.
+        """
+        keys = {"method", "chunk_size", *self.extra_keys}
+        divergence = self.divergence(settings)
+        if self.needs_teacher:
+            keys.add("divergence")
+        if divergence is not None:
+            keys |= _KD_KEYS
+            keys.update(DIVERGENCE_PARAMETERS.get(divergence, ()))
+        if self.on_policy and settings.lambda_on_policy > 0:
+            keys |= {"generation.max_new_tokens", "generation.do_sample"}
+            if settings.generation.do_sample:
+                keys |= _SAMPLING_KEYS
+        if self.teacher_responses:
+            keys |= {"generation.max_new_tokens"}
+            if not settings.seqkd_greedy:
+                keys |= _SAMPLING_KEYS
+        return frozenset(keys)
+
+    def uses_teacher_cache(self, settings: DistillSettingsLike, cache: str | None) -> bool:
+        """Whether the KD term reads the teacher-output cache ``cache`` (a validated config)."""
+        return bool(cache) and self.cacheable and self.divergence(settings) is not None
+
+    def needs_live_teacher(self, settings: DistillSettingsLike, *, cached: bool) -> bool:
+        """Whether training runs the teacher model: always without a cache; with one, only
+        for on-policy batches (the student's samples are in no cache)."""
+        if not self.needs_teacher:
+            return False
+        if self.teacher_responses and self.divergence(settings) is None:
+            return False  # seqKD without a KD term: the teacher only writes the responses
+        if not cached:
+            return True
+        return self.on_policy and settings.lambda_on_policy > 0
+
+
+def _off_policy(name: str, summary: str, paper_name: str | None = None) -> MethodSpec:
+    return MethodSpec(
+        name=name,
+        summary=summary,
+        needs_teacher=True,
+        default_divergence=name,
+        cacheable=True,
+        paper_name=paper_name,
+    )
+
+
+SFT = "sft"
+
+_SPECS: tuple[MethodSpec, ...] = (
+    MethodSpec(
+        name=SFT,
+        summary="Supervised fine-tuning on the gold responses; no teacher.",
+        needs_teacher=False,
+        default_divergence=None,
+        paper_name="",
+    ),
+    _off_policy("forward_kl", "Token-level KL(p_T ‖ p_S) on the gold responses.", "kld"),
+    _off_policy("reverse_kl", "Token-level KL(p_S ‖ p_T) on the gold responses.", "reversekld"),
+    _off_policy("jsd", "Generalised Jensen-Shannon divergence (β) on the gold responses."),
+    _off_policy("skew_forward_kl", "Skew forward KL (α = skew), DistiLLM."),
+    _off_policy("skew_reverse_kl", "Skew reverse KL (α = skew), DistiLLM."),
+    _off_policy("tvd", "Total variation distance on the gold responses."),
+    MethodSpec(
+        name="gkd",
+        summary="On-policy GKD: a share λ of batches are the student's own samples (JSD).",
+        needs_teacher=True,
+        default_divergence="jsd",
+        on_policy=True,
+        cacheable=True,
+        paper_name="gkd",
+        extra_keys=frozenset({"lambda_on_policy"}),
+        estimate_factor=3.0,
+    ),
+    MethodSpec(
+        name="seqkd",
+        summary="Sequence-level KD: the student trains on the teacher's own responses.",
+        needs_teacher=True,
+        default_divergence=None,
+        teacher_responses=True,
+        extra_keys=frozenset({"seqkd_greedy", "seqkd_batch_size", "seqkd_drop_truncated"}),
+        estimate_factor=1.5,
+    ),
+)
+
+#: method name → spec, in the table's order.
+METHODS: Mapping[str, MethodSpec] = {spec.name: spec for spec in _SPECS}
+
+#: The paper scripts' ``kd_loss`` names → kdlab methods.
+PAPER_METHOD_NAMES: Mapping[str, str] = {
+    spec.paper_name: spec.name for spec in _SPECS if spec.paper_name is not None
+}
+
+
+def method_choices() -> tuple[str, ...]:
+    """Valid ``distill.method`` values: kdlab's names, then the paper's non-empty ones."""
+    return (*METHODS, *(name for name in PAPER_METHOD_NAMES if name and name not in METHODS))
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec of ``name`` (a kdlab or paper method name); KeyError when unknown."""
+    return METHODS[PAPER_METHOD_NAMES.get(name, name)]
+
+
+def teacher_cache_refusal(
+    settings: DistillSettingsLike, vocab_size: int | None = None, *, check_temperature: bool = True
+) -> str | None:
+    """Why ``distill.teacher_cache`` cannot serve ``settings``; None when it can.
+
+    Sweeps turn the cache on by default exactly where this returns None (``vocab_size=None``
+    assumes k < vocabulary, the usual case). ``check_temperature=False`` leaves out the one
+    check that needs the vocabulary (the stage runs it once the teacher's width is known).
+
+    - a method without a teacher, or one that trains on teacher responses (seqKD caches
+      responses, not logits), has nothing for the cache to hold;
+    - noise (``noise_std > 0``) is added to teacher logits, which the cache does not hold;
+    - temperature ≠ 1 with k < vocabulary: the cache holds T = 1 values and the top-k of
+      T = 1. Softened by T, the teacher puts much of its mass outside that top-k (53-57 % at
+      T = 2, 98 % at T = 5 for smollm2-135m on math_cot_3k, k = 64), which the k + 1 buckets
+      cannot represent: the KD loss came out 66 % (T = 2) and 98.5 % (T = 5) below the dense
+      one, against 1.6-2 % at T = 1 (``docs/performance.md``). A dense cache (k ≥ vocabulary)
+      is exact at every temperature.
+    """
+    spec = get_method(settings.method)
+    if not spec.needs_teacher:
+        return f"distill.method = {spec.name} has no teacher"
+    if not spec.cacheable:
+        return f"{spec.name} caches teacher responses, not logits"
+    if spec.divergence(settings) is None:
+        return "distill.divergence = none: there is no KD term for the cache to serve"
+    if settings.noise_std > 0:
+        return (
+            "distill.noise_std > 0 adds noise to teacher logits, which the cache does not hold "
+            "(it stores top-k log-probabilities); drop the cache for noise ablations"
+        )
+    if (
+        check_temperature
+        and settings.temperature != 1.0
+        and (vocab_size is None or settings.teacher_cache_topk < vocab_size)
+    ):
+        return (
+            f"distill.temperature = {settings.temperature:g}: the cache holds the teacher's "
+            f"top-{settings.teacher_cache_topk} at T = 1, and at T ≠ 1 most of the softened "
+            "mass can lie outside it (measured: the KD loss 66 % low at T = 2, 98 % at T = 5 "
+            "with k = 64); use the live teacher, or k >= the vocabulary (exact)"
+        )
+    return None
+
+
+def _field_default(item: dataclasses.Field) -> Any:
+    if item.default is not dataclasses.MISSING:
+        return item.default
+    if item.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return item.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def _settings_and_defaults(settings: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, value, default) of every field of a settings dataclass, nested expanded."""
+    for item in dataclasses.fields(settings):
+        value = getattr(settings, item.name)
+        if dataclasses.is_dataclass(value):
+            yield from _settings_and_defaults(value, f"{prefix}{item.name}.")
+        else:
+            yield f"{prefix}{item.name}", value, _field_default(item)
+
+
+def unread_settings(settings: DistillSettingsLike) -> list[tuple[str, Any]]:
+    """``(key, value)`` of every ``distill.*`` setting the run would ignore.
+
+    A setting is ignored when the method (with its divergence, λ and sampling switches)
+    does not read it (:meth:`MethodSpec.keys_read`) and its value differs from the default:
+    a default is harmless, anything else is a setting that would silently do nothing.
+    """
+    read = get_method(settings.method).keys_read(settings)
+    return [
+        (key, value)
+        for key, value, default in _settings_and_defaults(settings)
+        if key not in read and value != default
+    ]
