@@ -192,9 +192,7 @@ class TrainConfig:
         check(self.save_steps >= 0, "save_steps", "must be >= 0")
         check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
         check(self.logging_steps >= 1, "logging_steps", "must be >= 1")
-        check(
-            0.0 <= self.max_skipped_fraction <= 1.0, "max_skipped_fraction", "must be in [0, 1]"
-        )
+        check(0.0 <= self.max_skipped_fraction <= 1.0, "max_skipped_fraction", "must be in [0, 1]")
 
 
 @dataclass
