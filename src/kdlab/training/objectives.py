@@ -36,7 +36,13 @@ import torch
 from kdlab.config.schema import DistillSettings
 from kdlab.data.tokenize import IGNORE_INDEX, left_pad_prompts
 from kdlab.errors import KdlabError
-from kdlab.losses import chunked_distillation_loss, default_chunk_size
+from kdlab.losses import (
+    HiddenStates,
+    KDLossSpec,
+    SparseTeacher,
+    chunked_distillation_loss,
+    default_chunk_size,
+)
 from kdlab.training.common import response_mask
 from kdlab.training.loop import StepLoss, step_seed
 
@@ -381,19 +387,21 @@ class DistillationObjective:
         """The KD divergence of one micro-batch: the live teacher's when ``teacher_hidden``
         is given, else the cached top-k of the batch's examples."""
         assert self.divergence is not None
+        spec = KDLossSpec(
+            divergence=self.divergence,
+            temperature=self.settings.temperature,
+            beta=self.settings.beta,
+            skew=self.settings.skew,
+            reduction=self.settings.reduction,
+            scale_by_t2=self.settings.scale_by_t2,
+        )
+        student = HiddenStates(student_hidden, weight, bias)
         common: dict[str, Any] = {
-            "divergence": self.divergence,
-            "temperature": self.settings.temperature,
-            "beta": self.settings.beta,
-            "skew": self.settings.skew,
-            "reduction": self.settings.reduction,
-            "scale_by_t2": self.settings.scale_by_t2,
             "chunk_size": resolve_chunk_size(
                 self.settings.chunk_size,
                 self.vocab_size or weight.shape[0],
                 student_hidden.device,
             ),
-            "student_lm_head_bias": bias,
             "vocab_size": self.vocab_size,
         }
         if teacher_hidden is None:
@@ -407,26 +415,15 @@ class DistillationObjective:
             )
             # [N, k] top-k log-probs / ids and [N] tail mass, in the row-major order of
             # student_hidden[kd_mask]: the sparse (k + 1 buckets) path of the chunked loss.
-            return chunked_distillation_loss(
-                student_hidden,
-                weight,
-                loss_mask=kd_mask,
-                teacher_topk_logprobs=rows.topk_logprobs,
-                teacher_topk_ids=rows.topk_ids,
-                teacher_tail_mass=rows.tail_mass,
-                **common,
-            )
+            teacher = SparseTeacher(rows.topk_logprobs, rows.topk_ids, rows.tail_mass)
+            return chunked_distillation_loss(student, teacher, kd_mask, spec, **common)
         assert self.teacher is not None
         teacher_weight, teacher_bias = output_projection(self.teacher)
         # Trap: teacher_hidden is an inference tensor. The loss only selects its masked rows
         # (a new, normal tensor) and never saves it for backward, so this is allowed.
+        live_teacher = HiddenStates(
+            teacher_hidden.to(student_hidden.dtype), teacher_weight.to(weight.dtype), teacher_bias
+        )
         return chunked_distillation_loss(
-            student_hidden,
-            weight,
-            teacher_hidden.to(student_hidden.dtype),
-            teacher_weight.to(weight.dtype),
-            kd_mask,
-            teacher_lm_head_bias=teacher_bias,
-            teacher_noise_std=self.settings.noise_std,
-            **common,
+            student, live_teacher, kd_mask, spec, noise_std=self.settings.noise_std, **common
         )
