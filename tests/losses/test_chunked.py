@@ -184,6 +184,43 @@ def test_vocab_trimming_and_full_sparse_teacher() -> None:
     torch.testing.assert_close(explicit, dense, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_symmetric_kl_dense_chunked_and_sparse_agree(reduction: str) -> None:
+    # One loss, four paths: dense logits, chunked with the live teacher, chunked with a
+    # k = V sparse teacher, and the dense-student sparse loss; values and gradients agree.
+    inputs = make_inputs(12)
+    mask = inputs["loss_mask"]
+    spec = KDLossSpec("symmetric_kl", temperature=1.6, reduction=reduction)
+    teacher_logits = inputs["teacher_hidden"] @ inputs["teacher_weight"].T
+    every_id = torch.arange(VOCAB).expand(int(mask.sum()), VOCAB)
+    full_sparse = SparseTeacher(
+        teacher_logits.log_softmax(-1)[mask], every_id, torch.zeros(int(mask.sum()))
+    )
+
+    def value_and_grad(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = inputs["student_hidden"].clone().requires_grad_()
+        student_logits = hidden @ inputs["student_weight"].T
+        student = HiddenStates(hidden, inputs["student_weight"])
+        if path == "dense":
+            loss = distillation_loss(student_logits, teacher_logits, mask, spec)
+        elif path == "chunked_live":
+            loss = chunked_distillation_loss(
+                student, live_teacher(inputs), mask, spec, chunk_size=4
+            )
+        elif path == "chunked_sparse":
+            loss = chunked_distillation_loss(student, full_sparse, mask, spec, chunk_size=4)
+        else:
+            loss = sparse_distillation_loss(student_logits, full_sparse, mask, spec)
+        return loss, torch.autograd.grad(loss, hidden)[0]
+
+    dense, dense_grad = value_and_grad("dense")
+    assert dense.item() > 0.1
+    for path in ("chunked_live", "chunked_sparse", "sparse"):
+        value, grad = value_and_grad(path)
+        torch.testing.assert_close(value, dense, rtol=0, atol=1e-5, msg=path)
+        torch.testing.assert_close(grad, dense_grad, rtol=0, atol=1e-5, msg=path)
+
+
 def test_selected_rows_equal_full_hidden_states() -> None:
     inputs = make_inputs(11)
     mask = inputs["loss_mask"]

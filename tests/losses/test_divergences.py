@@ -56,6 +56,8 @@ def reference_per_position(
         return kl(p_student, skew * p_student + (1 - skew) * p_teacher)
     if divergence == "tvd":
         return 0.5 * (p_teacher - p_student).abs().sum(dim=-1)
+    if divergence == "symmetric_kl":
+        return kl(p_teacher, p_student) + kl(p_student, p_teacher)
     raise AssertionError(divergence)
 
 
@@ -303,6 +305,66 @@ def test_property_jsd_bounded(seed: int, beta: float) -> None:
     assert (values <= entropy + 1e-5).all()
 
 
+def test_symmetric_kl_is_forward_plus_reverse_and_symmetric() -> None:
+    student_logits, teacher_logits, loss_mask = random_case(16, scale=4.0)
+
+    def values(name: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return per_token_divergence(student, teacher, KDLossSpec(name, temperature=1.3))
+
+    symmetric = values("symmetric_kl", student_logits, teacher_logits)
+    forward_plus_reverse = values("forward_kl", student_logits, teacher_logits) + values(
+        "reverse_kl", student_logits, teacher_logits
+    )
+    assert symmetric.min() > 1e-3
+    torch.testing.assert_close(symmetric, forward_plus_reverse, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        values("symmetric_kl", teacher_logits, student_logits), symmetric, rtol=1e-5, atol=1e-6
+    )
+    # The loss (reduced, T²-scaled) is the sum of the two KL losses too.
+    total = distillation_loss(
+        student_logits, teacher_logits, loss_mask, KDLossSpec("symmetric_kl", temperature=1.3)
+    )
+    parts = [
+        distillation_loss(student_logits, teacher_logits, loss_mask, KDLossSpec(name, 1.3))
+        for name in ("forward_kl", "reverse_kl")
+    ]
+    torch.testing.assert_close(total, parts[0] + parts[1], rtol=1e-5, atol=1e-6)
+
+
+def test_symmetric_kl_relation_to_distillm_and_torchtune() -> None:
+    # DistiLLM's symmetric_kl / torchtune's SymmetricKLLoss, written from their definition
+    # in float64: (1 - λ)·CE(p_T, p_S) + λ·KL(p_S ‖ p_T), token mean. Ours is the plain sum
+    # FKL + RKL = 2·theirs(λ = 0.5) − H(p_T): twice their gradient at λ = 0.5.
+    student_logits, teacher_logits, loss_mask = random_case(17)
+    rows = loss_mask.sum().item()
+
+    def theirs(student: torch.Tensor, lam: float) -> torch.Tensor:
+        p_teacher = torch.softmax(teacher_logits.double(), dim=-1)
+        log_student = torch.log_softmax(student, dim=-1)
+        p_student = log_student.exp()
+        cross_entropy = -(p_teacher * log_student).sum(-1)
+        reverse = (p_student * (log_student - p_teacher.log())).sum(-1)
+        return ((1 - lam) * cross_entropy + lam * reverse)[loss_mask].sum() / rows
+
+    p_teacher = torch.softmax(teacher_logits.double(), dim=-1)
+    teacher_entropy = -(p_teacher * p_teacher.log()).sum(-1)[loss_mask].sum() / rows
+    ours_leaf = student_logits.clone().requires_grad_()
+    ours = distillation_loss(ours_leaf, teacher_logits, loss_mask, KDLossSpec("symmetric_kl"))
+    (ours_grad,) = torch.autograd.grad(ours, ours_leaf)
+    theirs_leaf = student_logits.double().requires_grad_()
+    reference = theirs(theirs_leaf, 0.5)
+    (theirs_grad,) = torch.autograd.grad(reference, theirs_leaf)
+    torch.testing.assert_close(
+        ours.double(), 2 * reference.detach() - teacher_entropy, rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(ours_grad.double(), 2 * theirs_grad, rtol=1e-4, atol=1e-6)
+    # Their default λ = 0.9 is a different (asymmetric) objective.
+    assert (
+        abs(ours.item() - (2 * theirs(student_logits.double(), 0.9) - teacher_entropy).item())
+        > 1e-2
+    )
+
+
 # ----------------------------------------------------------------------------- arguments
 
 
@@ -314,6 +376,7 @@ def test_registry_lookup() -> None:
         "skew_forward_kl",
         "skew_reverse_kl",
         "tvd",
+        "symmetric_kl",
     }
     assert get_divergence("jsd") is DIVERGENCES["jsd"]
     with pytest.raises(ValueError, match=r"forward_kl.*reverse_kl") as error:

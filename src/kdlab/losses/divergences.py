@@ -48,6 +48,7 @@ __all__ = [
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "symmetric_kl",
     "tvd",
 ]
 
@@ -150,6 +151,28 @@ def tvd(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
     return 0.5 * (teacher_logprobs.exp() - student_logprobs.exp()).abs().sum(dim=-1)
 
 
+def symmetric_kl(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """Symmetric KL (Jeffreys divergence): KL(p_T ‖ p_S) + KL(p_S ‖ p_T).
+
+    Computed in one pass as Σ (p_T − p_S)·(log p_T − log p_S), whose terms are all ≥ 0
+    (no cancellation between the two KLs). Equal to :func:`forward_kl` +
+    :func:`reverse_kl`; symmetric in student and teacher; unbounded, like both KLs.
+
+    Convention: the plain, unweighted sum. DistiLLM's ``symmetric_kl`` (Ko et al. 2024,
+    ``distillm/losses.py``) and torchtune's ``SymmetricKLLoss`` (ported from it) compute
+    a λ-weighted mixture ``(1 − λ)·FKL + λ·RKL`` with λ = 0.9 by default, and their
+    forward term is the cross-entropy ``−Σ p_T log p_S = KL(p_T ‖ p_S) + H(p_T)``. So this
+    value is ``2 · theirs(λ = 0.5) − H(p_T)``: the same gradient with respect to the student
+    as theirs at λ = 0.5, times 2. Their λ ≠ 0.5 is not symmetric and has no counterpart
+    here.
+
+    Shapes: ``[..., vocab]`` log-probabilities in, ``[...]`` out.
+    """
+    return (
+        (teacher_logprobs.exp() - student_logprobs.exp()) * (teacher_logprobs - student_logprobs)
+    ).sum(dim=-1)
+
+
 @dataclass(frozen=True)
 class Divergence:
     """A registered divergence: its function and the loss-spec parameters it reads.
@@ -187,6 +210,7 @@ DIVERGENCES: dict[str, Divergence] = {
     "skew_forward_kl": Divergence(skew_forward_kl, reads=("skew",)),
     "skew_reverse_kl": Divergence(skew_reverse_kl, reads=("skew",)),
     "tvd": Divergence(tvd),
+    "symmetric_kl": Divergence(symmetric_kl),
 }
 """Divergence name (as used in configs) → :class:`Divergence`."""
 
