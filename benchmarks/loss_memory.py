@@ -38,10 +38,16 @@ from pathlib import Path
 import torch
 
 try:
-    from kdlab.losses import chunked_distillation_loss, default_chunk_size
+    import kdlab  # noqa: F401
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from kdlab.losses import chunked_distillation_loss, default_chunk_size
+
+from kdlab.losses import (
+    HiddenStates,
+    KDLossSpec,
+    chunked_distillation_loss,
+    default_chunk_size,
+)
 
 VOCAB_SIZES = (49_152, 151_936)
 HIDDEN = 576
@@ -139,6 +145,7 @@ def run_child(args: argparse.Namespace) -> dict:
     teacher_weight = randn(vocab_size, HIDDEN, scale=3 * HIDDEN**-0.5)
     loss_mask = torch.zeros(args.batch, args.seq, dtype=torch.bool, device=device)
     loss_mask[:, args.seq // 2 :] = True  # prompt / completion: half the positions count
+    spec = KDLossSpec("forward_kl", temperature=TEMPERATURE, reduction="sequence")
 
     def loss_fn() -> torch.Tensor:
         if args.child == "dense":
@@ -146,14 +153,10 @@ def run_child(args: argparse.Namespace) -> dict:
                 student_hidden, student_weight, teacher_hidden, teacher_weight, loss_mask, 1.0
             )
         return chunked_distillation_loss(
-            student_hidden,
-            student_weight,
-            teacher_hidden,
-            teacher_weight,
+            HiddenStates(student_hidden, student_weight),
+            HiddenStates(teacher_hidden, teacher_weight),
             loss_mask,
-            divergence="forward_kl",
-            temperature=TEMPERATURE,
-            reduction="sequence",
+            spec,
             chunk_size=args.chunk_size,
         )
 

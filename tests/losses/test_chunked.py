@@ -7,6 +7,9 @@ import torch
 
 from kdlab.losses import (
     DIVERGENCES,
+    HiddenStates,
+    KDLossSpec,
+    SparseTeacher,
     add_teacher_noise,
     chunked_distillation_loss,
     default_chunk_size,
@@ -36,8 +39,12 @@ def make_inputs(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torc
     }
 
 
+def live_teacher(inputs: dict[str, torch.Tensor]) -> HiddenStates:
+    return HiddenStates(inputs["teacher_hidden"], inputs["teacher_weight"])
+
+
 def dense_and_chunked(
-    inputs: dict[str, torch.Tensor], chunk_size: int, **kwargs
+    inputs: dict[str, torch.Tensor], chunk_size: int, spec: KDLossSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dense loss, chunked loss, dense grad, chunked grad) w.r.t. the student hidden states."""
     hidden = inputs["student_hidden"].clone().requires_grad_()
@@ -45,17 +52,15 @@ def dense_and_chunked(
         hidden @ inputs["student_weight"].T,
         inputs["teacher_hidden"] @ inputs["teacher_weight"].T,
         inputs["loss_mask"],
-        **kwargs,
+        spec,
     )
     (dense_grad,) = torch.autograd.grad(dense, hidden)
     chunked = chunked_distillation_loss(
-        hidden,
-        inputs["student_weight"],
-        inputs["teacher_hidden"],
-        inputs["teacher_weight"],
+        HiddenStates(hidden, inputs["student_weight"]),
+        live_teacher(inputs),
         inputs["loss_mask"],
+        spec,
         chunk_size=chunk_size,
-        **kwargs,
     )
     (chunked_grad,) = torch.autograd.grad(chunked, hidden)
     return dense, chunked, dense_grad, chunked_grad
@@ -70,11 +75,7 @@ def test_chunked_equals_dense(divergence: str, dtype: torch.dtype, reduction: st
     dense, chunked, dense_grad, chunked_grad = dense_and_chunked(
         inputs,
         chunk_size=3,
-        divergence=divergence,
-        reduction=reduction,
-        temperature=1.7,
-        beta=0.3,
-        skew=0.2,
+        spec=KDLossSpec(divergence, reduction=reduction, temperature=1.7, beta=0.3, skew=0.2),
     )
     assert chunked.dtype == torch.float32 and chunked.dim() == 0
     assert chunked_grad.dtype == dtype
@@ -93,7 +94,7 @@ def test_chunked_equals_dense(divergence: str, dtype: torch.dtype, reduction: st
 def test_chunk_size_does_not_change_result(chunk_size: int) -> None:
     inputs = make_inputs(1)
     dense, chunked, dense_grad, chunked_grad = dense_and_chunked(
-        inputs, chunk_size=chunk_size, divergence="jsd", reduction="sequence"
+        inputs, chunk_size=chunk_size, spec=KDLossSpec("jsd", reduction="sequence")
     )
     torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-5)
     torch.testing.assert_close(chunked_grad, dense_grad, rtol=0, atol=1e-5)
@@ -118,21 +119,17 @@ def test_gradients_reach_weights_biases_and_scale_with_upstream() -> None:
             inputs["teacher_hidden"], inputs["teacher_weight"], teacher_bias
         ),
         inputs["loss_mask"],
-        divergence="skew_reverse_kl",
+        KDLossSpec("skew_reverse_kl"),
     )
     (3.0 * dense).backward()
 
     hidden2, weight2, bias2 = leaves()
     chunked = chunked_distillation_loss(
-        hidden2,
-        weight2,
-        inputs["teacher_hidden"],
-        inputs["teacher_weight"],
+        HiddenStates(hidden2, weight2, bias2),
+        HiddenStates(inputs["teacher_hidden"], inputs["teacher_weight"], teacher_bias),
         inputs["loss_mask"],
-        divergence="skew_reverse_kl",
+        KDLossSpec("skew_reverse_kl"),
         chunk_size=5,
-        student_lm_head_bias=bias2,
-        teacher_lm_head_bias=teacher_bias,
     )
     (3.0 * chunked).backward()
 
@@ -141,49 +138,110 @@ def test_gradients_reach_weights_biases_and_scale_with_upstream() -> None:
         torch.testing.assert_close(chunked_leaf.grad, dense_leaf.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_teacher_logprobs_and_vocab_trimming() -> None:
+def test_vocab_trimming_and_full_sparse_teacher() -> None:
+    # The dense teacher-log-probs form is gone: a SparseTeacher with k = V (every id, no
+    # tail) is the same teacher, and a narrower live teacher trims the student's vocabulary.
     inputs = make_inputs(3)
     padded_student_weight = torch.cat([inputs["student_weight"], torch.randn(7, HIDDEN)])
     teacher_logits = inputs["teacher_hidden"] @ inputs["teacher_weight"].T  # [B, S, V]
     hidden = inputs["student_hidden"].clone().requires_grad_()
-    dense = distillation_loss(
-        hidden @ inputs["student_weight"].T,
-        teacher_logits,
-        inputs["loss_mask"],
-        divergence="forward_kl",
-        temperature=2.0,
-    )
-    (dense_grad,) = torch.autograd.grad(dense, hidden)
     mask = inputs["loss_mask"]
-    for teacher_logprobs in (
-        teacher_logits.log_softmax(-1)[mask],  # [N, V] rows
-        teacher_logits.bfloat16().float(),  # [B, S, V] (logits work too) ...
+    spec = KDLossSpec("forward_kl", temperature=2.0)
+    dense = distillation_loss(hidden @ inputs["student_weight"].T, teacher_logits, mask, spec)
+    (dense_grad,) = torch.autograd.grad(dense, hidden)
+    student = HiddenStates(hidden, padded_student_weight)  # 104 rows: trimmed to 97
+
+    every_id = torch.arange(VOCAB).expand(BATCH, SEQ, VOCAB)
+    no_tail = torch.zeros(BATCH, SEQ)
+    for teacher, vocab_size in (
+        (live_teacher(inputs), None),  # [97, hidden_T] lm_head: trimmed automatically
+        (SparseTeacher(teacher_logits.log_softmax(-1)[mask], every_id[mask], no_tail[mask]), VOCAB),
     ):
         chunked = chunked_distillation_loss(
-            hidden,
-            padded_student_weight,  # 104 rows: trimmed to the teacher's 97
-            loss_mask=mask,
-            teacher_logprobs=teacher_logprobs,
-            temperature=2.0,
-            chunk_size=4,
+            student, teacher, mask, spec, chunk_size=4, vocab_size=vocab_size
         )
         (chunked_grad,) = torch.autograd.grad(chunked, hidden)
-        if teacher_logprobs.dim() == 2:
-            torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-5)
-            torch.testing.assert_close(chunked_grad, dense_grad, rtol=0, atol=1e-5)
-        else:  # ... but were rounded to bf16 here
-            torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-2)
+        torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-5)
+        torch.testing.assert_close(chunked_grad, dense_grad, rtol=0, atol=1e-5)
+
+    # [B, S, V] logits work too (the k = V buckets are renormalised), here rounded to bf16.
+    rounded = SparseTeacher(teacher_logits.bfloat16().float(), every_id, no_tail)
+    chunked = chunked_distillation_loss(
+        student, rounded, mask, spec, chunk_size=4, vocab_size=VOCAB
+    )
+    torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-2)
 
     explicit = chunked_distillation_loss(
-        hidden,
-        padded_student_weight,
-        inputs["teacher_hidden"],
-        torch.cat([inputs["teacher_weight"], torch.randn(3, TEACHER_HIDDEN)]),
+        student,
+        HiddenStates(
+            inputs["teacher_hidden"],
+            torch.cat([inputs["teacher_weight"], torch.randn(3, TEACHER_HIDDEN)]),
+        ),
         mask,
-        temperature=2.0,
+        spec,
         vocab_size=VOCAB,
     )
     torch.testing.assert_close(explicit, dense, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_symmetric_kl_dense_chunked_and_sparse_agree(reduction: str) -> None:
+    # One loss, four paths: dense logits, chunked with the live teacher, chunked with a
+    # k = V sparse teacher, and the dense-student sparse loss; values and gradients agree.
+    inputs = make_inputs(12)
+    mask = inputs["loss_mask"]
+    spec = KDLossSpec("symmetric_kl", temperature=1.6, reduction=reduction)
+    teacher_logits = inputs["teacher_hidden"] @ inputs["teacher_weight"].T
+    every_id = torch.arange(VOCAB).expand(int(mask.sum()), VOCAB)
+    full_sparse = SparseTeacher(
+        teacher_logits.log_softmax(-1)[mask], every_id, torch.zeros(int(mask.sum()))
+    )
+
+    def value_and_grad(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = inputs["student_hidden"].clone().requires_grad_()
+        student_logits = hidden @ inputs["student_weight"].T
+        student = HiddenStates(hidden, inputs["student_weight"])
+        if path == "dense":
+            loss = distillation_loss(student_logits, teacher_logits, mask, spec)
+        elif path == "chunked_live":
+            loss = chunked_distillation_loss(
+                student, live_teacher(inputs), mask, spec, chunk_size=4
+            )
+        elif path == "chunked_sparse":
+            loss = chunked_distillation_loss(student, full_sparse, mask, spec, chunk_size=4)
+        else:
+            loss = sparse_distillation_loss(student_logits, full_sparse, mask, spec)
+        return loss, torch.autograd.grad(loss, hidden)[0]
+
+    dense, dense_grad = value_and_grad("dense")
+    assert dense.item() > 0.1
+    for path in ("chunked_live", "chunked_sparse", "sparse"):
+        value, grad = value_and_grad(path)
+        torch.testing.assert_close(value, dense, rtol=0, atol=1e-5, msg=path)
+        torch.testing.assert_close(grad, dense_grad, rtol=0, atol=1e-5, msg=path)
+
+
+def test_selected_rows_equal_full_hidden_states() -> None:
+    inputs = make_inputs(11)
+    mask = inputs["loss_mask"]
+    spec = KDLossSpec("jsd", temperature=1.3, reduction="sequence")
+    values, grads = [], []
+    for select in (False, True):
+        hidden = inputs["student_hidden"].clone().requires_grad_()
+        student_hidden = hidden[mask] if select else hidden  # [N, hidden] or [B, S, hidden]
+        teacher_hidden = inputs["teacher_hidden"][mask] if select else inputs["teacher_hidden"]
+        loss = chunked_distillation_loss(
+            HiddenStates(student_hidden, inputs["student_weight"]),
+            HiddenStates(teacher_hidden, inputs["teacher_weight"]),
+            mask,
+            spec,
+            chunk_size=3,
+        )
+        values.append(loss)
+        grads.append(torch.autograd.grad(loss, hidden)[0])
+    assert values[0].item() > 0
+    torch.testing.assert_close(values[1], values[0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
 
 
 def test_sparse_teacher_in_chunked_path() -> None:
@@ -191,22 +249,13 @@ def test_sparse_teacher_in_chunked_path() -> None:
     mask = inputs["loss_mask"]
     teacher_logprobs = (3 * inputs["teacher_hidden"] @ inputs["teacher_weight"].T).log_softmax(-1)
     top = teacher_logprobs[mask].topk(10, dim=-1)
-    tail_mass = 1 - top.values.exp().sum(-1)
+    teacher = SparseTeacher(top.values, top.indices, 1 - top.values.exp().sum(-1))
     hidden = inputs["student_hidden"].clone().requires_grad_()
-    kwargs = dict(divergence="jsd", temperature=1.5, reduction="sequence")
-    sparse = sparse_distillation_loss(
-        hidden @ inputs["student_weight"].T, top.values, top.indices, tail_mass, mask, **kwargs
-    )
+    spec = KDLossSpec("jsd", temperature=1.5, reduction="sequence")
+    sparse = sparse_distillation_loss(hidden @ inputs["student_weight"].T, teacher, mask, spec)
     (sparse_grad,) = torch.autograd.grad(sparse, hidden)
     chunked = chunked_distillation_loss(
-        hidden,
-        inputs["student_weight"],
-        loss_mask=mask,
-        teacher_topk_logprobs=top.values,
-        teacher_topk_ids=top.indices,
-        teacher_tail_mass=tail_mass,
-        chunk_size=3,
-        **kwargs,
+        HiddenStates(hidden, inputs["student_weight"]), teacher, mask, spec, chunk_size=3
     )
     (chunked_grad,) = torch.autograd.grad(chunked, hidden)
     torch.testing.assert_close(chunked, sparse, rtol=0, atol=1e-5)
@@ -222,20 +271,19 @@ def test_noise_matches_dense_noise_for_one_chunk() -> None:
     noisy_teacher = teacher_logits.clone()
     noisy_teacher[mask] = noisy_rows
     student_logits = inputs["student_hidden"] @ inputs["student_weight"].T
-    dense = distillation_loss(student_logits, noisy_teacher, mask, divergence="reverse_kl")
+    spec = KDLossSpec("reverse_kl")
+    dense = distillation_loss(student_logits, noisy_teacher, mask, spec)
     chunked = chunked_distillation_loss(
-        inputs["student_hidden"],
-        inputs["student_weight"],
-        inputs["teacher_hidden"],
-        inputs["teacher_weight"],
+        HiddenStates(inputs["student_hidden"], inputs["student_weight"]),
+        live_teacher(inputs),
         mask,
-        divergence="reverse_kl",
+        spec,
         chunk_size=10_000,
-        teacher_noise_std=0.5,
+        noise_std=0.5,
         noise_generator=torch.Generator().manual_seed(7),
     )
     torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-5)
-    clean = distillation_loss(student_logits, teacher_logits, mask, divergence="reverse_kl")
+    clean = distillation_loss(student_logits, teacher_logits, mask, spec)
     assert abs(chunked.item() - clean.item()) > 1e-3
 
 
@@ -244,13 +292,12 @@ def test_noise_is_deterministic_per_seed_in_chunks() -> None:
 
     def run(seed: int) -> torch.Tensor:
         return chunked_distillation_loss(
-            inputs["student_hidden"],
-            inputs["student_weight"],
-            inputs["teacher_hidden"],
-            inputs["teacher_weight"],
+            HiddenStates(inputs["student_hidden"], inputs["student_weight"]),
+            live_teacher(inputs),
             inputs["loss_mask"],
+            KDLossSpec(),
             chunk_size=3,
-            teacher_noise_std=1.0,
+            noise_std=1.0,
             noise_generator=torch.Generator().manual_seed(seed),
         )
 
@@ -264,13 +311,10 @@ def test_fully_masked_batch(reduction: str) -> None:
     hidden = inputs["student_hidden"].clone().requires_grad_()
     weight = inputs["student_weight"].clone().requires_grad_()
     loss = chunked_distillation_loss(
-        hidden,
-        weight,
-        inputs["teacher_hidden"],
-        inputs["teacher_weight"],
+        HiddenStates(hidden, weight),
+        live_teacher(inputs),
         torch.zeros_like(inputs["loss_mask"]),
-        reduction=reduction,
-        divergence="jsd",
+        KDLossSpec("jsd", reduction=reduction),
     )
     loss.backward()
     assert loss.item() == 0.0
@@ -280,18 +324,15 @@ def test_fully_masked_batch(reduction: str) -> None:
 
 def test_no_grad_and_frozen_inputs() -> None:
     inputs = make_inputs(8)
-    args = (
-        inputs["student_hidden"],
-        inputs["student_weight"],
-        inputs["teacher_hidden"],
-        inputs["teacher_weight"],
-        inputs["loss_mask"],
-    )
-    frozen = chunked_distillation_loss(*args, chunk_size=2)
+    args = (live_teacher(inputs), inputs["loss_mask"], KDLossSpec())
+    student = HiddenStates(inputs["student_hidden"], inputs["student_weight"])
+    frozen = chunked_distillation_loss(student, *args, chunk_size=2)
     assert not frozen.requires_grad
     with torch.no_grad():
         hidden = inputs["student_hidden"].clone().requires_grad_()
-        under_no_grad = chunked_distillation_loss(hidden, *args[1:], chunk_size=2)
+        under_no_grad = chunked_distillation_loss(
+            HiddenStates(hidden, inputs["student_weight"]), *args, chunk_size=2
+        )
     assert not under_no_grad.requires_grad
     assert frozen.item() == pytest.approx(under_no_grad.item(), abs=1e-6)
 
@@ -301,47 +342,61 @@ def test_bad_arguments_raise() -> None:
     hidden, weight = inputs["student_hidden"], inputs["student_weight"]
     teacher_hidden, teacher_weight = inputs["teacher_hidden"], inputs["teacher_weight"]
     mask = inputs["loss_mask"]
-    good = (hidden, weight, teacher_hidden, teacher_weight, mask)
+    num_rows = int(mask.sum())
+    student, teacher, spec = HiddenStates(hidden, weight), live_teacher(inputs), KDLossSpec()
+    good = (student, teacher, mask, spec)
+    sparse_rows = SparseTeacher(
+        torch.zeros(num_rows + 1, 3),
+        torch.zeros(num_rows + 1, 3, dtype=torch.long),
+        torch.zeros(num_rows + 1),
+    )
     cases = [
         (good, {"chunk_size": 0}, "chunk_size"),
-        (good, {"temperature": 0.0}, "temperature"),
-        (good, {"beta": 1.1}, "beta"),
-        (good, {"skew": -1.0}, "skew"),
-        (good, {"teacher_noise_std": -0.1}, "teacher_noise_std"),
+        (good, {"noise_std": -0.1}, "noise_std"),
         (good, {"vocab_size": VOCAB + 1}, "vocab_size"),
-        (good, {"divergence": "nope"}, "divergence"),
-        (good, {"reduction": "sum"}, "reduction"),
-        ((hidden, weight, teacher_hidden, teacher_weight), {}, "loss_mask"),
-        ((hidden, weight, teacher_hidden, teacher_weight, mask[:, 1:]), {}, "loss_mask"),
+        ((student, teacher, None, spec), {}, "loss_mask"),
+        ((student, teacher, mask[:, 1:], spec), {}, "loss_mask"),
+        ((student, teacher, mask.int(), spec), {}, "loss_mask"),
         (
-            (hidden, weight[:, 1:], teacher_hidden, teacher_weight, mask),
+            (student, HiddenStates(teacher_hidden[:, 1:], teacher_weight), mask, spec),
             {},
-            "student_lm_head_weight",
+            r"teacher\.hidden",
         ),
+        ((student, None, mask, spec), {}, "teacher must be a HiddenStates or a SparseTeacher"),
         (
-            (hidden, weight.double(), teacher_hidden, teacher_weight, mask),
+            (student, teacher_hidden, mask, spec),
             {},
-            "student_lm_head_weight",
+            "teacher must be a HiddenStates or a SparseTeacher",
         ),
-        ((hidden, weight, teacher_hidden[:, 1:], teacher_weight, mask), {}, "teacher_hidden"),
-        ((hidden, weight, teacher_hidden, None, mask), {}, "teacher_lm_head_weight"),
-        ((hidden, weight, None, None, mask), {}, "exactly one"),
-        (good, {"teacher_logprobs": torch.zeros(1, VOCAB)}, "exactly one"),
-        (good, {"student_lm_head_bias": torch.zeros(3)}, "student_lm_head_bias"),
-        (
-            (hidden, weight, None, None, mask),
-            {"teacher_logprobs": torch.zeros(int(mask.sum()) + 1, VOCAB)},
-            "teacher_logprobs",
-        ),
-        (
-            (hidden, weight, None, None, mask),
-            {"teacher_topk_logprobs": torch.zeros(int(mask.sum()), 3)},
-            "teacher_topk",
-        ),
+        ((hidden, teacher, mask, spec), {}, "student must be a HiddenStates"),
+        ((student, teacher, mask, "forward_kl"), {}, "spec must be a KDLossSpec"),
+        ((student, sparse_rows, mask, spec), {}, r"teacher\.topk_logprobs"),
     ]
     for args, kwargs, argument in cases:
         with pytest.raises(ValueError, match=argument):
             chunked_distillation_loss(*args, **kwargs)
+
+    # The loss settings are checked once, by the spec.
+    for spec_kwargs, argument in (
+        ({"temperature": 0.0}, "temperature"),
+        ({"beta": 1.1}, "beta"),
+        ({"skew": -1.0}, "skew"),
+        ({"divergence": "nope"}, "divergence"),
+        ({"reduction": "sum"}, "reduction"),
+    ):
+        with pytest.raises(ValueError, match=argument):
+            chunked_distillation_loss(student, teacher, mask, KDLossSpec(**spec_kwargs))
+
+    # The hidden states are checked when built: weight and bias must fit the hidden size.
+    for fields, argument in (
+        ((hidden, weight[:, 1:]), "weight"),
+        ((hidden, weight.double()), "weight"),
+        ((teacher_hidden, None), "weight"),
+        ((hidden, weight, torch.zeros(3)), "bias"),
+        ((hidden.long(), weight), "hidden"),
+    ):
+        with pytest.raises(ValueError, match=argument):
+            HiddenStates(*fields)
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -353,7 +408,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def test_cuda_chunked_equals_dense(divergence: str, dtype: torch.dtype) -> None:
     inputs = {name: tensor.cuda() for name, tensor in make_inputs(10, dtype).items()}
     dense, chunked, dense_grad, chunked_grad = dense_and_chunked(
-        inputs, chunk_size=3, divergence=divergence, reduction="sequence", temperature=1.3
+        inputs, chunk_size=3, spec=KDLossSpec(divergence, reduction="sequence", temperature=1.3)
     )
     torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-5)
     one_ulp = dense_grad.float().abs().max().item() * 2**-7
@@ -372,6 +427,8 @@ def test_cuda_noise_generator_and_peak_memory() -> None:
     teacher_weight = torch.randn(vocab, hidden, device=device, generator=generator) / 4
     loss_mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
     loss_mask[:, seq // 2 :] = True
+    teacher = HiddenStates(teacher_hidden, teacher_weight)
+    spec = KDLossSpec()
 
     def peak_bytes(use_chunked: bool) -> tuple[float, int]:
         hidden_leaf = student_hidden.clone().requires_grad_()
@@ -380,11 +437,11 @@ def test_cuda_noise_generator_and_peak_memory() -> None:
         baseline = torch.cuda.memory_allocated()
         if use_chunked:
             loss = chunked_distillation_loss(
-                hidden_leaf, student_weight, teacher_hidden, teacher_weight, loss_mask
+                HiddenStates(hidden_leaf, student_weight), teacher, loss_mask, spec
             )
         else:
             loss = distillation_loss(
-                hidden_leaf @ student_weight.T, teacher_hidden @ teacher_weight.T, loss_mask
+                hidden_leaf @ student_weight.T, teacher_hidden @ teacher_weight.T, loss_mask, spec
             )
         loss.backward()
         torch.cuda.synchronize()
@@ -397,13 +454,12 @@ def test_cuda_noise_generator_and_peak_memory() -> None:
 
     def noisy(seed: int) -> float:
         return chunked_distillation_loss(
-            student_hidden,
-            student_weight,
-            teacher_hidden,
-            teacher_weight,
+            HiddenStates(student_hidden, student_weight),
+            teacher,
             loss_mask,
+            spec,
             chunk_size=100,
-            teacher_noise_std=0.5,
+            noise_std=0.5,
             noise_generator=torch.Generator(device=device).manual_seed(seed),
         ).item()
 

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from kdlab.losses import distillation_loss
+from kdlab.losses import KDLossSpec, distillation_loss
 
 pytest.importorskip("trl")
 
@@ -45,14 +45,8 @@ def test_jsd_matches_trl(beta: float, temperature: float) -> None:
     expected = generalized_jsd_loss(
         student_logits, teacher_logits, labels=labels, beta=beta, temperature=temperature
     )
-    loss = distillation_loss(
-        student_logits,
-        teacher_logits,
-        loss_mask,
-        divergence="jsd",
-        beta=beta,
-        temperature=temperature,
-        reduction="token",
-        scale_by_t2=False,
+    spec = KDLossSpec(
+        "jsd", beta=beta, temperature=temperature, reduction="token", scale_by_t2=False
     )
+    loss = distillation_loss(student_logits, teacher_logits, loss_mask, spec)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)

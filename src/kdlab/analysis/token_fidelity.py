@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdlab.losses import per_token_divergence
+from kdlab.losses import KDLossSpec, per_token_divergence
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _token_fidelity_sums(
         teacher_rows, student_rows = teacher_rows[:, :width], student_rows[:, :width]
         # KL(teacher || student) per token, in float32 (the losses' own implementation).
         kl_per_token = per_token_divergence(
-            student_rows, teacher_rows, "forward_kl", temperature=temperature
+            student_rows, teacher_rows, KDLossSpec("forward_kl", temperature=temperature)
         )
         teacher_top1 = teacher_rows.argmax(-1)
         student_top1 = student_rows.argmax(-1)

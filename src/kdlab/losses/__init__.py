@@ -1,13 +1,26 @@
 """Distillation losses (depends on torch only).
 
+Every loss takes ``(student, teacher, loss_mask, spec)``: the student's and the teacher's
+side, the ``[batch, seq]`` bool mask of the positions that count, and a
+:class:`KDLossSpec` (divergence, temperature, β, skew α, reduction, T² scaling), validated
+once when it is built. Only settings that do not change what is computed (chunk size) or
+that are not part of the loss definition (vocabulary trimming, teacher noise) are extra
+keyword arguments.
+
 Public API:
 
+* :class:`KDLossSpec` / :class:`LossSpecError`: the loss settings and their one validator.
+* :class:`HiddenStates` (hidden states + lm_head) and :class:`SparseTeacher` (top-k
+  log-probs + ids + tail mass): the two non-logit forms of a model's side.
 * :func:`distillation_loss`: dense loss on ``[batch, seq, vocab]`` student/teacher logits.
-* :func:`chunked_distillation_loss`: the same loss from hidden states + lm_head weights,
-  chunk by chunk, without materialising full logits (what training uses).
-* :func:`sparse_distillation_loss`: against a top-k teacher (k + 1 buckets).
+* :func:`chunked_distillation_loss`: the same loss from :class:`HiddenStates`, chunk by
+  chunk, without materialising full logits (what training uses); the teacher live
+  (:class:`HiddenStates`) or cached (:class:`SparseTeacher`).
+* :func:`sparse_distillation_loss`: dense student logits against a :class:`SparseTeacher`
+  (k + 1 buckets).
 * :func:`per_token_divergence`: unreduced per-position values, for analysis.
-* :data:`DIVERGENCES` / :func:`get_divergence`: name → per-position divergence on log-probs.
+* :data:`DIVERGENCES` / :func:`get_divergence`: name → :class:`Divergence` (per-position
+  function on log-probs and the spec fields it reads).
 * :func:`add_teacher_noise`, :func:`trim_to_shared_vocab`: small helpers.
 """
 
@@ -20,16 +33,22 @@ from kdlab.losses.chunked import (
     default_chunk_size,
 )
 from kdlab.losses.distillation import distillation_loss, per_token_divergence
-from kdlab.losses.divergences import DIVERGENCES, DivergenceFn, get_divergence
+from kdlab.losses.divergences import DIVERGENCES, Divergence, get_divergence
+from kdlab.losses.inputs import HiddenStates, SparseTeacher
 from kdlab.losses.noise import add_teacher_noise
 from kdlab.losses.sparse import sparse_bucket_logprobs, sparse_distillation_loss
+from kdlab.losses.spec import KDLossSpec, LossSpecError
 from kdlab.losses.vocab import trim_to_shared_vocab
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_CUDA_CHUNK_BYTES",
     "DIVERGENCES",
-    "DivergenceFn",
+    "Divergence",
+    "HiddenStates",
+    "KDLossSpec",
+    "LossSpecError",
+    "SparseTeacher",
     "add_teacher_noise",
     "chunked_distillation_loss",
     "default_chunk_size",

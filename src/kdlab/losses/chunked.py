@@ -7,7 +7,9 @@ that is ~0.6 GB per tensor and several GB in all. This path never builds them:
 1. Only the counted rows are selected, ``hidden[loss_mask] → [N, hidden]`` (completion
    tokens are often half the batch or less).
 2. The rows are processed ``chunk_size`` at a time: ``logits = rows @ W.T`` for that chunk,
-   the divergence, and the chunk's weighted sum.
+   the divergence, and the chunk's weighted sum. A live teacher is a
+   :class:`~kdlab.losses.HiddenStates` (its logits are built the same way); a cached one a
+   :class:`~kdlab.losses.SparseTeacher` (top-k + tail buckets, :mod:`kdlab.losses.sparse`).
 3. Gradients are computed *during the forward pass*, chunk by chunk, with
    ``torch.autograd.grad`` on the chunk's little graph, and the chunk's logits are freed
    before the next chunk starts. What is kept for backward is only the gradient with respect
@@ -41,17 +43,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdlab.losses._common import (
-    check_divergence_args,
-    check_float_tensor,
     check_loss_mask,
-    check_reduction,
+    check_spec,
+    divergence_values,
     log_softmax_float32,
     reduction_weights,
-    select_rows,
+    scale_loss,
 )
-from kdlab.losses.divergences import DivergenceFn
+from kdlab.losses.inputs import HiddenStates, SparseTeacher
 from kdlab.losses.noise import add_teacher_noise, check_noise_std
-from kdlab.losses.sparse import check_sparse_teacher, sparse_bucket_logprobs
+from kdlab.losses.sparse import sparse_divergence
+from kdlab.losses.spec import KDLossSpec
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -88,7 +90,6 @@ _ROW_INPUTS = (
     "row_weights",
     "student_rows",
     "teacher_rows",
-    "teacher_dense_rows",
     "teacher_topk_logprobs",
     "teacher_topk_ids",
     "teacher_tail_mass",
@@ -102,10 +103,7 @@ _INPUT_NAMES = _ROW_INPUTS + _SHARED_INPUTS
 class _ChunkSettings:
     """Everything about the loss that is not a tensor."""
 
-    divergence_fn: DivergenceFn
-    temperature: float
-    beta: float
-    skew: float
+    spec: KDLossSpec
     chunk_size: int
     noise_std: float
     noise_generator: torch.Generator | None
@@ -118,6 +116,7 @@ def _chunk_divergence_sum(chunk: dict[str, Tensor | None], settings: _ChunkSetti
     Intermediate ``[n, vocab]`` tensors are dropped (``del``) as soon as they are no longer
     needed, so at most a handful are alive at once.
     """
+    spec = settings.spec
     student_logits = F.linear(chunk["student_rows"], chunk["student_weight"], chunk["student_bias"])
     if chunk["teacher_topk_logprobs"] is not None:
         topk_logprobs = chunk["teacher_topk_logprobs"]
@@ -127,32 +126,23 @@ def _chunk_divergence_sum(chunk: dict[str, Tensor | None], settings: _ChunkSetti
             topk_logprobs = add_teacher_noise(
                 topk_logprobs.float(), settings.noise_std, settings.noise_generator
             )
-        student_logprobs, teacher_logprobs = sparse_bucket_logprobs(
-            student_logits,
-            topk_logprobs,
-            chunk["teacher_topk_ids"],
-            chunk["teacher_tail_mass"],
-            settings.temperature,
+        teacher = SparseTeacher(
+            topk_logprobs, chunk["teacher_topk_ids"], chunk["teacher_tail_mass"]
         )
-        del student_logits
+        per_position = sparse_divergence(student_logits, teacher, spec)  # [n]
     else:
-        student_logprobs = log_softmax_float32(student_logits, settings.temperature)
+        student_logprobs = log_softmax_float32(student_logits, spec.temperature)
         del student_logits  # log_softmax keeps its output, not its input, for backward
-        if chunk["teacher_dense_rows"] is not None:
-            teacher_logits = chunk["teacher_dense_rows"]
-        else:
-            teacher_logits = F.linear(
-                chunk["teacher_rows"], chunk["teacher_weight"], chunk["teacher_bias"]
-            )
+        teacher_logits = F.linear(
+            chunk["teacher_rows"], chunk["teacher_weight"], chunk["teacher_bias"]
+        )
         if settings.noise_std > 0:
             teacher_logits = add_teacher_noise(
                 teacher_logits.float(), settings.noise_std, settings.noise_generator
             )
-        teacher_logprobs = log_softmax_float32(teacher_logits, settings.temperature)
+        teacher_logprobs = log_softmax_float32(teacher_logits, spec.temperature)
         del teacher_logits
-    per_position = settings.divergence_fn(
-        student_logprobs, teacher_logprobs, beta=settings.beta, skew=settings.skew
-    )  # [n]
+        per_position = divergence_values(student_logprobs, teacher_logprobs, spec)  # [n]
     return (per_position * chunk["row_weights"]).sum()
 
 
@@ -242,181 +232,14 @@ class _ChunkedDistillation(torch.autograd.Function):
         return (None, *scaled)
 
 
-def _check_linear(
-    hidden_name: str, hidden: Tensor, weight_name: str, weight: Tensor, batch_seq: tuple[int, int]
-) -> None:
-    """Check a ``[batch, seq, hidden]`` tensor against its ``[vocab, hidden]`` lm_head weight."""
-    check_float_tensor(hidden_name, hidden, ndim=3)
-    check_float_tensor(weight_name, weight, ndim=2)
-    if tuple(hidden.shape[:2]) != batch_seq:
-        raise ValueError(
-            f"{hidden_name} must have shape [batch, seq, hidden] with [batch, seq] = "
-            f"{list(batch_seq)}, got {list(hidden.shape)}"
-        )
-    if weight.shape[1] != hidden.shape[2]:
-        raise ValueError(
-            f"{weight_name} must have shape [vocab, {hidden.shape[2]}] to match {hidden_name}, "
-            f"got {list(weight.shape)}"
-        )
-    if weight.dtype != hidden.dtype:
-        raise ValueError(
-            f"{weight_name} dtype {weight.dtype} must equal {hidden_name} dtype {hidden.dtype}"
-        )
-
-
-def _check_bias(name: str, bias: Tensor | None, weight: Tensor) -> None:
-    if bias is None:
-        return
-    check_float_tensor(name, bias, ndim=1)
-    if bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype:
-        raise ValueError(
-            f"{name} must be a [{weight.shape[0]}] tensor of dtype {weight.dtype}, "
-            f"got {list(bias.shape)} {bias.dtype}"
-        )
-
-
-def chunked_distillation_loss(
-    student_hidden: Tensor,
-    student_lm_head_weight: Tensor,
-    teacher_hidden: Tensor | None = None,
-    teacher_lm_head_weight: Tensor | None = None,
-    loss_mask: Tensor | None = None,
-    *,
-    teacher_logprobs: Tensor | None = None,
-    teacher_topk_logprobs: Tensor | None = None,
-    teacher_topk_ids: Tensor | None = None,
-    teacher_tail_mass: Tensor | None = None,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    reduction: str = "token",
-    scale_by_t2: bool = True,
-    chunk_size: int | None = None,
-    student_lm_head_bias: Tensor | None = None,
-    teacher_lm_head_bias: Tensor | None = None,
-    teacher_noise_std: float = 0.0,
-    noise_generator: torch.Generator | None = None,
-    vocab_size: int | None = None,
-) -> Tensor:
-    """Distillation loss from final hidden states, without materialising full logits.
-
-    Equals ``distillation_loss(student_hidden @ W_S.T, teacher_hidden @ W_T.T, loss_mask)``
-    (same arguments) in value and gradient, with peak memory of one chunk.
-
-    The teacher is given in exactly one of three forms:
-
-    * ``teacher_hidden [batch, seq, hidden_T]`` + ``teacher_lm_head_weight [vocab_T, hidden_T]``
-      (+ optional ``teacher_lm_head_bias``): teacher logits are computed chunk by chunk;
-    * ``teacher_logprobs``: precomputed dense teacher log-probabilities (or logits: the
-      per-row constant between them cancels) at temperature 1, ``[N, vocab_T]`` for the
-      masked positions in the row-major order of ``x[loss_mask]``, or ``[batch, seq, vocab_T]``;
-    * ``teacher_topk_logprobs`` / ``teacher_topk_ids`` ``[N, k]`` + ``teacher_tail_mass [N]``
-      (or ``[batch, seq, ...]``): a sparse teacher, treated as in :mod:`kdlab.losses.sparse`.
-
-    Args:
-        student_hidden: ``[batch, seq, hidden]`` final hidden states (after the final norm),
-            aligned with the teacher's (position t predicts token t + 1).
-        student_lm_head_weight: ``[vocab_S, hidden]``, same dtype. Gets a gradient if it
-            requires grad (full fine-tuning); frozen under LoRA.
-        teacher_hidden, teacher_lm_head_weight: see above.
-        loss_mask: ``[batch, seq]`` bool, required (``None`` only exists so the teacher
-            arguments can keep their positional slots).
-        divergence, temperature, beta, skew, reduction, scale_by_t2: as in
-            :func:`kdlab.losses.distillation_loss`.
-        chunk_size: rows per chunk; ``None`` sizes chunks from the vocabulary (see
-            :func:`default_chunk_size`). Peak memory grows linearly with it.
-        student_lm_head_bias, teacher_lm_head_bias: optional ``[vocab]`` biases.
-        teacher_noise_std: σ of Gaussian noise added to teacher logits (see
-            :func:`kdlab.losses.add_teacher_noise`), drawn per chunk, so the exact draws
-            depend on ``chunk_size`` (with ``chunk_size >= N`` they equal one
-            ``randn([N, vocab])`` draw).
-        noise_generator: ``torch.Generator`` for the noise (on the logits' device).
-        vocab_size: compare only the first ``vocab_size`` logits (vocabularies padded to
-            different widths, e.g. 151,936 vs 152,064). ``None`` uses the smaller of the two
-            widths, like :func:`kdlab.losses.trim_to_shared_vocab`.
-
-    Returns:
-        Scalar float32 loss; 0.0 with zero gradients when nothing is masked.
-    """
-    divergence_fn = check_divergence_args(divergence, temperature, beta, skew)
-    check_reduction(reduction)
-    check_noise_std(teacher_noise_std, "teacher_noise_std")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    check_float_tensor("student_hidden", student_hidden, ndim=3)
-    batch_seq = (student_hidden.shape[0], student_hidden.shape[1])
-    _check_linear(
-        "student_hidden",
-        student_hidden,
-        "student_lm_head_weight",
-        student_lm_head_weight,
-        batch_seq,
-    )
-    _check_bias("student_lm_head_bias", student_lm_head_bias, student_lm_head_weight)
-    if loss_mask is None:
-        raise ValueError("loss_mask is required ([batch, seq] bool)")
-    check_loss_mask(loss_mask, batch_seq, "student_hidden")
-    loss_mask = loss_mask.to(student_hidden.device)
-
-    sources = {
-        "teacher_hidden/teacher_lm_head_weight": teacher_hidden is not None
-        or teacher_lm_head_weight is not None,
-        "teacher_logprobs": teacher_logprobs is not None,
-        "teacher_topk_logprobs/teacher_topk_ids/teacher_tail_mass": any(
-            tensor is not None
-            for tensor in (teacher_topk_logprobs, teacher_topk_ids, teacher_tail_mass)
-        ),
-    }
-    if sum(sources.values()) != 1:
-        raise ValueError(
-            "give the teacher in exactly one form: " + "; ".join(sources) + f" (got "
-            f"{[name for name, given in sources.items() if given] or 'none'})"
-        )
-
-    num_rows = int(loss_mask.sum())
-    student_width = student_lm_head_weight.shape[0]
-    teacher_rows = teacher_dense_rows = topk_logprobs = topk_ids = tail_mass = None
-    teacher_weight, teacher_bias = teacher_lm_head_weight, teacher_lm_head_bias
-    if teacher_hidden is not None or teacher_lm_head_weight is not None:
-        if teacher_hidden is None or teacher_lm_head_weight is None:
-            raise ValueError("teacher_hidden and teacher_lm_head_weight must be given together")
-        _check_linear(
-            "teacher_hidden",
-            teacher_hidden,
-            "teacher_lm_head_weight",
-            teacher_lm_head_weight,
-            batch_seq,
-        )
-        _check_bias("teacher_lm_head_bias", teacher_lm_head_bias, teacher_lm_head_weight)
-        teacher_rows = teacher_hidden[loss_mask]  # [N, hidden_T]
-        teacher_width = teacher_lm_head_weight.shape[0]
-    elif teacher_logprobs is not None:
-        teacher_dense_rows = select_rows(
-            "teacher_logprobs", teacher_logprobs, loss_mask, num_rows, 1
-        )
-        check_float_tensor("teacher_logprobs", teacher_dense_rows, ndim=2)
-        teacher_width = teacher_dense_rows.shape[1]
-    else:
-        if teacher_topk_logprobs is None or teacher_topk_ids is None or teacher_tail_mass is None:
-            raise ValueError(
-                "teacher_topk_logprobs, teacher_topk_ids and teacher_tail_mass must be given together"
-            )
-        topk_logprobs = select_rows(
-            "teacher_topk_logprobs", teacher_topk_logprobs, loss_mask, num_rows, 1
-        )
-        topk_ids = select_rows("teacher_topk_ids", teacher_topk_ids, loss_mask, num_rows, 1)
-        tail_mass = select_rows("teacher_tail_mass", teacher_tail_mass, loss_mask, num_rows, 0)
-        teacher_width = student_width  # ids are checked against the (trimmed) student vocab
-
+def _shared_vocab_size(vocab_size: int | None, student_width: int, teacher_width: int) -> int:
+    """The logit width both sides are cut to: ``vocab_size``, or the smaller width."""
     smaller_width = min(student_width, teacher_width)
     if vocab_size is None:
-        vocab_size = smaller_width
         if student_width != teacher_width:
-            logger.debug("trimming logits to the shared vocabulary width %d", vocab_size)
-    elif (
+            logger.debug("trimming logits to the shared vocabulary width %d", smaller_width)
+        return smaller_width
+    if (
         isinstance(vocab_size, bool)
         or not isinstance(vocab_size, int)
         or not (0 < vocab_size <= smaller_width)
@@ -425,43 +248,107 @@ def chunked_distillation_loss(
             f"vocab_size must be an int in [1, {smaller_width}] (the smaller vocabulary "
             f"width), got {vocab_size!r}"
         )
-    if topk_logprobs is not None:
-        check_sparse_teacher(topk_logprobs, topk_ids, tail_mass, num_rows, vocab_size)
+    return vocab_size
 
-    # Trimming the lm_head rows trims the logits: row v of W produces logit v.
-    student_weight = student_lm_head_weight[:vocab_size]
-    student_bias = None if student_lm_head_bias is None else student_lm_head_bias[:vocab_size]
-    if teacher_weight is not None:
-        teacher_weight = teacher_weight[:vocab_size]
-    if teacher_bias is not None:
-        teacher_bias = teacher_bias[:vocab_size]
-    if teacher_dense_rows is not None:
-        teacher_dense_rows = teacher_dense_rows[:, :vocab_size]
 
-    if chunk_size is None:
-        chunk_size = default_chunk_size(vocab_size, student_hidden.device)
+def _trimmed(tensor: Tensor | None, vocab_size: int) -> Tensor | None:
+    """The first ``vocab_size`` rows of an lm_head weight or bias (row v makes logit v)."""
+    return None if tensor is None else tensor[:vocab_size]
+
+
+def chunked_distillation_loss(
+    student: HiddenStates,
+    teacher: HiddenStates | SparseTeacher,
+    loss_mask: Tensor,
+    spec: KDLossSpec,
+    *,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+    noise_std: float = 0.0,
+    noise_generator: torch.Generator | None = None,
+) -> Tensor:
+    """Distillation loss from final hidden states, without materialising full logits.
+
+    With a :class:`~kdlab.losses.HiddenStates` teacher it equals
+    ``distillation_loss(student.hidden @ W_S.T, teacher.hidden @ W_T.T, loss_mask, spec)``;
+    with a :class:`~kdlab.losses.SparseTeacher` it equals
+    ``sparse_distillation_loss(student.hidden @ W_S.T, teacher, loss_mask, spec)``; in
+    value and gradient, with the peak memory of one chunk.
+
+    Args:
+        student: the student's final hidden states (after the final norm) and lm_head,
+            ``hidden [batch, seq, hidden]`` (or the ``[N, hidden]`` counted rows),
+            ``weight [vocab_S, hidden]``, optional ``bias [vocab_S]``.
+        teacher: a live teacher, ``HiddenStates`` aligned with the student's (position t
+            predicts token t + 1), logits computed chunk by chunk; or a sparse one,
+            ``SparseTeacher`` with ``[N, k]`` (or ``[batch, seq, k]``) rows, its ids
+            checked against the (trimmed) student vocabulary.
+        loss_mask: ``[batch, seq]`` bool.
+        spec: divergence, temperature, β, α, reduction and T² scaling, as in
+            :func:`kdlab.losses.distillation_loss`.
+        chunk_size: rows per chunk; ``None`` sizes chunks from the vocabulary (see
+            :func:`default_chunk_size`). Peak memory grows linearly with it.
+        vocab_size: compare only the first ``vocab_size`` logits (vocabularies padded to
+            different widths, e.g. 151,936 vs 152,064). ``None`` uses the smaller of the two
+            widths, like :func:`kdlab.losses.trim_to_shared_vocab`.
+        noise_std: σ of Gaussian noise added to the teacher's logits (a sparse teacher: to
+            its k log-probabilities; see :func:`kdlab.losses.add_teacher_noise`), drawn per
+            chunk, so the exact draws depend on ``chunk_size`` (with ``chunk_size >= N``
+            they equal one ``randn([N, vocab])`` draw).
+        noise_generator: ``torch.Generator`` for the noise (on the logits' device).
+
+    Returns:
+        Scalar float32 loss; 0.0 with zero gradients when nothing is masked.
+    """
+    check_spec(spec)
+    check_noise_std(noise_std, "noise_std")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not isinstance(student, HiddenStates):
+        raise ValueError(f"student must be a HiddenStates, got {type(student).__name__}")
+    if not isinstance(teacher, (HiddenStates, SparseTeacher)):
+        raise ValueError(
+            f"teacher must be a HiddenStates or a SparseTeacher, got {type(teacher).__name__}"
+        )
+    full_shape = student.hidden.dim() == 3
+    check_loss_mask(
+        loss_mask, tuple(student.hidden.shape[:2]) if full_shape else None, "student.hidden"
+    )
+    loss_mask = loss_mask.to(student.hidden.device)
+    student_rows = student.rows("student", loss_mask)  # [N, hidden]
+
+    # A sparse teacher's ids are checked against the (trimmed) student vocabulary.
+    teacher_width = teacher.vocab_size if isinstance(teacher, HiddenStates) else student.vocab_size
+    vocab_size = _shared_vocab_size(vocab_size, student.vocab_size, teacher_width)
+    inputs: dict[str, Tensor | None] = dict.fromkeys(_INPUT_NAMES)
+    inputs.update(
+        row_weights=reduction_weights(loss_mask, spec.reduction),  # [N]
+        student_rows=student_rows,
+        student_weight=_trimmed(student.weight, vocab_size),
+        student_bias=_trimmed(student.bias, vocab_size),
+    )
+    if isinstance(teacher, HiddenStates):
+        inputs.update(
+            teacher_rows=teacher.rows("teacher", loss_mask),  # [N, hidden_T]
+            teacher_weight=_trimmed(teacher.weight, vocab_size),
+            teacher_bias=_trimmed(teacher.bias, vocab_size),
+        )
+    else:
+        rows = teacher.rows("teacher", loss_mask, vocab_size)
+        inputs.update(
+            teacher_topk_logprobs=rows.topk_logprobs,  # [N, k]
+            teacher_topk_ids=rows.topk_ids,  # [N, k]
+            teacher_tail_mass=rows.tail_mass,  # [N]
+        )
+
     settings = _ChunkSettings(
-        divergence_fn=divergence_fn,
-        temperature=float(temperature),
-        beta=float(beta),
-        skew=float(skew),
-        chunk_size=chunk_size,
-        noise_std=float(teacher_noise_std),
+        spec=spec,
+        chunk_size=chunk_size or default_chunk_size(vocab_size, student.hidden.device),
+        noise_std=float(noise_std),
         noise_generator=noise_generator,
     )
-    inputs: dict[str, Tensor | None] = {
-        "row_weights": reduction_weights(loss_mask, reduction),  # [N]
-        "student_rows": student_hidden[loss_mask],  # [N, hidden]
-        "teacher_rows": teacher_rows,
-        "teacher_dense_rows": teacher_dense_rows,
-        "teacher_topk_logprobs": topk_logprobs,
-        "teacher_topk_ids": topk_ids,
-        "teacher_tail_mass": tail_mass,
-        "student_weight": student_weight,
-        "student_bias": student_bias,
-        "teacher_weight": teacher_weight,
-        "teacher_bias": teacher_bias,
-    }
     needs_autograd = torch.is_grad_enabled() and any(
         tensor is not None and tensor.requires_grad for tensor in inputs.values()
     )
@@ -469,6 +356,4 @@ def chunked_distillation_loss(
         loss = _ChunkedDistillation.apply(settings, *(inputs[name] for name in _INPUT_NAMES))
     else:
         loss, _ = _run_chunks(inputs, settings, compute_grads=False)
-    if scale_by_t2:
-        loss = loss * (temperature**2)
-    return loss
+    return scale_loss(loss, spec)

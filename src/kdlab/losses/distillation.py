@@ -5,65 +5,51 @@ from __future__ import annotations
 from torch import Tensor
 
 from kdlab.losses._common import (
-    check_divergence_args,
-    check_float_tensor,
+    check_logits_pair,
     check_loss_mask,
-    check_reduction,
+    check_spec,
+    divergence_values,
     log_softmax_float32,
-    reduction_weights,
+    reduce_loss,
 )
+from kdlab.losses.spec import KDLossSpec
 
-__all__ = ["distillation_loss", "per_token_divergence"]
+__all__ = ["dense_divergence", "distillation_loss", "per_token_divergence"]
+
+
+def dense_divergence(student_logits: Tensor, teacher_logits: Tensor, spec: KDLossSpec) -> Tensor:
+    """``spec``'s divergence between ``softmax(logits / T)`` of student and teacher.
+
+    Shapes: ``[..., vocab]`` logits (any float dtype, same shape) in, ``[...]`` float32 out.
+    Unchecked; the public entry points below check first.
+    """
+    return divergence_values(
+        log_softmax_float32(student_logits, spec.temperature),
+        log_softmax_float32(teacher_logits, spec.temperature),
+        spec,
+    )
 
 
 def per_token_divergence(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
+    student_logits: Tensor, teacher_logits: Tensor, spec: KDLossSpec
 ) -> Tensor:
     """Divergence between teacher and student at every position (for analysis).
 
     Args:
         student_logits: ``[..., vocab]`` (any float dtype).
         teacher_logits: ``[..., vocab]``, same shape.
-        divergence: a name in :data:`kdlab.losses.DIVERGENCES`.
-        temperature: both distributions are ``softmax(logits / temperature)``.
-        beta: JSD mixture weight of the teacher (``jsd`` only).
-        skew: skew α (``skew_forward_kl`` / ``skew_reverse_kl`` only).
+        spec: divergence, temperature, β and α; its reduction and T² scaling are not used.
 
     Returns:
         ``[...]`` float32, one value per position, unreduced and *not* multiplied by T².
     """
-    divergence_fn = check_divergence_args(divergence, temperature, beta, skew)
-    check_float_tensor("student_logits", student_logits)
-    check_float_tensor("teacher_logits", teacher_logits)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"teacher_logits shape {list(teacher_logits.shape)} must equal student_logits "
-            f"shape {list(student_logits.shape)} (use trim_to_shared_vocab for padded vocabs)"
-        )
-    return divergence_fn(
-        log_softmax_float32(student_logits, temperature),
-        log_softmax_float32(teacher_logits, temperature),
-        beta=beta,
-        skew=skew,
-    )
+    check_spec(spec)
+    check_logits_pair(student_logits, teacher_logits, ndim=None)
+    return dense_divergence(student_logits, teacher_logits, spec)
 
 
 def distillation_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    loss_mask: Tensor,
-    *,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    reduction: str = "token",
-    scale_by_t2: bool = True,
+    student_logits: Tensor, teacher_logits: Tensor, loss_mask: Tensor, spec: KDLossSpec
 ) -> Tensor:
     """Distillation loss between aligned student and teacher logits.
 
@@ -75,19 +61,19 @@ def distillation_loss(
             requires grad, gradients flow to it too.
         loss_mask: ``[batch, seq]`` bool, True at the positions that count (typically the
             completion tokens, shifted like the logits).
-        divergence: ``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_forward_kl``,
-            ``skew_reverse_kl`` or ``tvd`` (see :mod:`kdlab.losses.divergences`).
-        temperature: both distributions are ``p = softmax(logits / temperature)``.
-        beta: JSD weight of the teacher in the mixture; β = 0 / β = 1 give forward / reverse
-            KL, as in TRL.
-        skew: α of the skew KLs (DistiLLM).
-        reduction: ``"token"``: sum over masked positions / their number in the batch.
-            ``"sequence"``: mean over sequences with ≥ 1 masked position of each sequence's
-            token mean.
-        scale_by_t2: multiply by T². Softened targets shrink the gradient by ~1/T², so
-            Hinton et al. rescale to keep the KD term comparable to a hard-label loss when T
-            changes. TRL's ``GKDTrainer.generalized_jsd_loss`` does **not** scale; pass
-            ``scale_by_t2=False`` to reproduce it.
+        spec: what the loss computes (see :class:`kdlab.losses.KDLossSpec`):
+
+            * ``divergence``: a name in :data:`kdlab.losses.DIVERGENCES`;
+            * ``temperature``: both distributions are ``p = softmax(logits / T)``;
+            * ``beta``: JSD weight of the teacher in the mixture; β = 0 / β = 1 give
+              forward / reverse KL, as in TRL. ``skew``: α of the skew KLs (DistiLLM);
+            * ``reduction``: ``"token"``: sum over masked positions / their number in the
+              batch. ``"sequence"``: mean over sequences with ≥ 1 masked position of each
+              sequence's token mean;
+            * ``scale_by_t2``: multiply by T². Softened targets shrink the gradient by
+              ~1/T², so Hinton et al. rescale to keep the KD term comparable to a
+              hard-label loss when T changes. TRL's ``GKDTrainer.generalized_jsd_loss``
+              does **not** scale; ``scale_by_t2=False`` reproduces it.
 
     Returns:
         Scalar float32 tensor. A fully masked batch gives exactly 0.0 (with zero, not NaN,
@@ -97,26 +83,11 @@ def distillation_loss(
     (whose logits may be garbage) never enter the computation. Everything downstream of the
     selection runs in float32, in log space, with no epsilon.
     """
-    divergence_fn = check_divergence_args(divergence, temperature, beta, skew)
-    check_reduction(reduction)
-    check_float_tensor("student_logits", student_logits, ndim=3)
-    check_float_tensor("teacher_logits", teacher_logits, ndim=3)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"teacher_logits shape {list(teacher_logits.shape)} must equal student_logits "
-            f"shape {list(student_logits.shape)} (use trim_to_shared_vocab for padded vocabs)"
-        )
+    check_spec(spec)
+    check_logits_pair(student_logits, teacher_logits, ndim=3)
     check_loss_mask(loss_mask, tuple(student_logits.shape[:2]), "student_logits")
     loss_mask = loss_mask.to(student_logits.device)
-
-    weights = reduction_weights(loss_mask, reduction)  # [N]
-    per_position = divergence_fn(
-        log_softmax_float32(student_logits[loss_mask], temperature),  # [N, vocab]
-        log_softmax_float32(teacher_logits[loss_mask], temperature),  # [N, vocab]
-        beta=beta,
-        skew=skew,
-    )  # [N]
-    loss = (weights * per_position).sum()  # empty sum → 0.0, still attached to the graph
-    if scale_by_t2:
-        loss = loss * (temperature**2)
-    return loss
+    per_position = dense_divergence(
+        student_logits[loss_mask], teacher_logits[loss_mask], spec
+    )  # [N, vocab] rows in, [N] out
+    return reduce_loss(per_position, loss_mask, spec)

@@ -1,9 +1,9 @@
 """Distillation from a sparse (top-k) teacher, e.g. a cache of teacher outputs.
 
 A cache stores, for each counted position, the teacher's ``k`` largest log-probabilities at
-temperature 1 (``teacher_topk_logprobs [N, k]``), their token ids (``teacher_topk_ids [N, k]``)
-and the probability left over for the other ``V − k`` tokens
-(``teacher_tail_mass [N] = 1 − Σ exp(teacher_topk_logprobs)``).
+temperature 1 (``topk_logprobs [N, k]``), their token ids (``topk_ids [N, k]``) and the
+probability left over for the other ``V − k`` tokens (``tail_mass [N] = 1 − Σ
+exp(topk_logprobs)``): a :class:`~kdlab.losses.SparseTeacher`.
 
 Tail treatment (the same for every divergence)
 ----------------------------------------------
@@ -49,75 +49,29 @@ import torch
 from torch import Tensor
 
 from kdlab.losses._common import (
-    check_divergence_args,
     check_float_tensor,
     check_loss_mask,
-    check_reduction,
+    check_spec,
+    divergence_values,
     log_softmax_float32,
-    reduction_weights,
-    select_rows,
+    reduce_loss,
 )
+from kdlab.losses.inputs import SparseTeacher
+from kdlab.losses.spec import KDLossSpec
 
-__all__ = ["sparse_bucket_logprobs", "sparse_distillation_loss"]
+__all__ = ["sparse_bucket_logprobs", "sparse_distillation_loss", "sparse_divergence"]
 
 _TAIL_MASS_FLOOR = torch.finfo(torch.float32).tiny
 
 
-def check_sparse_teacher(
-    teacher_topk_logprobs: Tensor,
-    teacher_topk_ids: Tensor,
-    teacher_tail_mass: Tensor,
-    num_rows: int,
-    vocab_size: int,
-) -> None:
-    """Validate already-selected sparse teacher rows (``[N, k]``, ``[N, k]``, ``[N]``)."""
-    check_float_tensor("teacher_topk_logprobs", teacher_topk_logprobs, ndim=2)
-    if not isinstance(teacher_topk_ids, Tensor) or teacher_topk_ids.dtype not in (
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.uint8,
-    ):
-        raise ValueError("teacher_topk_ids must be an integer tensor")
-    if teacher_topk_ids.shape != teacher_topk_logprobs.shape:
-        raise ValueError(
-            f"teacher_topk_ids shape {list(teacher_topk_ids.shape)} must equal "
-            f"teacher_topk_logprobs shape {list(teacher_topk_logprobs.shape)}"
-        )
-    check_float_tensor("teacher_tail_mass", teacher_tail_mass, ndim=1)
-    if teacher_topk_logprobs.shape[0] != num_rows or teacher_tail_mass.shape[0] != num_rows:
-        raise ValueError(
-            f"teacher_topk_logprobs and teacher_tail_mass must have {num_rows} rows "
-            f"(one per masked position), got {teacher_topk_logprobs.shape[0]} and "
-            f"{teacher_tail_mass.shape[0]}"
-        )
-    num_topk = teacher_topk_logprobs.shape[1]
-    if not 1 <= num_topk <= vocab_size:
-        raise ValueError(
-            f"teacher_topk_logprobs must have 1 <= k <= vocab ({vocab_size}) columns, "
-            f"got {num_topk}"
-        )
-    if teacher_topk_ids.numel() and (
-        int(teacher_topk_ids.min()) < 0 or int(teacher_topk_ids.max()) >= vocab_size
-    ):
-        raise ValueError(f"teacher_topk_ids must lie in [0, {vocab_size})")
-
-
 def sparse_bucket_logprobs(
-    student_logits: Tensor,
-    teacher_topk_logprobs: Tensor,
-    teacher_topk_ids: Tensor,
-    teacher_tail_mass: Tensor,
-    temperature: float = 1.0,
+    student_logits: Tensor, teacher: SparseTeacher, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """Collapse student and teacher onto the top-k + tail buckets (see the module docstring).
 
     Args:
         student_logits: ``[n, vocab]`` student logits of the rows (any float dtype).
-        teacher_topk_logprobs: ``[n, k]`` teacher log-probabilities at temperature 1.
-        teacher_topk_ids: ``[n, k]`` their token ids, distinct within a row (not checked:
-            a repeated id would count the same token twice).
-        teacher_tail_mass: ``[n]`` ``1 − Σ exp(teacher_topk_logprobs)`` at temperature 1.
+        teacher: the same ``n`` rows, ``[n, k]`` / ``[n, k]`` / ``[n]`` (temperature 1).
         temperature: softmax temperature T.
 
     Returns:
@@ -125,12 +79,12 @@ def sparse_bucket_logprobs(
         (``[n, k]`` when ``k == vocab``: no tail bucket), normalised over the last axis.
     """
     vocab_size = student_logits.shape[-1]
-    topk_ids = teacher_topk_ids.long()
+    topk_ids = teacher.topk_ids.long()
     num_topk = topk_ids.shape[-1]
 
     student_logprobs = log_softmax_float32(student_logits, temperature)  # [n, V]
     student_topk = student_logprobs.gather(-1, topk_ids)  # [n, k]
-    teacher_topk = teacher_topk_logprobs.float()
+    teacher_topk = teacher.topk_logprobs.float()
     if temperature != 1.0:
         teacher_topk = teacher_topk / temperature
 
@@ -145,7 +99,7 @@ def sparse_bucket_logprobs(
         dim=-1, keepdim=True
     )  # [n, 1]
     # Teacher tail bucket: uniform-tail approximation, exact at T = 1 (see module docstring).
-    log_tail_mass = teacher_tail_mass.float().clamp(min=_TAIL_MASS_FLOOR, max=1.0).log()
+    log_tail_mass = teacher.tail_mass.float().clamp(min=_TAIL_MASS_FLOOR, max=1.0).log()
     log_num_tail = math.log(num_tail_tokens)
     teacher_tail = (log_tail_mass - log_num_tail) / temperature + log_num_tail  # [n]
     teacher_buckets = torch.cat([teacher_topk, teacher_tail.unsqueeze(-1)], dim=-1)
@@ -155,55 +109,40 @@ def sparse_bucket_logprobs(
     return student_buckets, teacher_buckets
 
 
+def sparse_divergence(student_logits: Tensor, teacher: SparseTeacher, spec: KDLossSpec) -> Tensor:
+    """``spec``'s divergence between the bucketed student and teacher of each row.
+
+    Shapes: ``student_logits [n, vocab]`` and a ``teacher`` of ``n`` rows in, ``[n]``
+    float32 out (unreduced, no T²).
+    """
+    student_buckets, teacher_buckets = sparse_bucket_logprobs(
+        student_logits, teacher, spec.temperature
+    )
+    return divergence_values(student_buckets, teacher_buckets, spec)
+
+
 def sparse_distillation_loss(
-    student_logits: Tensor,
-    teacher_topk_logprobs: Tensor,
-    teacher_topk_ids: Tensor,
-    teacher_tail_mass: Tensor,
-    loss_mask: Tensor,
-    *,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    reduction: str = "token",
-    scale_by_t2: bool = True,
+    student_logits: Tensor, teacher: SparseTeacher, loss_mask: Tensor, spec: KDLossSpec
 ) -> Tensor:
     """Distillation loss against a top-k teacher, over ``k + 1`` buckets.
 
     Args:
-        student_logits: ``[batch, seq, vocab]``.
-        teacher_topk_logprobs: ``[N, k]`` for the masked positions (``N = loss_mask.sum()``,
-            row-major order of ``x[loss_mask]``), or ``[batch, seq, k]`` for all positions.
-            Temperature-1 log-probabilities.
-        teacher_topk_ids: same shape, integer token ids in ``[0, vocab)``.
-        teacher_tail_mass: ``[N]`` or ``[batch, seq]``, ``1 − Σ exp(teacher_topk_logprobs)``.
+        student_logits: ``[batch, seq, vocab]``, any float dtype.
+        teacher: a :class:`~kdlab.losses.SparseTeacher`, ``[N, k]`` rows of the counted
+            positions or ``[batch, seq, k]``; ids in ``[0, vocab)``.
         loss_mask: ``[batch, seq]`` bool.
-        divergence, temperature, beta, skew, reduction, scale_by_t2: as in
-            :func:`kdlab.losses.distillation_loss`.
+        spec: divergence, temperature, β, α, reduction and T² scaling.
 
     Returns:
         Scalar float32. Equals :func:`~kdlab.losses.distillation_loss` when ``k = vocab``;
         a lower bound on it otherwise (exactly so at ``T = 1``).
     """
-    divergence_fn = check_divergence_args(divergence, temperature, beta, skew)
-    check_reduction(reduction)
+    check_spec(spec)
     check_float_tensor("student_logits", student_logits, ndim=3)
+    if not isinstance(teacher, SparseTeacher):
+        raise ValueError(f"teacher must be a SparseTeacher, got {type(teacher).__name__}")
     check_loss_mask(loss_mask, tuple(student_logits.shape[:2]), "student_logits")
     loss_mask = loss_mask.to(student_logits.device)
-    num_rows = int(loss_mask.sum())
-    topk_logprobs = select_rows(
-        "teacher_topk_logprobs", teacher_topk_logprobs, loss_mask, num_rows, 1
-    )
-    topk_ids = select_rows("teacher_topk_ids", teacher_topk_ids, loss_mask, num_rows, 1)
-    tail_mass = select_rows("teacher_tail_mass", teacher_tail_mass, loss_mask, num_rows, 0)
-    check_sparse_teacher(topk_logprobs, topk_ids, tail_mass, num_rows, student_logits.shape[-1])
-
-    student_buckets, teacher_buckets = sparse_bucket_logprobs(
-        student_logits[loss_mask], topk_logprobs, topk_ids, tail_mass, temperature
-    )
-    per_position = divergence_fn(student_buckets, teacher_buckets, beta=beta, skew=skew)  # [N]
-    loss = (reduction_weights(loss_mask, reduction) * per_position).sum()
-    if scale_by_t2:
-        loss = loss * (temperature**2)
-    return loss
+    rows = teacher.rows("teacher", loss_mask, student_logits.shape[-1])
+    per_position = sparse_divergence(student_logits[loss_mask], rows, spec)  # [N]
+    return reduce_loss(per_position, loss_mask, spec)

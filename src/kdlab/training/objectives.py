@@ -45,8 +45,7 @@ import torch
 from kdlab.config.schema import DistillSettings
 from kdlab.data.tokenize import IGNORE_INDEX, left_pad_prompts
 from kdlab.errors import KdlabError
-from kdlab.losses import chunked_distillation_loss
-from kdlab.losses.spec import KDLossSpec
+from kdlab.losses import HiddenStates, KDLossSpec, chunked_distillation_loss
 from kdlab.training.forward import (
     chunked_cross_entropy,
     final_hidden_states,
@@ -330,52 +329,38 @@ class DistillationObjective:
         teacher's when ``teacher_hidden`` is given, else the cached top-k of the batch."""
         spec = self.loss_spec
         assert spec is not None
-        common: dict[str, Any] = {
-            "divergence": spec.divergence,
-            "temperature": spec.temperature,
-            "beta": spec.beta,
-            "skew": spec.skew,
-            "reduction": spec.reduction,
-            "scale_by_t2": spec.scale_by_t2,
-            "chunk_size": resolve_chunk_size(
-                self.settings.chunk_size,
-                self.vocab_size or weight.shape[0],
-                student_hidden.device,
-            ),
-            "student_lm_head_bias": bias,
-            "vocab_size": self.vocab_size,
-        }
+        student = HiddenStates(student_hidden, weight, bias)
+        chunk_size = resolve_chunk_size(
+            self.settings.chunk_size, self.vocab_size or weight.shape[0], student_hidden.device
+        )
         if teacher_hidden is None:
             assert self.teacher_cache is not None
             if "index" not in batch:
                 raise KdlabError(
                     "distill.teacher_cache: the batch carries no example indices (batch['index'])"
                 )
-            rows = self.teacher_cache.lookup(
-                batch["index"].tolist(), kd_mask.sum(dim=1).tolist(), device=student_hidden.device
-            )
             # [N, k] top-k log-probs / ids and [N] tail mass, in the row-major order of
             # student_hidden[kd_mask]: the sparse (k + 1 buckets) path of the chunked loss.
+            teacher = self.teacher_cache.lookup(
+                batch["index"].tolist(), kd_mask.sum(dim=1).tolist(), device=student_hidden.device
+            )
             return chunked_distillation_loss(
-                student_hidden,
-                weight,
-                loss_mask=kd_mask,
-                teacher_topk_logprobs=rows.topk_logprobs,
-                teacher_topk_ids=rows.topk_ids,
-                teacher_tail_mass=rows.tail_mass,
-                **common,
+                student, teacher, kd_mask, spec, chunk_size=chunk_size, vocab_size=self.vocab_size
             )
         assert self.teacher is not None
         teacher_weight, teacher_bias = output_projection(self.teacher)
         # Trap: teacher_hidden is an inference tensor. The loss only selects its masked rows
         # (a new, normal tensor) and never saves it for backward, so this is allowed.
+        live_teacher = HiddenStates(
+            teacher_hidden.to(student_hidden.dtype), teacher_weight.to(weight.dtype), teacher_bias
+        )
         return chunked_distillation_loss(
-            student_hidden,
-            weight,
-            teacher_hidden.to(student_hidden.dtype),
-            teacher_weight.to(weight.dtype),
+            student,
+            live_teacher,
             kd_mask,
-            teacher_lm_head_bias=teacher_bias,
-            teacher_noise_std=self.settings.noise_std if training else 0.0,
-            **common,
+            spec,
+            chunk_size=chunk_size,
+            vocab_size=self.vocab_size,
+            # Validation compares with the clean teacher: noise is a training perturbation.
+            noise_std=self.settings.noise_std if training else 0.0,
         )

@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 
 from kdlab.data.tokenize import Collator
 from kdlab.errors import KdlabError
+from kdlab.losses import SparseTeacher
 from kdlab.models.fingerprint import fingerprint_key
 from kdlab.models.loading import cache_root
 from kdlab.training.forward import kd_loss_mask, output_projection, teacher_hidden_states
@@ -169,19 +170,6 @@ def resolve_cache_dir(setting: str, fingerprint: CacheFingerprint) -> Path:
 
 
 # --------------------------------------------------------------------------- the cache
-
-
-@dataclass
-class SparseTeacherRows:
-    """Cached teacher rows of a batch, in the row-major order of ``hidden[kd_mask]``.
-
-    ``topk_logprobs [N, k]`` (stored dtype), ``topk_ids [N, k]`` int32, ``tail_mass [N]``
-    float32.
-    """
-
-    topk_logprobs: torch.Tensor
-    topk_ids: torch.Tensor
-    tail_mass: torch.Tensor
 
 
 @dataclass
@@ -373,7 +361,7 @@ class TeacherCache:
         counts: Sequence[int] | None,
         *,
         device: torch.device | str | None = None,
-    ) -> SparseTeacherRows:
+    ) -> SparseTeacher:
         """The cached rows of a batch's examples, concatenated in batch order.
 
         Args:
@@ -403,12 +391,11 @@ class TeacherCache:
             values.append(index.handle.get_slice("topk_logprobs")[start:end])
             ids.append(index.handle.get_slice("topk_ids")[start:end])
             tails.append(index.handle.get_slice("tail_mass")[start:end])
-        rows = SparseTeacherRows(torch.cat(values), torch.cat(ids), torch.cat(tails))
-        if device is not None:
-            rows = SparseTeacherRows(
-                rows.topk_logprobs.to(device), rows.topk_ids.to(device), rows.tail_mass.to(device)
-            )
-        return rows
+        return SparseTeacher(
+            torch.cat(values).to(device),
+            torch.cat(ids).to(device),
+            torch.cat(tails).to(device),
+        )
 
     def size_bytes(self) -> int:
         return sum(path.stat().st_size for path in self.directory.glob("shard-*.safetensors"))
