@@ -17,8 +17,9 @@ divergence names   yes          the method's own  no         gold responses     
 
 (*) The teacher-output cache serves a run when :func:`teacher_cache_refusal` returns None.
 
-The divergence names and the loss parameters each one reads (:data:`DIVERGENCE_PARAMETERS`)
-are tied to the loss registry :data:`kdlab.losses.DIVERGENCES` by a test.
+Every divergence of the loss registry :data:`kdlab.losses.DIVERGENCES` is an off-policy
+method of the same name, with the loss parameters it reads (:data:`DIVERGENCE_PARAMETERS`)
+taken from the registry: adding a divergence there adds the method here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from kdlab.losses.divergences import DIVERGENCES
 
 __all__ = [
     "DIVERGENCE_PARAMETERS",
@@ -42,14 +45,11 @@ __all__ = [
 
 #: Divergence name → the loss parameters it reads besides temperature, reduction and T²
 #: scaling (``distill.<name>``). Every divergence is also an off-policy method of that name.
-DIVERGENCE_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "forward_kl": (),
-    "reverse_kl": (),
-    "jsd": ("beta",),
-    "skew_forward_kl": ("skew",),
-    "skew_reverse_kl": ("skew",),
-    "tvd": (),
+DIVERGENCE_PARAMETERS: Mapping[str, tuple[str, ...]] = {
+    name: divergence.reads for name, divergence in DIVERGENCES.items()
 }
+#: The paper scripts' ``kd_loss`` names of the divergences they had.
+_PAPER_DIVERGENCE_NAMES = {"forward_kl": "kld", "reverse_kl": "reversekld"}
 
 #: ``distill.*`` keys read by every run with a KD divergence.
 _KD_KEYS = frozenset(
@@ -162,14 +162,16 @@ class MethodSpec:
         return self.on_policy and settings.lambda_on_policy > 0
 
 
-def _off_policy(name: str, summary: str, paper_name: str | None = None) -> MethodSpec:
+def _off_policy(name: str) -> MethodSpec:
+    """The method of divergence ``name``: token-level KD on the data's gold responses."""
+    doc = (DIVERGENCES[name].function.__doc__ or name).strip().splitlines()[0]
     return MethodSpec(
         name=name,
-        summary=summary,
+        summary=f"{doc} On the gold responses.",
         needs_teacher=True,
         default_divergence=name,
         cacheable=True,
-        paper_name=paper_name,
+        paper_name=_PAPER_DIVERGENCE_NAMES.get(name),
     )
 
 
@@ -183,12 +185,7 @@ _SPECS: tuple[MethodSpec, ...] = (
         default_divergence=None,
         paper_name="",
     ),
-    _off_policy("forward_kl", "Token-level KL(p_T ‖ p_S) on the gold responses.", "kld"),
-    _off_policy("reverse_kl", "Token-level KL(p_S ‖ p_T) on the gold responses.", "reversekld"),
-    _off_policy("jsd", "Generalised Jensen-Shannon divergence (β) on the gold responses."),
-    _off_policy("skew_forward_kl", "Skew forward KL (α = skew), DistiLLM."),
-    _off_policy("skew_reverse_kl", "Skew reverse KL (α = skew), DistiLLM."),
-    _off_policy("tvd", "Total variation distance on the gold responses."),
+    *(_off_policy(name) for name in DIVERGENCES),
     MethodSpec(
         name="gkd",
         summary="On-policy GKD: a share λ of batches are the student's own samples (JSD).",
