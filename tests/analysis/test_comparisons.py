@@ -221,3 +221,17 @@ def test_paired_table_in_the_report(fake_sweep, analyze, tmp_path) -> None:
     assert set(paired["unit"]) == {"items"} and paired["p_holm"].notna().all()
     per_task = pd.read_csv(out / "math" / "paired_tasks.csv")
     assert set(per_task["column"]) == {"gsm8k", "SVAMP"}
+
+
+def test_runs_without_a_shared_task_get_a_refusal_not_silence(tmp_path, make_run) -> None:
+    root = tmp_path / "runs"
+    make_run(root, "teacher", model=TEACHER, role="teacher",
+             predictions={"gsm8k": records([True] * 3), "SVAMP": records([True] * 3)})  # fmt: skip
+    make_run(root, "sft", model=STUDENT, predictions={"SVAMP": records([True, False, True])})
+    kd_run(make_run, root, "kd", {"gsm8k": records([True, True, False])})
+    _, outcome = family_of(root)
+    (row,) = outcome.paired.to_dict("records")
+    assert (row["column"], row["n"], row["McNemar p"]) == ("Average", 0, None)
+    (result,) = outcome.results
+    assert not result.enough_data
+    assert result.sentence.endswith("not enough data: no item was scored by both runs")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 
 import numpy as np
@@ -59,31 +58,37 @@ def test_mcnemar_degenerate_cases() -> None:
 
 
 def hand_bootstrap(tasks, samples: int, seed: int, alpha: float):
-    """The documented procedure, one replicate at a time (kdlab.analysis.paired)."""
+    """The documented procedure (kdlab.analysis.paired), one replicate at a time."""
     rng = np.random.default_rng(seed)
     per_task = {}
     for task, (first, second) in tasks.items():
-        d = [100.0 * (int(a) - int(b)) for a, b in zip(first, second, strict=True)]
-        n = len(d)
-        replicate_means = []
+        n = len(first)
+        wins = sum(1 for a, b in zip(first, second, strict=True) if a and not b)
+        losses = sum(1 for a, b in zip(first, second, strict=True) if b and not a)
+        means = []
         for _ in range(samples):
-            u = rng.random(n)
-            total = 0.0
-            for value in u:
-                total += d[min(math.floor(value * n), n - 1)]
-            replicate_means.append(total / n)
-        per_task[task] = replicate_means
+            drawn_wins, drawn_losses, _ = rng.multinomial(
+                n, [wins / n, losses / n, (n - wins - losses) / n]
+            )
+            means.append(100.0 * (drawn_wins - drawn_losses) / n)
+        per_task[task] = means
     average = [sum(per_task[task][b] for task in per_task) / len(per_task) for b in range(samples)]
     bounds = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     intervals = {task: np.percentile(values, bounds) for task, values in per_task.items()}
     return intervals, np.percentile(average, bounds)
 
 
+def index_bootstrap(first, second, samples: int, seed: int) -> np.ndarray:
+    """The textbook bootstrap: resample the n items' indices with replacement."""
+    rng = np.random.default_rng(seed)
+    d = 100.0 * (np.asarray(first, float) - np.asarray(second, float))
+    return d[rng.integers(0, d.size, size=(samples, d.size))].mean(axis=1)
+
+
 def test_bootstrap_equals_the_hand_computed_procedure() -> None:
     first_a, second_a = flags(6, 4, 2, 3)
     first_b, second_b = flags(2, 1, 3, 1)
     tasks = {"gsm8k": (first_a, second_a), "SVAMP": (first_b, second_b)}
-    # 700 replicates: the implementation draws them in blocks, the hand loop one by one.
     result = paired_bootstrap(tasks, samples=700, seed=11, alpha=0.1)
     intervals, average = hand_bootstrap(tasks, samples=700, seed=11, alpha=0.1)
     for task in tasks:
@@ -97,6 +102,18 @@ def test_bootstrap_equals_the_hand_computed_procedure() -> None:
     assert again.average == result.average
     other = paired_bootstrap(tasks, samples=700, seed=12, alpha=0.1)
     assert (other.average.low, other.average.high) != (result.average.low, result.average.high)
+
+
+def test_count_draws_give_the_distribution_of_index_resampling() -> None:
+    first, second = flags(9, 7, 4, 5)  # 25 items
+    ours = paired_bootstrap({"t": (first, second)}, samples=200_000, seed=1).per_task["t"]
+    textbook = index_bootstrap(first, second, samples=200_000, seed=2)
+    for level, bound in ((2.5, ours.low), (97.5, ours.high)):
+        assert bound == pytest.approx(np.percentile(textbook, level), abs=100 / 25)
+    quick = paired_bootstrap({"t": (first, second)}, samples=200_000, seed=1, alpha=0.5)
+    assert (quick.per_task["t"].low, quick.per_task["t"].high) == pytest.approx(
+        tuple(np.percentile(textbook, [25, 75])), abs=100 / 25
+    )
 
 
 def test_bootstrap_agrees_with_scipy_bootstrap_on_one_task() -> None:

@@ -235,7 +235,12 @@ def compare_pair(
     columns: list[tuple[str, tuple[np.ndarray, np.ndarray], Interval, tuple[int, int]]] = []
     for task, (first, second) in aligned.items():
         columns.append((task, (first, second), bootstrap.per_task[task], unshared[task]))
-    if aligned:
+    if not aligned:
+        nothing = np.zeros(0, dtype=bool)
+        reason = "no task was evaluated by both runs"
+        empty = Interval(None, None, None, 0, "items", reason=reason)
+        columns.append((AVERAGE, (nothing, nothing), empty, (0, 0)))
+    else:
         pooled = (
             np.concatenate([first for first, _ in aligned.values()]),
             np.concatenate([second for _, second in aligned.values()]),

@@ -25,7 +25,7 @@ A grid file (see ``configs/paper/`` and ``docs/sweeps.md``)::
     seeds: [6]
     defaults: {peft: {r: 8}, train: {learning_rate: 3.0e-4}}   # every finetune/distill run
     eval: {data_dir: data/eval, batch_size: 16}                 # every evaluation
-    analysis: {enabled: true}
+    analysis: {enabled: true, compare_methods: [forward_kl, reverse_kl]}   # AnalyzeConfig keys
     executor: {name: local}
 
 ``defaults`` mappings (grid, family, teacher, student, method) may hold the sections
