@@ -119,3 +119,11 @@ def test_kdlab_analyze_as_a_process(fake_sweep, tmp_path: Path) -> None:
         "kdlab analyze: error: command line: 'bootstrap_samples' = 5: must be >= 100"
     ]
     assert not (tmp_path / "x").exists()
+
+
+def test_help_lists_every_flag() -> None:
+    done = kdlab("--help")
+    assert done.returncode == 0, done.stderr
+    for spec in FLAGS.values():
+        assert (spec.flag or spec.metavar) in done.stdout
+    assert "95 % by default" in done.stdout

@@ -246,7 +246,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         spec = FLAGS[field.name]
         target = groups.get(spec.group, parser)
         annotation = hints[field.name]
-        help_text = field.metadata["help"]
+        help_text = field.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        if field.default not in (dataclasses.MISSING, None, False):
+            help_text += f" Default: {field.default}."
         if not spec.flag:
             target.add_argument(
                 field.name, nargs="*", metavar=spec.metavar, help=help_text, default=None
