@@ -140,5 +140,6 @@ def test_standalone_evaluation_of_a_teacher_adapter(tmp_path: Path, make_run) ->
     runs = {run.run_dir: run for run in collection.runs}
     teacher_eval = runs[evaluation.resolve()]
     assert teacher_eval.is_sft and not teacher_eval.is_base
-    assert teacher_eval.method_label == "SFT"
+    # The KD run learned from it: it is shown as the teacher, not as an "SFT" row.
+    assert teacher_eval.is_teacher and teacher_eval.method_label == "Teacher"
     assert collection.links_of(runs[student.resolve()]).teacher is teacher_eval

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from kdlab.errors import ConfigError, DataError, KdlabError, RunDirError
 
@@ -20,12 +21,19 @@ def test_analyze_run_directories_writes_every_output(fake_sweep, analyze, tmp_pa
     for name in ("report.md", "report.html", "statistics.csv"):
         assert (out / name).is_file()
     section = out / "math"
-    for name in ("accuracy.csv", "improvement.csv", "em1.csv", "em2.csv", "bleu.csv",
-                 "rouge_l.csv", "runs.csv", "statistics.csv", "accuracy_by_temperature.png",
-                 "improvement_vs_size.png", "fidelity_vs_accuracy.png"):  # fmt: skip
-        assert (section / name).is_file(), name
-    for name in ("accuracy_by_temperature.png", "fidelity_vs_accuracy.png"):
-        assert (section / name).read_bytes().startswith(b"\x89PNG")
+    for table in ("accuracy", "improvement", "em1", "em2", "bleu", "rouge_l", "runs",
+                  "statistics", "paired_average", "paired_tasks"):  # fmt: skip
+        assert (section / f"{table}.csv").is_file(), table
+        assert (section / f"{table}.tex").read_text().count("\\begin{tabular}") == 1, table
+    for plot in ("accuracy_by_temperature", "fidelity_vs_accuracy"):
+        assert (section / f"{plot}.png").read_bytes().startswith(b"\x89PNG")
+        assert (section / f"{plot}.pdf").read_bytes().startswith(b"%PDF")
+        assert b"<svg" in (section / f"{plot}.svg").read_bytes()
+        with Image.open(section / f"{plot}.png") as image:
+            assert min(image.info["dpi"]) >= 199.9
+    # One student size: the size plot is not drawn, and the report says why.
+    assert not list(section.glob("improvement_vs_size.*"))
+    assert "not drawn: one student size only (0.5B)" in (out / "report.md").read_text()
     accuracy = pd.read_csv(section / "accuracy.csv")
     assert list(accuracy.columns) == ["Teacher", "Student", "Method", "gsm8k", "SVAMP", "Average"]
     rows = accuracy.set_index("Method")
@@ -34,7 +42,14 @@ def test_analyze_run_directories_writes_every_output(fake_sweep, analyze, tmp_pa
     assert rows.loc["forward_kl_T1", "Teacher"] == "Qwen2.5-1.5B"
     sft = accuracy[accuracy["Method"] == "SFT"].set_index("Student")
     assert sft.loc["Qwen2.5-0.5B", "Average"] == pytest.approx(62.5)
-    assert sft.loc["Qwen2.5-1.5B", "Teacher"] == "-"
+    # The teacher's fine-tune is shown as the teacher, not as an SFT row.
+    assert list(sft.index) == ["Qwen2.5-0.5B"]
+    teacher = accuracy[accuracy["Method"] == "Teacher"].iloc[0]
+    assert (teacher["Student"], teacher["Teacher"], teacher["Average"]) == (
+        "Qwen2.5-1.5B",
+        "-",
+        62.5,
+    )
     improvement = pd.read_csv(section / "improvement.csv").iloc[0]
     assert improvement["Method"] == "forward_kl"
     assert improvement["Δ Average"] == pytest.approx(25.0)
@@ -43,12 +58,17 @@ def test_analyze_run_directories_writes_every_output(fake_sweep, analyze, tmp_pa
     assert improvement["best run (Average)"] == "forward_kl_T1"
     runs = pd.read_csv(section / "runs.csv")
     assert len(runs) == 4
-    assert set(runs["kind"]) == {"kd", "sft"}
+    assert sorted(runs["kind"]) == ["kd", "kd", "sft", "teacher"]
     kd_t2 = runs[runs["Method"] == "forward_kl_T2"].iloc[0]
     assert kd_t2["EM1"] == pytest.approx(50.0) and kd_t2["EM2"] == pytest.approx(50.0)
     statistics = pd.read_csv(out / "statistics.csv")
-    # One KD configuration: every test is "not enough data", and nothing crashes.
-    assert set(statistics["status"]) == {"not enough data"}
+    # One KD configuration: every run-level test is "not enough data", with its reason; the
+    # item-level paired tests run.
+    paper = statistics[~statistics["hypothesis"].str.startswith("paired")]
+    assert set(paper["status"]) == {"not enough data"} and paper["reason"].notna().all()
+    assert "a one-sample t-test needs n >= 3, got 1" in printed
+    paired = statistics[statistics["hypothesis"] == "paired: KD vs SFT"]
+    assert set(paired["status"]) == {"ok"} and len(paired) == 2 * 3
 
 
 def test_report_html_is_self_contained(fake_sweep, analyze, tmp_path) -> None:
@@ -60,7 +80,9 @@ def test_report_html_is_self_contained(fake_sweep, analyze, tmp_path) -> None:
     assert "<h3>Accuracy (%)</h3>" in page and "<th>SVAMP</th>" in page
     assert "<td>87.50</td>" in page  # the T=1 student's Average accuracy
     assert "forward_kl_T1" in page and "Qwen2.5-0.5B" in page
-    assert page.count('src="data:image/png;base64,') == 3
+    assert page.count('src="data:image/png;base64,') == 2  # the size plot is not drawn
+    assert "(not drawn: one student size only" in page
+    assert "<h3>Paired comparisons on the same items (Average)</h3>" in page
     assert "<script" not in page and "http://" not in page and "https://" not in page
     markdown = (out / "report.md").read_text(encoding="utf-8")
     assert "| Teacher | Student | Method | gsm8k | SVAMP | Average |" in markdown
@@ -82,7 +104,10 @@ def test_analyze_paper_tables(paper_results: Path, analyze, tmp_path, capsys) ->
     assert "vs reasoning fidelity (BLEU)" in printed
     page = (out / "report.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == 3
+    assert "SeqKD is the paper&#x27;s label for token-level forward KL" in page
     statistics = pd.read_csv(out / "math_results_main" / "statistics.csv")
+    per_method = statistics[(statistics["hypothesis"] == "H1") & (statistics["group"] != "all")]
+    assert per_method["p_holm"].notna().all() and set(per_method["family_size"]) == {3}
     assert {"H1", "H1-ANOVA", "H2", "H3", "H4", "H5"} <= set(statistics["hypothesis"])
     assert len(pd.read_csv(out / "math_results_main" / "improvement.csv")) == 33
 

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
 from kdlab.analysis.runs import parse_size_billions
 from kdlab.analysis.statistics import (
@@ -30,10 +31,11 @@ def test_ttest_matches_scipy_and_reads_plainly() -> None:
     expected = stats.ttest_1samp(values, 0.0, alternative="greater")
     assert result.statistic == pytest.approx(expected.statistic)
     assert result.p_value == pytest.approx(expected.pvalue)
-    assert result.n == 5
+    assert result.n == 5 and result.unit == "teacher-student-method rows"
     assert result.sentence == (
         f"KD improves over SFT on Average: t = {expected.statistic:.2f}, "
-        f"p = {expected.pvalue:.3f} (n = 5)"
+        f"p = {expected.pvalue:.3f} (one-sided t-test, mean > 0; n = 5 teacher-student-method "
+        "rows)"
     )
 
 
@@ -155,7 +157,9 @@ def test_improvement_takes_column_wise_maxima_and_skips_ablations() -> None:
     assert len(improvements) == 2 * 3  # no base-teacher ablation row
 
 
-def test_statistics_on_two_rows_do_not_spam_warnings() -> None:
+def test_statistics_on_two_rows_refuse_with_a_reason_and_no_warnings() -> None:
+    # The demo's case: "KD improves over SFT: t = -5.00, p = 0.937 (n = 2)" was a t-test
+    # with one degree of freedom; it is refused now, and says why.
     improvements = build_improvements(tiny_results())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -163,7 +167,47 @@ def test_statistics_on_two_rows_do_not_spam_warnings() -> None:
     average = [result for result in results if result.column == "Average"]
     assert [result.hypothesis for result in average] == ["H1", "H1", "H1", "H1-ANOVA", "H2", "H3"]
     overall = average[0]
-    assert overall.enough_data and overall.n == 2
+    assert not overall.enough_data and overall.n == 2 and overall.p_value is None
+    assert overall.sentence == (
+        "KD improves over SFT on Average: not enough data: a one-sample t-test needs n >= 3, "
+        "got 2 (n = 2 teacher-student-method rows)"
+    )
     per_method = average[1]
-    assert not per_method.enough_data and "not enough data (n = 1)" in per_method.sentence
-    assert not average[-1].enough_data  # one student size only
+    assert not per_method.enough_data and "(n = 1 teacher-student-method row)" in (
+        per_method.sentence
+    )
+    assert per_method.sentence.startswith("SeqKD (token-level forward KL) improves over SFT")
+    assert "needs at least two groups" not in average[3].reason  # two methods: too few values
+    assert "more than 2 values" in average[3].reason
+    assert average[-1].reason == "a rank correlation needs n >= 3 pairs, got 2"
+
+
+def test_three_rows_run_the_t_test_and_constant_rows_say_so() -> None:
+    values = [-3.0, -5.0, -7.0]
+    result = one_sided_ttest(values, subject="KD improves over SFT on Average")
+    expected = stats.ttest_1samp(values, 0.0, alternative="greater")
+    assert result.p_value == pytest.approx(expected.pvalue) and result.n == 3
+    constant = one_sided_ttest([2.0, 2.0, 2.0], subject="s")
+    assert "every value is 2.00: no spread to test" in constant.sentence
+
+
+def test_per_method_tests_are_holm_corrected_as_one_family() -> None:
+    rng = np.random.default_rng(0)
+    rows = []
+    for student in range(6):
+        for family, shift in (("RevKD", 2.0), ("GKD", 0.5), ("SeqKD", 1.0)):
+            rows.append(
+                {"Teacher": "T-7B", "Student": f"S{student}", "Method": family, "column": "Average",
+                 "improvement": shift + rng.normal(), "student_size": student + 1.0,
+                 "teacher_sft": 70.0, "agreement": np.nan, "fidelity": np.nan}
+            )  # fmt: skip
+    results = run_statistics(pd.DataFrame(rows), include_agreement=False, include_fidelity=False)
+    per_method = [r for r in results if r.hypothesis == "H1" and r.group != "all"]
+    raw = [r.p_value for r in per_method]
+    expected = multipletests(raw, method="holm")[1]
+    assert [r.p_holm for r in per_method] == pytest.approx(list(expected))
+    assert all(r.family_size == 3 and "; Holm p = " in r.sentence for r in per_method)
+    overall = next(r for r in results if r.hypothesis == "H1" and r.group == "all")
+    assert overall.p_holm is None  # a question of its own
+    significant = [r.significant(0.05) for r in per_method]
+    assert significant == [p < 0.05 for p in expected]

@@ -86,6 +86,7 @@ def test_rerun_skips_everything(
     monkeypatch.setattr(distill_module, "run_distill", forbidden)
     monkeypatch.setattr("kdlab.evaluation.runner.evaluate", forbidden)
     monkeypatch.setattr("kdlab.analysis.stage.main", forbidden)
+    monkeypatch.setattr("kdlab.analysis.stage.run", forbidden)
     assert cli_main(["sweep", str(finished_sweep["grid"])]) == 0
     assert "23 done" in capsys.readouterr().out
     assert cli_main(["sweep", str(finished_sweep["grid"]), "--dry-run"]) == 0

@@ -1,14 +1,26 @@
 """Analysis of evaluation outputs: accuracy, agreement, fidelity, statistics and reports.
 
 Reads run directories' files (``docs/run-layout.md``) or tables in the paper's format, and
-writes CSV tables, PNG plots, ``report.md`` and a self-contained ``report.html``. The
-command line is ``kdlab analyze`` (:mod:`kdlab.analysis.stage`).
+writes CSV and LaTeX tables, PNG/PDF/SVG figures, ``report.md`` and a self-contained
+``report.html``. Comparisons of runs on the same items and across seeds are in
+:mod:`kdlab.analysis.comparisons` (statistics in :mod:`kdlab.analysis.paired`). The command
+line is ``kdlab analyze`` (:mod:`kdlab.analysis.stage`, config
+:class:`kdlab.config.analysis.AnalyzeConfig`).
 """
 
 from __future__ import annotations
 
 from kdlab.analysis.agreement import AgreementResult, answer_agreement, answers_equal
 from kdlab.analysis.fidelity import FidelityResult, corpus_bleu, mean_rouge_l, reasoning_fidelity
+from kdlab.analysis.paired import (
+    Interval,
+    McNemarResult,
+    PairedBootstrap,
+    holm_adjust,
+    mcnemar_exact,
+    paired_bootstrap,
+    t_interval,
+)
 from kdlab.analysis.runs import Run, RunCollection, collect_runs, parse_size_billions
 from kdlab.analysis.statistics import (
     StatResult,
@@ -23,6 +35,9 @@ from kdlab.analysis.statistics import (
 __all__ = [
     "AgreementResult",
     "FidelityResult",
+    "Interval",
+    "McNemarResult",
+    "PairedBootstrap",
     "Run",
     "RunCollection",
     "StatResult",
@@ -32,11 +47,15 @@ __all__ = [
     "classify_method",
     "collect_runs",
     "corpus_bleu",
+    "holm_adjust",
+    "mcnemar_exact",
     "mean_rouge_l",
     "one_sided_ttest",
     "one_way_anova",
+    "paired_bootstrap",
     "parse_size_billions",
     "reasoning_fidelity",
     "run_statistics",
     "spearman",
+    "t_interval",
 ]

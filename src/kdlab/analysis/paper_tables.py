@@ -31,6 +31,8 @@ PAIR = "Pair"
 AVERAGE = "Average"
 ID_COLUMNS = (TEACHER, STUDENT, METHOD)
 SFT_METHOD = "SFT"
+#: kdlab's label for a teacher's own fine-tune (an SFT row of the teacher model).
+TEACHER_METHOD = "Teacher"
 BASE_METHOD = "BaseModel"
 
 

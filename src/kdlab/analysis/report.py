@@ -1,8 +1,11 @@
-"""Write the analysis: CSV tables, PNG plots, ``report.md`` and a self-contained ``report.html``.
+"""Write the analysis: CSV and LaTeX tables, figures, ``report.md`` and ``report.html``.
 
-The HTML embeds its plots as base64 ``data:image/png`` URIs and its styles inline, so it is
-readable offline as a single file. Every file goes through :mod:`kdlab.utils.io`'s atomic
-writes.
+Each table is written as ``<section>/<name>.csv`` (full precision) and ``<name>.tex`` (a
+booktabs ``tabular`` with the report's number formatting, :mod:`kdlab.analysis.numbers`);
+each figure as ``<name>.png`` (200 dpi), ``.pdf`` and ``.svg``. A plot that is not drawn
+(one point where it needs several) says why in the report. The HTML embeds its PNG plots
+as base64 ``data:image/png`` URIs and its styles inline, so it is readable offline as a
+single file. Every file goes through :mod:`kdlab.utils.io`'s atomic writes.
 """
 
 from __future__ import annotations
@@ -12,14 +15,18 @@ import datetime
 import html
 import logging
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from kdlab.analysis.numbers import format_p, format_value
 from kdlab.analysis.paper_tables import AVERAGE
-from kdlab.analysis.statistics import StatResult, format_p, statistics_table
+from kdlab.analysis.plots import FORMATS
+from kdlab.analysis.statistics import StatResult, statistics_table
 from kdlab.utils.io import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -41,16 +48,38 @@ class ReportTable:
     note: str = ""
     primary: bool = False
     """Shown before the plots (the others come after them)."""
+    display_columns: list[str] | None = None
+    """The columns shown in the report and the LaTeX file (the CSV keeps every column)."""
+
+    @property
+    def shown(self) -> pd.DataFrame:
+        """The frame as the report shows it (``display_columns`` only)."""
+        if self.display_columns is None:
+            return self.frame
+        return self.frame[[c for c in self.display_columns if c in self.frame.columns]]
 
 
 @dataclass
 class ReportPlot:
-    """A plot of the report, also written as ``<section>/<filename>``."""
+    """A figure of the report, written as ``<section>/<stem>.{png,pdf,svg}``.
+
+    ``files`` maps each format to its bytes; ``None`` when the plot is not drawn, with the
+    one-line ``reason``.
+    """
 
     title: str
-    png: bytes | None
-    filename: str
+    files: dict[str, bytes] | None
+    stem: str
     note: str = ""
+    reason: str | None = None
+
+    @property
+    def png(self) -> bytes | None:
+        """The PNG bytes (embedded in the HTML report)."""
+        return None if self.files is None else self.files.get("png")
+
+    def filename(self, fmt: str = "png") -> str:
+        return f"{self.stem}.{fmt}"
 
 
 @dataclass
@@ -68,36 +97,63 @@ class ReportSection:
         """The statistics of one column (Average by default)."""
         return [result for result in self.statistics if result.column == column]
 
+    def headline_groups(self, column: str = AVERAGE) -> list[tuple[str, list[StatResult]]]:
+        """The statistics of one column by question: paired tests, seeds, the paper's tests."""
+        groups: dict[str, list[StatResult]] = {}
+        for result in self.headline(column):
+            groups.setdefault(_question_title(result.hypothesis), []).append(result)
+        return list(groups.items())
 
-def _format_value(value: object, digits: int = 2) -> str:
-    if value is None:
+
+def _question_title(hypothesis: str) -> str:
+    if hypothesis.startswith("paired: "):
+        question = hypothesis[len("paired: ") :]
+        return f"{question}, item by item (McNemar exact test, paired bootstrap interval)"
+    if hypothesis.startswith("seeds: "):
+        return f"{hypothesis[len('seeds: ') :]} across seeds (t-interval, t-test)"
+    return "The paper's tests, across teacher-student-method rows"
+
+
+#: Columns shown as p-values (their own format).
+P_VALUE_COLUMNS = frozenset({"p_value", "p_holm", "McNemar p", "Holm p", "p"})
+#: Columns of counts and seeds: shown as integers even when a missing value made them float.
+INTEGER_COLUMNS = frozenset(
+    {"n", "m", "family_size", "seed", "other seed", "only A right", "only B right", "tokens"}
+)
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def display_value(value: object, column: str = "") -> str:
+    """One cell as the report shows it: numbers by magnitude, p-values, counts, text."""
+    if _is_missing(value) or value is pd.NA:
         return "–"
-    if isinstance(value, bool):
+    if isinstance(value, bool | np.bool_):
         return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "–"
-        return f"{value:.{digits}f}"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        if column in P_VALUE_COLUMNS and math.isfinite(number):
+            return format_p(number)
+        if column in INTEGER_COLUMNS and math.isfinite(number) and number.is_integer():
+            return str(int(number))
+        return format_value(number)
     return str(value)
 
 
 def _display_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """Numbers rounded for reading (2 decimals; p-values in their own format)."""
+    """Every cell as text (see :func:`display_value`)."""
     shown = frame.copy().astype(object)
     for column in shown.columns:
-        if column == "p_value":
-            shown[column] = [
-                "–" if value is None or (isinstance(value, float) and math.isnan(value))
-                else format_p(float(value))
-                for value in frame[column]
-            ]  # fmt: skip
-        else:
-            shown[column] = [_format_value(value) for value in frame[column]]
+        shown[column] = [display_value(value, str(column)) for value in frame[column]]
     return shown
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (numbers with 2 decimals)."""
+    """A GitHub-flavoured Markdown table (numbers formatted by magnitude)."""
     if frame.empty:
         return "_(empty)_\n"
     shown = _display_frame(frame)
@@ -111,10 +167,65 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def html_table(frame: pd.DataFrame) -> str:
-    """An HTML table (escaped, numbers with 2 decimals)."""
+    """An HTML table (escaped, numbers formatted by magnitude)."""
     if frame.empty:
         return "<p><em>(empty)</em></p>"
     return _display_frame(frame).to_html(index=False, border=0, classes="data", escape=True)
+
+
+_LATEX_SPECIALS = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+_LATEX_SYMBOLS = {
+    "Δ": r"$\Delta$",
+    "−": r"$-$",
+    "–": "--",
+    "←": r"$\leftarrow$",
+    "→": r"$\rightarrow$",
+    "≠": r"$\neq$",
+    "±": r"$\pm$",
+    "≥": r"$\geq$",
+    "≤": r"$\leq$",
+    "∞": r"$\infty$",
+    "σ": r"$\sigma$",
+    "‖": r"$\|$",
+}
+
+
+def latex_escape(text: str) -> str:
+    """Text safe in a LaTeX table cell (specials escaped, a few symbols in math mode)."""
+    escaped = "".join(_LATEX_SPECIALS.get(character, character) for character in str(text))
+    return "".join(_LATEX_SYMBOLS.get(character, character) for character in escaped)
+
+
+def latex_table(frame: pd.DataFrame) -> str:
+    """A booktabs ``tabular`` (``\\usepackage{booktabs}``), numbers formatted as in the report."""
+    if frame.empty:
+        return "% (empty table)\n"
+    shown = _display_frame(frame)
+    align = "".join(
+        "r" if pd.api.types.is_numeric_dtype(frame[column]) else "l" for column in frame.columns
+    )
+    lines = [
+        "% kdlab analysis table; needs \\usepackage{booktabs}",
+        f"\\begin{{tabular}}{{{align}}}",
+        "\\toprule",
+        " & ".join(latex_escape(str(column)) for column in shown.columns) + " \\\\",
+        "\\midrule",
+    ]
+    for _, row in shown.iterrows():
+        lines.append(" & ".join(latex_escape(str(value)) for value in row) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
 
 
 STATISTICS_DISPLAY_COLUMNS = [
@@ -124,30 +235,57 @@ STATISTICS_DISPLAY_COLUMNS = [
     "group",
     "statistic",
     "p_value",
+    "p_holm",
+    "family_size",
     "n",
+    "unit",
     "mean",
+    "ci_low",
+    "ci_high",
     "status",
-    "sentence",
+    "reason",
 ]
+STATISTICS_TEX = "statistics.tex"
+
+
+def _table_stem(filename: str) -> str:
+    return filename[: -len(".csv")] if filename.endswith(".csv") else filename
 
 
 def _write_section_files(out_dir: Path, section: ReportSection, alpha: float) -> None:
     section_dir = out_dir / section.slug
     for table in section.tables:
         atomic_write_text(section_dir / table.filename, table.frame.to_csv(index=False))
+        stem = _table_stem(table.filename)
+        atomic_write_text(section_dir / f"{stem}.tex", latex_table(table.shown))
     if section.statistics:
         frame = statistics_table(section.statistics, alpha)
         atomic_write_text(section_dir / STATISTICS_CSV, frame.to_csv(index=False))
+        atomic_write_text(
+            section_dir / STATISTICS_TEX, latex_table(frame[STATISTICS_DISPLAY_COLUMNS])
+        )
     for plot in section.plots:
-        if plot.png is not None:
-            atomic_write_bytes(section_dir / plot.filename, plot.png)
+        for fmt, data in (plot.files or {}).items():
+            atomic_write_bytes(section_dir / plot.filename(fmt), data)
 
 
 def _markdown_table_block(section: ReportSection, table: ReportTable) -> list[str]:
     lines = [f"### {table.title}", ""]
     if table.note:
         lines += [table.note, ""]
-    return [*lines, markdown_table(table.frame), f"CSV: `{section.slug}/{table.filename}`", ""]
+    stem = _table_stem(table.filename)
+    files = f"CSV: `{section.slug}/{table.filename}`, LaTeX: `{section.slug}/{stem}.tex`"
+    return [*lines, markdown_table(table.shown), files, ""]
+
+
+def _markdown_plot_block(section: ReportSection, plot: ReportPlot) -> list[str]:
+    lines = [f"### {plot.title}", ""]
+    if plot.files is None:
+        return [*lines, f"_(not drawn: {plot.reason or 'nothing to plot'})_", ""]
+    if plot.note:
+        lines += [plot.note, ""]
+    others = ", ".join(f"`{section.slug}/{plot.filename(fmt)}`" for fmt in FORMATS[1:])
+    return [*lines, f"![{plot.title}]({section.slug}/{plot.filename()})", "", f"Also {others}.", ""]
 
 
 def render_markdown(
@@ -164,22 +302,19 @@ def render_markdown(
     for section in sections:
         lines += [f"## {section.title}", ""]
         lines.extend(f"> {note}\n" for note in section.notes)
-        headline = section.headline()
-        if headline:
+        groups = section.headline_groups()
+        if groups:
             lines += [f"### Statistics on {AVERAGE} (alpha = {alpha:g})", ""]
-            lines.extend(f"- {result.sentence}" for result in headline)
-            lines += ["", f"All columns: `{section.slug}/{STATISTICS_CSV}`.", ""]
+            for question, results in groups:
+                lines += [f"**{question}**", ""]
+                lines.extend(f"- {result.sentence}" for result in results)
+                lines.append("")
+            lines += [f"All columns: `{section.slug}/{STATISTICS_CSV}`.", ""]
         ordered = [table for table in section.tables if table.primary]
         for table in ordered:
             lines += _markdown_table_block(section, table)
         for plot in section.plots:
-            lines += [f"### {plot.title}", ""]
-            if plot.png is None:
-                lines += ["_(not enough data to plot)_", ""]
-                continue
-            if plot.note:
-                lines += [plot.note, ""]
-            lines += [f"![{plot.title}]({section.slug}/{plot.filename})", ""]
+            lines += _markdown_plot_block(section, plot)
         for table in section.tables:
             if not table.primary:
                 lines += _markdown_table_block(section, table)
@@ -219,7 +354,7 @@ def _html_table_block(table: ReportTable) -> str:
     if table.note:
         parts.append(f"<p>{escape(table.note)}</p>")
     css = "scroll tall" if len(table.frame) > LONG_TABLE_ROWS else "scroll"
-    parts.append(f'<div class="{css}">{html_table(table.frame)}</div>')
+    parts.append(f'<div class="{css}">{html_table(table.shown)}</div>')
     return "\n".join(parts)
 
 
@@ -248,21 +383,24 @@ def render_html(
     for section in sections:
         parts.append(f'<h2 id="{escape(section.slug)}">{escape(section.title)}</h2>')
         parts.extend(f'<p class="note">{escape(note)}</p>' for note in section.notes)
-        headline = section.headline()
-        if headline:
+        groups = section.headline_groups()
+        if groups:
             parts.append(f"<h3>Statistics on {AVERAGE} (alpha = {alpha:g})</h3>")
-            items = []
-            for result in headline:
-                css = "sig" if result.significant(alpha) else "nsig"
-                items.append(f'<li class="{css}">{escape(result.sentence)}</li>')
-            parts.append(f'<ul class="stats">{"".join(items)}</ul>')
+            for question, results in groups:
+                items = []
+                for result in results:
+                    css = "sig" if result.significant(alpha) else "nsig"
+                    items.append(f'<li class="{css}">{escape(result.sentence)}</li>')
+                parts.append(f"<p><strong>{escape(question)}</strong></p>")
+                parts.append(f'<ul class="stats">{"".join(items)}</ul>')
         primary = [table for table in section.tables if table.primary]
         secondary = [table for table in section.tables if not table.primary]
         parts.extend(_html_table_block(table) for table in primary)
         for plot in section.plots:
             parts.append(f"<h3>{escape(plot.title)}</h3>")
             if plot.png is None:
-                parts.append("<p><em>(not enough data to plot)</em></p>")
+                reason = plot.reason or "nothing to plot"
+                parts.append(f"<p><em>(not drawn: {escape(reason)})</em></p>")
                 continue
             if plot.note:
                 parts.append(f"<p>{escape(plot.note)}</p>")

@@ -20,6 +20,7 @@ import pandas as pd
 from kdlab.analysis.agreement import answer_agreement
 from kdlab.analysis.fidelity import aligned_outputs, mean_rouge_l, reasoning_fidelity
 from kdlab.analysis.paper_tables import AVERAGE, METHOD, STUDENT, TEACHER
+from kdlab.analysis.plots import LOSS_PANELS, LossCurve
 from kdlab.analysis.runs import Run, RunCollection, student_size_billions
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ def _task_order(runs: Sequence[Run]) -> list[str]:
 def _kind(run: Run) -> str:
     if run.is_base:
         return "base"
+    if run.is_teacher:
+        return "teacher"
     if run.is_sft:
         return "sft"
     return "kd" if run.is_kd else "other"
@@ -98,7 +101,7 @@ def _kind(run: Run) -> str:
 
 def _sort_key(row: pd.Series) -> tuple[Any, ...]:
     method = str(row[METHOD])
-    order = 0 if method == "BaseModel" else 1 if method == "SFT" else 2
+    order = {"BaseModel": 0, "Teacher": 1, "SFT": 2}.get(method, 3)
     size = row.get("_size")
     size_key = size if isinstance(size, float) and math.isfinite(size) else math.inf
     return (order, str(row[TEACHER]), size_key, str(row[STUDENT]), method)
@@ -278,3 +281,30 @@ def _average_seeds(table: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     if (counts > 1).any():
         logger.info("averaged over seeds: %d configurations had several runs", (counts > 1).sum())
     return grouped.reset_index()[layout]
+
+
+def _logged_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    return float(value)
+
+
+def loss_curves(runs: Sequence[Run]) -> list[LossCurve]:
+    """The training curves (``metrics.jsonl``) of the runs that have one.
+
+    Labels are the Method and student (and the seed, when the runs have several seeds).
+    """
+    seeds = {run.seed for run in runs}
+    curves: list[LossCurve] = []
+    for run in runs:
+        log = run.training_log()
+        if not log:
+            continue
+        label = f"{run.method_label} ({run.student_label}"
+        label += f", seed {run.seed})" if len(seeds) > 1 else ")"
+        values = {
+            key: tuple(_logged_float(record.get(key)) for record in log) for key, _ in LOSS_PANELS
+        }
+        steps = tuple(float(record["step"]) for record in log)
+        curves.append(LossCurve(label=label, steps=steps, values=values))
+    return curves

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 EVAL_DIR = "eval"
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
+TRAINING_METRICS_FILE = "metrics.jsonl"
 
 #: Methods (or roles) of evaluated models without any training.
 BASE_METHODS = frozenset({"base", "none"})
@@ -86,6 +87,8 @@ class Run:
     identity: RunIdentity
     eval_dir: Path | None = None
     tasks: dict[str, TaskEvaluation] = field(default_factory=dict)
+    teaches: bool = False
+    """Set by :func:`link_runs` when some KD run was distilled from this run."""
 
     # Identity fields, with the defaults of docs/run-layout.md.
     @property
@@ -196,6 +199,11 @@ class Run:
         return self._untrained_identity and self.adapter is not None
 
     @property
+    def is_teacher(self) -> bool:
+        """A teacher's fine-tune: ``role: teacher``, or the run some KD run learned from."""
+        return self.is_sft and (self.role == "teacher" or self.teaches)
+
+    @property
     def is_base(self) -> bool:
         """An evaluation of a model without training (no adapter)."""
         return self._untrained_identity and self.adapter is None
@@ -222,13 +230,16 @@ class Run:
 
     @property
     def method_label(self) -> str:
-        """The "Method" column, like the paper: ``SFT``, ``BaseModel`` or ``forward_kl_T2``.
+        """The "Method" column: ``SFT``, ``Teacher``, ``BaseModel`` or ``forward_kl_T2``.
 
-        Ablations get a suffix: ``_noise2`` (teacher-logit noise), ``_base_teacher`` (a
-        task-unaware teacher), ``_w0.5`` (a KD weight other than 1).
+        A teacher's fine-tune is ``Teacher`` (an SFT row, shown as what it is). Ablations get
+        a suffix: ``_noise2`` (teacher-logit noise), ``_base_teacher`` (a task-unaware
+        teacher), ``_w0.5`` (a KD weight other than 1).
         """
         if self.is_base:
             return "BaseModel"
+        if self.is_teacher:
+            return "Teacher"
         if self.is_sft:
             return "SFT"
         label = self.method or "kd"
@@ -253,6 +264,23 @@ class Run:
     def describe(self) -> str:
         """A short description for messages."""
         return f"{self.name} ({self.run_dir})"
+
+    def training_log(self) -> list[dict[str, Any]]:
+        """The training lines of ``metrics.jsonl`` (validation lines left out), by step.
+
+        Empty for evaluations and runs without the file; a torn last line is dropped.
+        """
+        path = self.run_dir / TRAINING_METRICS_FILE
+        try:
+            records = read_jsonl(path)
+        except (OSError, json.JSONDecodeError) as error:
+            raise RunDirError(f"cannot read {path}: {error}") from error
+        lines = [
+            record
+            for record in records
+            if isinstance(record, dict) and "split" not in record and "step" in record
+        ]
+        return sorted(lines, key=lambda record: float(record["step"]))
 
 
 @dataclass
@@ -494,6 +522,8 @@ def link_runs(runs: Sequence[Run], *, allow_missing_teacher: bool = False) -> Ru
             )
         elif teacher.run_dir not in {existing.run_dir for existing in collection.runs}:
             collection.runs.append(teacher)
+        if teacher is not None:
+            teacher.teaches = True
         baseline = find_sft_baseline(run, collection.runs)
         if baseline is None:
             logger.warning(

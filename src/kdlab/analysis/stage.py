@@ -1,15 +1,23 @@
-"""``kdlab analyze``: accuracy, agreement, fidelity and the paper's statistics, as a report.
+"""``kdlab analyze``: accuracy, agreement, fidelity, paired comparisons and statistics.
+
+The stage's face (as every stage's): a typed config,
+:class:`~kdlab.config.analysis.AnalyzeConfig`; :func:`run` ``(config, *, resume=False,
+overwrite=False)`` returning an :class:`AnalyzeResult`; :func:`add_arguments` (one flag per
+config field, :data:`kdlab.config.analysis.FLAGS`) and :func:`main`.
 
 Two inputs:
 
 - run or sweep directories (``kdlab analyze SWEEP_DIR --out DIR``): every evaluated run is
   read from its files (``docs/run-layout.md``), KD runs are linked to their teacher and SFT
-  baseline, and the analysis is done per task family;
+  baseline, and the analysis is done per task family: the paper's tables and tests, and
+  comparisons on the same items (every KD run against its SFT run, and the methods named in
+  ``compare_methods``) and across seeds (:mod:`kdlab.analysis.comparisons`);
 - tables in the paper's format (``kdlab analyze --results-table CSV [--llama-table CSV]
   [--agreement CSV] [--fidelity CSV] --out DIR``), so published results can be re-analysed.
 
-Outputs in ``--out``: CSV tables and PNG plots per section, ``statistics.csv``, ``report.md``
-and a self-contained ``report.html``.
+Outputs in ``out_dir``: per section CSV and LaTeX tables and PNG/PDF/SVG figures,
+``statistics.csv``, ``analysis.yaml`` (the resolved config), ``report.md`` and a
+self-contained ``report.html``.
 """
 
 from __future__ import annotations
@@ -18,12 +26,16 @@ import argparse
 import logging
 import math
 import re
+import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from kdlab.analysis.comparisons import compare_family
+from kdlab.analysis.numbers import format_percent_level
 from kdlab.analysis.paper_tables import (
     AVERAGE,
     METHOD,
@@ -34,126 +46,52 @@ from kdlab.analysis.paper_tables import (
     load_results_table,
 )
 from kdlab.analysis.plots import (
+    SEQKD_LEGEND,
+    Plot,
     plot_accuracy_by_temperature,
     plot_fidelity_vs_accuracy,
     plot_improvement_vs_size,
+    plot_training_loss,
+    render_figure,
 )
-from kdlab.analysis.report import ReportPlot, ReportSection, ReportTable, write_report
-from kdlab.analysis.run_tables import FamilyTables, build_family_tables
+from kdlab.analysis.report import (
+    REPORT_HTML,
+    REPORT_MD,
+    ReportPlot,
+    ReportSection,
+    ReportTable,
+    write_report,
+)
+from kdlab.analysis.run_tables import FamilyTables, build_family_tables, loss_curves
 from kdlab.analysis.runs import Run, RunCollection, collect_runs
 from kdlab.analysis.statistics import (
     KIND_SFT,
+    SEQKD_CAVEAT,
+    StatResult,
     build_improvements,
     classify_method,
     improvement_wide,
     run_statistics,
 )
+from kdlab.config.analysis import AnalyzeConfig, add_flags, config_from_flags
+from kdlab.config.core import to_dict
 from kdlab.errors import ConfigError, ModelError, RunDirError
+from kdlab.utils.io import atomic_write_yaml
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TOKEN_FIDELITY_RECORDS = 64
+#: The resolved config, written first: it marks the directory as a kdlab analysis.
+CONFIG_FILE = "analysis.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The command line of ``kdlab analyze``."""
+    """The command line of ``kdlab analyze``: one flag per :class:`AnalyzeConfig` field."""
+    add_flags(parser)
     parser.add_argument(
-        "run_dirs",
-        nargs="*",
-        metavar="RUN_OR_SWEEP_DIR",
-        help="Run or sweep directories (searched recursively for run.json).",
-    )
-    parser.add_argument("--out", required=True, help="Directory for tables, plots and reports.")
-    tables = parser.add_argument_group("paper-format tables (instead of run directories)")
-    tables.add_argument(
-        "--results-table",
-        metavar="CSV",
-        help="Results table: Teacher, Student, Method, one column per task, Average.",
-    )
-    tables.add_argument(
-        "--llama-table",
-        metavar="CSV",
-        action="append",
-        default=[],
-        help="Extra results table appended without its BaseModel rows (repeatable).",
-    )
-    tables.add_argument(
-        "--agreement", metavar="CSV", help="EM1 pair table (Teacher, Student, Pair, Method...)."
-    )
-    tables.add_argument("--fidelity", metavar="CSV", help="BLEU pair table (same layout).")
-    tables.add_argument("--label", help="Section name for the tables (default: the CSV's name).")
-    runs = parser.add_argument_group("run directories")
-    runs.add_argument(
-        "--allow-missing-teacher",
+        "--overwrite",
         action="store_true",
-        help="Warn (instead of failing) when a KD run's teacher run cannot be found.",
+        help="Delete out_dir first (needed when it holds files that are not a kdlab analysis).",
     )
-    runs.add_argument(
-        "--rouge-max-items",
-        type=int,
-        default=None,
-        metavar="N",
-        help="ROUGE-L on the first N items per task only (0 = skip ROUGE-L; default: all).",
-    )
-    runs.add_argument(
-        "--token-fidelity",
-        action="store_true",
-        help="Also compute token-level KL(teacher||student) and top-1 agreement under "
-        "teacher forcing (loads the models).",
-    )
-    runs.add_argument(
-        "--token-fidelity-data",
-        metavar="RECORDS",
-        help="Held-out records (.json/.jsonl with instruction and output) for --token-fidelity.",
-    )
-    runs.add_argument(
-        "--token-fidelity-records",
-        type=int,
-        default=DEFAULT_TOKEN_FIDELITY_RECORDS,
-        metavar="N",
-        help=f"Records used by --token-fidelity (default {DEFAULT_TOKEN_FIDELITY_RECORDS}).",
-    )
-    runs.add_argument(
-        "--token-fidelity-batch-size", type=int, default=4, metavar="N", help="Default 4."
-    )
-    runs.add_argument(
-        "--token-fidelity-cutoff-len", type=int, default=256, metavar="N", help="Default 256."
-    )
-    parser.add_argument("--alpha", type=float, default=0.05, help="Significance level.")
-    parser.add_argument("--title", default="kdlab analysis", help="Title of the report.")
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    if args.results_table and args.run_dirs:
-        raise ConfigError("give either run/sweep directories or --results-table, not both")
-    if not args.results_table and not args.run_dirs:
-        raise ConfigError("give run/sweep directories to analyse, or --results-table CSV")
-    if not args.results_table:
-        for flag, value in (
-            ("--llama-table", args.llama_table),
-            ("--agreement", args.agreement),
-            ("--fidelity", args.fidelity),
-        ):
-            if value:
-                raise ConfigError(f"{flag} only goes with --results-table")
-    if args.results_table and args.token_fidelity:
-        raise ConfigError("--token-fidelity needs run directories (it loads the models)")
-    if args.token_fidelity and not args.token_fidelity_data:
-        raise ConfigError("--token-fidelity needs --token-fidelity-data RECORDS")
-    if not 0 < args.alpha < 1:
-        raise ConfigError(f"--alpha must be between 0 and 1, got {args.alpha}")
-    if args.rouge_max_items is not None and args.rouge_max_items < 0:
-        raise ConfigError("--rouge-max-items must be >= 0")
-    for flag, value in (
-        ("--token-fidelity-records", args.token_fidelity_records),
-        ("--token-fidelity-batch-size", args.token_fidelity_batch_size),
-        ("--token-fidelity-cutoff-len", args.token_fidelity_cutoff_len),
-    ):
-        if value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
 
 
 def _slug(text: str) -> str:
@@ -246,6 +184,21 @@ def _run_points(tables: FamilyTables) -> pd.DataFrame:
     return pd.DataFrame.from_records(rows, columns=["label", "accuracy", "agreement", "fidelity"])
 
 
+def report_plot(title: str, plot: Plot, stem: str, note: str = "") -> ReportPlot:
+    """A :class:`ReportPlot` from a plot outcome (rendered now, in every format)."""
+    if plot.figure is None:
+        return ReportPlot(title, None, stem, note, reason=plot.reason)
+    return ReportPlot(title, render_figure(plot.figure), stem, note)
+
+
+def _seqkd_note(*frames: pd.DataFrame) -> str:
+    for frame in frames:
+        for name in ("label", METHOD):
+            if name in frame.columns and "SeqKD" in set(frame[name].astype(str)):
+                return f" {SEQKD_LEGEND}: {SEQKD_CAVEAT}"
+    return ""
+
+
 def _plots(
     accuracy: pd.DataFrame, improvements: pd.DataFrame, points: pd.DataFrame, *, per_run: bool
 ) -> list[ReportPlot]:
@@ -255,29 +208,32 @@ def _plots(
         else "One point per (Teacher, Student, method) at its best Average, and one per SFT "
         "student against each teacher."
     )
+    seqkd = _seqkd_note(improvements, points)
     return [
-        ReportPlot(
+        report_plot(
             "Accuracy by method and temperature",
             plot_accuracy_by_temperature(accuracy),
-            "accuracy_by_temperature.png",
-            "Average accuracy of each KD configuration; dashed grey: the same student's SFT.",
+            "accuracy_by_temperature",
+            "Average accuracy of each KD configuration; dashed grey: the same student's SFT. "
+            "Panels share their y-axis." + seqkd,
         ),
-        ReportPlot(
+        report_plot(
             "Improvement over SFT vs student size",
             plot_improvement_vs_size(improvements),
-            "improvement_vs_size.png",
-            "Best KD run (over temperatures) minus the same student's SFT, Average column.",
+            "improvement_vs_size",
+            "Best KD run (over temperatures) minus the same student's SFT, Average column." + seqkd,
         ),
-        ReportPlot(
+        report_plot(
             "Agreement and fidelity vs accuracy",
             plot_fidelity_vs_accuracy(
                 points,
                 title="Agreement and fidelity vs accuracy"
                 + (" (one point per run)" if per_run else ""),
             ),
-            "fidelity_vs_accuracy.png",
+            "fidelity_vs_accuracy",
             points_note + " EM1 = % of items where the student's answer equals the teacher's; "
-            "BLEU of the student's rationales against the teacher's.",
+            "BLEU of the student's rationales against the teacher's. Panels share their "
+            "y-axis." + seqkd,
         ),
     ]
 
@@ -285,20 +241,21 @@ def _plots(
 # --------------------------------------------------------------------------- table mode
 
 
-def table_sections(args: argparse.Namespace) -> list[ReportSection]:
-    """The section for ``--results-table`` (plus the optional Llama/EM1/BLEU tables)."""
-    main_table = load_results_table(args.results_table)
-    extras = [load_results_table(path) for path in args.llama_table]
+def table_sections(config: AnalyzeConfig) -> list[ReportSection]:
+    """The section for ``results_table`` (plus the optional Llama/EM1/BLEU tables)."""
+    assert config.results_table is not None
+    main_table = load_results_table(config.results_table)
+    extras = [load_results_table(path) for path in config.llama_tables]
     results = combine_results_tables(main_table, extras)
-    agreement = load_pair_table(args.agreement) if args.agreement else None
-    fidelity = load_pair_table(args.fidelity) if args.fidelity else None
+    agreement = load_pair_table(config.agreement) if config.agreement else None
+    fidelity = load_pair_table(config.fidelity) if config.fidelity else None
     improvements = build_improvements(results, agreement=agreement, fidelity=fidelity)
     statistics = run_statistics(
         improvements,
         include_agreement=agreement is not None,
         include_fidelity=fidelity is not None,
     )
-    label = args.label or Path(args.results_table).stem
+    label = config.label or Path(config.results_table).stem
     section = ReportSection(title=f"Tables: {label}", slug=_slug(label), statistics=statistics)
     if improvements.empty:
         section.notes.append(
@@ -321,6 +278,8 @@ def table_sections(args: argparse.Namespace) -> list[ReportSection]:
         section.tables.append(ReportTable("Agreement EM1 (%)", agreement, "em1.csv"))
     if fidelity is not None:
         section.tables.append(ReportTable("Fidelity BLEU", fidelity, "bleu.csv"))
+    if "SeqKD" in set(improvements[METHOD]):
+        section.notes.append(SEQKD_CAVEAT)
     points = _table_points(results, improvements, agreement, fidelity)
     section.plots.extend(_plots(results, improvements, points, per_run=False))
     return [section]
@@ -418,12 +377,97 @@ def compute_token_fidelity(
     return pd.DataFrame.from_records(rows)
 
 
-def run_sections(args: argparse.Namespace) -> list[ReportSection]:
+PAIRED_DISPLAY = [
+    "question",
+    "comparison",
+    TEACHER,
+    STUDENT,
+    "seed",
+    "other seed",
+    "n",
+    "accuracy A (%)",
+    "accuracy B (%)",
+    "Δ A−B (points)",
+    "CI low",
+    "CI high",
+    "only A right",
+    "only B right",
+    "McNemar p",
+    "Holm p",
+    "m",
+    "note",
+]
+
+
+def _comparison_tables(
+    config: AnalyzeConfig, paired: pd.DataFrame, seeds: pd.DataFrame, differences: pd.DataFrame
+) -> list[ReportTable]:
+    level = format_percent_level(config.alpha)
+    tables: list[ReportTable] = []
+    if not paired.empty:
+        method = (
+            f"Δ = A − B in points on the items both runs evaluated (matched by index); CI: "
+            f"{level} paired bootstrap over items, stratified by task "
+            f"({config.bootstrap_samples} replicates, seed {config.bootstrap_seed}); McNemar "
+            "exact test on the discordant items; Holm p: adjusted within one question and "
+            "column (m tests). n counts items."
+        )
+        average = paired[paired["column"] == AVERAGE]
+        tables.append(
+            ReportTable(
+                "Paired comparisons on the same items (Average)",
+                average,
+                "paired_average.csv",
+                "Every KD run against its SFT run (same student, same seed where one exists)"
+                + (", and every pair of compare_methods" if config.compare_methods else "")
+                + ". On the Average, Δ is the mean of the per-task differences and McNemar "
+                "pools every task's items. " + method,
+                primary=True,
+                display_columns=PAIRED_DISPLAY,
+            )
+        )
+        tables.append(
+            ReportTable(
+                "Paired comparisons on the same items, per task",
+                paired[paired["column"] != AVERAGE],
+                "paired_tasks.csv",
+                method,
+                display_columns=["column", *PAIRED_DISPLAY],
+            )
+        )
+    if not seeds.empty:
+        tables.append(
+            ReportTable(
+                "Across seeds: mean and interval",
+                seeds,
+                "seeds.csv",
+                f"Runs that differ only by seed (same Teacher, Student, Method): mean ± {level} "
+                "t-interval (n − 1 degrees of freedom); n counts seeds; the per-seed values "
+                "are kept.",
+                primary=True,
+            )
+        )
+    if not differences.empty:
+        tables.append(
+            ReportTable(
+                "Across seeds: KD − SFT of the same seed",
+                differences,
+                "seed_differences.csv",
+                f"Per seed, the KD run's accuracy minus its SFT run's (the same seed); mean ± "
+                f"{level} t-interval and a two-sided one-sample t-test of the mean difference; "
+                "Holm within a column; n counts seeds.",
+                primary=True,
+            )
+        )
+    return tables
+
+
+def run_sections(config: AnalyzeConfig) -> list[ReportSection]:
     """One section per task family of the evaluated runs."""
-    collection = collect_runs(args.run_dirs, allow_missing_teacher=args.allow_missing_teacher)
+    collection = collect_runs(config.run_dirs, allow_missing_teacher=config.allow_missing_teacher)
     sections: list[ReportSection] = []
     for family in collection.task_families():
-        tables = build_family_tables(collection, family, rouge_max_items=args.rouge_max_items)
+        tables = build_family_tables(collection, family, rouge_max_items=config.rouge_max_items)
         em1 = tables.pairs["EM1"]
         bleu = tables.pairs["BLEU"]
         improvements = build_improvements(
@@ -432,18 +476,31 @@ def run_sections(args: argparse.Namespace) -> list[ReportSection]:
             fidelity=bleu if not bleu.empty else None,
             student_sizes=tables.student_sizes,
         )
-        statistics = run_statistics(
+        paper_statistics = run_statistics(
             improvements, include_agreement=not em1.empty, include_fidelity=not bleu.empty
         )
+        comparisons = compare_family(
+            collection,
+            tables.runs,
+            tables.tasks,
+            tables.per_run,
+            compare_methods=config.compare_methods,
+            samples=config.bootstrap_samples,
+            seed=config.bootstrap_seed,
+            alpha=config.alpha,
+        )
         section = ReportSection(
-            title=f"Task family: {family}", slug=_slug(family), statistics=statistics
+            title=f"Task family: {family}",
+            slug=_slug(family),
+            statistics=[*comparisons.results, *paper_statistics],
         )
         kinds = tables.per_run["kind"].value_counts().to_dict() if len(tables.per_run) else {}
         section.notes.append(
-            f"{len(tables.runs)} evaluated runs ({kinds.get('kd', 0)} KD, "
-            f"{kinds.get(KIND_SFT, 0)} SFT, {kinds.get('base', 0)} base) on "
-            f"{len(tables.tasks)} task(s): {', '.join(tables.tasks)}."
+            f"{len(tables.runs)} evaluated runs ({kinds.get('teacher', 0)} teacher, "
+            f"{kinds.get('kd', 0)} KD, {kinds.get(KIND_SFT, 0)} SFT, {kinds.get('base', 0)} "
+            f"base) on {len(tables.tasks)} task(s): {', '.join(tables.tasks)}."
         )
+        section.notes += comparisons.notes
         if improvements.empty:
             section.notes.append(
                 "No KD run could be paired with an SFT run of the same student: no statistics."
@@ -453,8 +510,12 @@ def run_sections(args: argparse.Namespace) -> list[ReportSection]:
                 "Accuracy (%)",
                 tables.accuracy,
                 "accuracy.csv",
-                "Paper layout; runs differing only by seed are averaged.",
+                "Paper layout; runs differing only by seed are averaged (see the seeds table "
+                "for their spread). Teacher: the teacher's own fine-tune.",
                 primary=True,
+            ),
+            *_comparison_tables(
+                config, comparisons.paired, comparisons.seeds, comparisons.seed_differences
             ),
             ReportTable(
                 "Improvement of the best KD run over SFT (points)",
@@ -489,14 +550,15 @@ def run_sections(args: argparse.Namespace) -> list[ReportSection]:
                 "rouge_l.csv",
             ),
         ]
-        if args.token_fidelity:
+        if config.token_fidelity:
+            assert config.token_fidelity_data is not None
             token_table = compute_token_fidelity(
                 collection,
                 tables.runs,
-                records_source=args.token_fidelity_data,
-                max_records=args.token_fidelity_records,
-                batch_size=args.token_fidelity_batch_size,
-                cutoff_len=args.token_fidelity_cutoff_len,
+                records_source=config.token_fidelity_data,
+                max_records=config.token_fidelity_records,
+                batch_size=config.token_fidelity_batch_size,
+                cutoff_len=config.token_fidelity_cutoff_len,
             )
             section.tables.append(
                 ReportTable(
@@ -513,6 +575,16 @@ def run_sections(args: argparse.Namespace) -> list[ReportSection]:
         section.plots.extend(
             _plots(tables.accuracy, improvements, _run_points(tables), per_run=True)
         )
+        section.plots.append(
+            report_plot(
+                "Training curves",
+                plot_training_loss(loss_curves(tables.runs)),
+                "training_curves",
+                "Each training run's logged loss terms against the optimizer step "
+                "(metrics.jsonl; validation lines left out). ce and kd are different "
+                "quantities: their panels do not share an axis.",
+            )
+        )
         sections.append(section)
     return sections
 
@@ -520,24 +592,96 @@ def run_sections(args: argparse.Namespace) -> list[ReportSection]:
 # --------------------------------------------------------------------------- entry point
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run ``kdlab analyze``; prints the Average statistics and where the report is."""
-    _check_args(args)
-    if args.results_table:
-        sections = table_sections(args)
-        inputs = [args.results_table, *args.llama_table]
-        inputs += [path for path in (args.agreement, args.fidelity) if path]
+@dataclass
+class AnalyzeResult:
+    """What :func:`run` wrote."""
+
+    out_dir: Path
+    report_html: Path
+    report_markdown: Path
+    sections: list[ReportSection] = field(default_factory=list)
+
+    @property
+    def statistics(self) -> list[StatResult]:
+        """Every test and estimate of every section."""
+        return [result for section in self.sections for result in section.statistics]
+
+    def summary(self) -> dict[str, Any]:
+        """A small JSON-able summary (what a sweep records)."""
+        return {
+            "report": str(self.report_html),
+            "sections": [section.title for section in self.sections],
+            "tests": len(self.statistics),
+            "tests_run": sum(1 for result in self.statistics if result.enough_data),
+        }
+
+
+def _is_analysis_dir(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in (CONFIG_FILE, REPORT_MD, REPORT_HTML))
+
+
+def _prepare_out_dir(out: Path, *, overwrite: bool) -> None:
+    """Refuse to write into a directory holding something else; ``overwrite`` clears it."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir {out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if overwrite:
+        logger.info("overwrite: deleting %s", out)
+        shutil.rmtree(out)
+        return
+    if not _is_analysis_dir(out):
+        raise ConfigError(
+            f"out_dir {out} holds files that are not a kdlab analysis; choose another "
+            "directory, or pass --overwrite to delete it first"
+        )
+
+
+def run(config: AnalyzeConfig, *, resume: bool = False, overwrite: bool = False) -> AnalyzeResult:
+    """Analyse, and write the report into ``config.out_dir``.
+
+    Args:
+        config: what to read and how to analyse it.
+        resume: accepted for the stage contract: the analysis is recomputed from the run
+            files every time (each file is written atomically), so resuming is a fresh run.
+        overwrite: delete ``out_dir`` first. Without it, an earlier kdlab analysis there is
+            replaced file by file, and a directory holding anything else is refused.
+    """
+    del resume  # nothing to resume: see the docstring
+    config.check_inputs()
+    assert config.out_dir is not None
+    out = Path(config.out_dir)
+    _prepare_out_dir(out, overwrite=overwrite)
+    if config.results_table:
+        sections = table_sections(config)
+        inputs = [config.results_table, *config.llama_tables]
+        inputs += [path for path in (config.agreement, config.fidelity) if path]
     else:
-        sections = run_sections(args)
-        inputs = list(args.run_dirs)
+        sections = run_sections(config)
+        inputs = list(config.run_dirs)
+    atomic_write_yaml(out / CONFIG_FILE, to_dict(config))
     written = write_report(
-        args.out, sections, title=args.title, inputs=[str(item) for item in inputs],
-        alpha=args.alpha,
+        out, sections, title=config.title, inputs=[str(item) for item in inputs],
+        alpha=config.alpha,
     )  # fmt: skip
-    for section in sections:
+    return AnalyzeResult(
+        out_dir=out,
+        report_html=written["html"],
+        report_markdown=written["markdown"],
+        sections=list(sections),
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """``kdlab analyze``: flags → :class:`AnalyzeConfig` → :func:`run`; prints the headline."""
+    config = config_from_flags(args)
+    result = run(config, overwrite=bool(getattr(args, "overwrite", False)))
+    for section in result.sections:
         print(f"{section.title}: statistics on {AVERAGE}")
-        for result in section.headline():
-            print(f"  {result.sentence}")
-    print(f"report: {written['html']}")
-    print(f"        {written['markdown']}")
+        for question, results in section.headline_groups():
+            print(f"  {question}:")
+            for item in results:
+                print(f"    {item.sentence}")
+    print(f"report: {result.report_html}")
+    print(f"        {result.report_markdown}")
     return 0

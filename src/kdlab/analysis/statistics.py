@@ -17,8 +17,13 @@ Procedure (``shared/docs/paper-spec.md``, "The analysis the paper reports"):
    H2 the teacher's own SFT score, H3 the student's size (billions), H4 teacher-student
    agreement (EM1) and H5 reasoning fidelity (BLEU) of the pair's KD row.
 
-Every test yields a :class:`StatResult` with statistic, p-value, n and one plain sentence;
-with too little data (n too small, constant input) it is marked "not enough data" instead.
+Every test yields a :class:`StatResult` with statistic, p-value, n, its unit (here
+"teacher-student-method rows") and one plain sentence that says what is tested; with too
+little data (n below :data:`MIN_TTEST_N` for a t-test, constant input) it is marked "not
+enough data" with its reason instead. The per-method H1 tests of a column form one family:
+their Holm-adjusted p-values are reported next to the raw ones. In kdlab's own tables a
+teacher's fine-tune is the Method ``Teacher``: an SFT row (its score is H2's "teacher's SFT
+score"), shown as what it is.
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
+from kdlab.analysis.numbers import count_text, format_p, format_value
+from kdlab.analysis.paired import holm_adjust
 from kdlab.analysis.paper_tables import (
     AVERAGE,
     BASE_METHOD,
@@ -40,6 +48,7 @@ from kdlab.analysis.paper_tables import (
     SFT_METHOD,
     STUDENT,
     TEACHER,
+    TEACHER_METHOD,
     find_column,
     metric_columns,
 )
@@ -74,6 +83,8 @@ def classify_method(method: str) -> MethodClass:
     label = str(method).strip()
     if label == SFT_METHOD:
         return MethodClass(KIND_SFT, SFT_METHOD)
+    if label == TEACHER_METHOD:
+        return MethodClass(KIND_SFT, TEACHER_METHOD)
     if label == BASE_METHOD:
         return MethodClass(KIND_BASE, BASE_METHOD)
     if "student" in label:
@@ -270,10 +281,35 @@ def improvement_wide(improvements: pd.DataFrame, value: str = "improvement") -> 
 
 # --------------------------------------------------------------------------- tests
 
+#: The unit of the paper's tests: one improvement per (Teacher, Student, method) row.
+UNIT_ROWS = "teacher-student-method rows"
+#: Fewest values a one-sample t-test across rows runs on: with 2 it has one degree of
+#: freedom and its p-value says next to nothing (the demo's "t = -5.00, p = 0.937 (n = 2)").
+MIN_TTEST_N = 3
+#: Fewest pairs a Spearman correlation runs on.
+MIN_SPEARMAN_N = 3
+
+#: The paper's "SeqKD" is not sequence-level KD (paper-spec: ``kd_loss: kld``).
+SEQKD_CAVEAT = (
+    "SeqKD is the paper's label for token-level forward KL (its kd_loss `kld`), not "
+    "sequence-level KD; kdlab's forward_kl is the same objective, kdlab's seqkd is real "
+    "sequence-level KD."
+)
+
+
+def display_family(family: str) -> str:
+    """A method family for sentences and legends; the paper's SeqKD carries its caveat."""
+    return "SeqKD (token-level forward KL)" if family == "SeqKD" else family
+
 
 @dataclass(frozen=True)
 class StatResult:
-    """One statistical test, ready to print."""
+    """One statistical test (or estimate), ready to print.
+
+    ``n`` counts ``unit`` (items, seeds, teacher-student-method rows). A test that could not
+    run has ``statistic`` and ``p_value`` ``None`` and says why in ``reason``. Tests of one
+    question (the same ``family``) get Holm-adjusted p-values (:func:`apply_holm`).
+    """
 
     hypothesis: str
     test: str
@@ -284,15 +320,25 @@ class StatResult:
     n: int
     sentence: str
     mean: float | None = None
+    """The estimate: mean improvement, accuracy difference (points) or mean across seeds."""
+    unit: str = ""
+    reason: str | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    family: str = ""
+    """The question whose tests are corrected together ("" = a family of its own)."""
+    p_holm: float | None = None
+    family_size: int | None = None
 
     @property
     def enough_data(self) -> bool:
         """False when the test could not be run (too few or constant values)."""
-        return self.statistic is not None
+        return self.p_value is not None
 
     def significant(self, alpha: float = 0.05) -> bool:
-        """Whether p < ``alpha``."""
-        return self.p_value is not None and self.p_value < alpha
+        """Whether p < ``alpha``, Holm-adjusted p where the test belongs to a family."""
+        p_value = self.p_holm if self.p_holm is not None else self.p_value
+        return p_value is not None and p_value < alpha
 
     def as_row(self, alpha: float = 0.05) -> dict[str, object]:
         """A flat dict for tables."""
@@ -302,11 +348,25 @@ class StatResult:
         return row
 
 
-def format_p(p_value: float) -> str:
-    """``0.0021`` → ``"0.002"``; below 0.001 in scientific notation (``"1.2e-05"``)."""
-    if p_value >= 0.001:
-        return f"{p_value:.3f}"
-    return f"{p_value:.1e}"
+def apply_holm(results: Sequence[StatResult]) -> list[StatResult]:
+    """Holm-adjust the p-values of each family (tests that ran), next to the raw ones.
+
+    The sentence of each adjusted test gets ``"; Holm p = … (m = …)"``.
+    """
+    by_family: dict[str, list[int]] = {}
+    for index, result in enumerate(results):
+        if result.family and result.p_value is not None:
+            by_family.setdefault(result.family, []).append(index)
+    adjusted = list(results)
+    for indices in by_family.values():
+        values = holm_adjust([results[index].p_value for index in indices])  # type: ignore[misc]
+        for index, p_holm in zip(indices, values, strict=True):
+            result = results[index]
+            sentence = f"{result.sentence}; Holm p = {format_p(p_holm)} (m = {len(indices)})"
+            adjusted[index] = replace(
+                result, p_holm=p_holm, family_size=len(indices), sentence=sentence
+            )
+    return adjusted
 
 
 def _clean(values: Sequence[float] | pd.Series | np.ndarray) -> np.ndarray:
@@ -318,8 +378,19 @@ def _is_constant(values: np.ndarray) -> bool:
     return values.size == 0 or bool(np.all(values == values[0]))
 
 
-def _finite(value: float) -> bool:
+def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
+
+
+def _refused(
+    hypothesis: str, test: str, column: str, group: str, n: int, subject: str, reason: str,
+    *, unit: str, mean: float | None = None, family: str = "",
+) -> StatResult:  # fmt: skip
+    sentence = f"{subject}: {NOT_ENOUGH_DATA}: {reason} (n = {count_text(n, unit)})"
+    return StatResult(
+        hypothesis, test, column, group, None, None, n, sentence, mean,
+        unit=unit, reason=reason, family=family,
+    )  # fmt: skip
 
 
 def one_sided_ttest(
@@ -329,34 +400,43 @@ def one_sided_ttest(
     hypothesis: str = "H1",
     column: str = AVERAGE,
     group: str = "all",
+    unit: str = UNIT_ROWS,
+    tested: str = "mean > 0",
+    family: str = "",
 ) -> StatResult:
     """One-sample t-test that the mean of ``values`` is > 0 (NaNs dropped).
 
-    The sentence reads ``"<subject>: t = 3.21, p = 0.002 (n = 24)"``.
+    The sentence reads ``"<subject>: t = 3.21, p = 0.002 (one-sided t-test, mean > 0; n = 24
+    teacher-student-method rows)"``. Fewer than :data:`MIN_TTEST_N` values, or constant
+    ones, give a refusal with its reason.
     """
-    from scipy import stats
-
+    test = "one-sided t-test"
     data = _clean(values)
     n = int(data.size)
     mean = float(data.mean()) if n else None
-    if n < 2 or _is_constant(data):
-        return StatResult(
-            hypothesis, "one-sided t-test", column, group, None, None, n,
-            f"{subject}: {NOT_ENOUGH_DATA} (n = {n})", mean,
-        )  # fmt: skip
+    if n < MIN_TTEST_N:
+        reason = f"a one-sample t-test needs n >= {MIN_TTEST_N}, got {n}"
+        return _refused(hypothesis, test, column, group, n, subject, reason, unit=unit,
+                        mean=mean, family=family)  # fmt: skip
+    if _is_constant(data):
+        reason = f"every value is {format_value(data[0])}: no spread to test"
+        return _refused(hypothesis, test, column, group, n, subject, reason, unit=unit,
+                        mean=mean, family=family)  # fmt: skip
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         result = stats.ttest_1samp(data, 0.0, alternative="greater")
     statistic, p_value = float(result.statistic), float(result.pvalue)
     if not (_finite(statistic) and _finite(p_value)):
-        return StatResult(
-            hypothesis, "one-sided t-test", column, group, None, None, n,
-            f"{subject}: {NOT_ENOUGH_DATA} (n = {n})", mean,
-        )  # fmt: skip
-    sentence = f"{subject}: t = {statistic:.2f}, p = {format_p(p_value)} (n = {n})"
-    return StatResult(
-        hypothesis, "one-sided t-test", column, group, statistic, p_value, n, sentence, mean
+        return _refused(hypothesis, test, column, group, n, subject, "the t statistic is not "
+                        "finite", unit=unit, mean=mean, family=family)  # fmt: skip
+    sentence = (
+        f"{subject}: t = {statistic:.2f}, p = {format_p(p_value)} ({test}, {tested}; "
+        f"n = {count_text(n, unit)})"
     )
+    return StatResult(
+        hypothesis, test, column, group, statistic, p_value, n, sentence, mean,
+        unit=unit, family=family,
+    )  # fmt: skip
 
 
 def one_way_anova(
@@ -365,31 +445,36 @@ def one_way_anova(
     subject: str,
     hypothesis: str = "H1",
     column: str = AVERAGE,
+    unit: str = UNIT_ROWS,
 ) -> StatResult:
     """One-way ANOVA across ``groups`` (NaNs and empty groups dropped)."""
-    from scipy import stats
-
+    test = "one-way ANOVA"
     cleaned = {name: _clean(values) for name, values in groups.items()}
     cleaned = {name: values for name, values in cleaned.items() if values.size}
     n = int(sum(values.size for values in cleaned.values()))
     label = "all" if not cleaned else ", ".join(cleaned)
     everything = np.concatenate(list(cleaned.values())) if cleaned else np.array([])
-    if len(cleaned) < 2 or n <= len(cleaned) or _is_constant(everything):
-        return StatResult(
-            hypothesis, "one-way ANOVA", column, label, None, None, n,
-            f"{subject}: {NOT_ENOUGH_DATA} (n = {n})",
-        )  # fmt: skip
+    reason = None
+    if len(cleaned) < 2:
+        reason = f"an ANOVA needs at least two groups, got {len(cleaned)}"
+    elif n <= len(cleaned):
+        reason = f"an ANOVA of {len(cleaned)} groups needs more than {len(cleaned)} values"
+    elif _is_constant(everything):
+        reason = "every value is the same"
+    if reason is not None:
+        return _refused(hypothesis, test, column, label, n, subject, reason, unit=unit)
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         result = stats.f_oneway(*cleaned.values())
     statistic, p_value = float(result.statistic), float(result.pvalue)
     if not (_finite(statistic) and _finite(p_value)):
-        return StatResult(
-            hypothesis, "one-way ANOVA", column, label, None, None, n,
-            f"{subject}: {NOT_ENOUGH_DATA} (n = {n})",
-        )  # fmt: skip
-    sentence = f"{subject}: F = {statistic:.2f}, p = {format_p(p_value)} (n = {n})"
-    return StatResult(hypothesis, "one-way ANOVA", column, label, statistic, p_value, n, sentence)
+        reason = "the F statistic is not finite (no spread within the groups)"
+        return _refused(hypothesis, test, column, label, n, subject, reason, unit=unit)
+    sentence = (
+        f"{subject}: F = {statistic:.2f}, p = {format_p(p_value)} ({test} across "
+        f"{len(cleaned)} methods; n = {count_text(n, unit)})"
+    )
+    return StatResult(hypothesis, test, column, label, statistic, p_value, n, sentence, unit=unit)
 
 
 def spearman(
@@ -400,10 +485,10 @@ def spearman(
     hypothesis: str,
     column: str = AVERAGE,
     group: str = "all",
+    unit: str = UNIT_ROWS,
 ) -> StatResult:
     """Spearman rank correlation of two aligned sequences (pairs with a NaN dropped)."""
-    from scipy import stats
-
+    test = "Spearman"
     x = np.asarray(first, dtype=float)
     y = np.asarray(second, dtype=float)
     if x.shape != y.shape:
@@ -411,22 +496,26 @@ def spearman(
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
     n = int(x.size)
-    if n < 3 or _is_constant(x) or _is_constant(y):
-        return StatResult(
-            hypothesis, "Spearman", column, group, None, None, n,
-            f"{subject}: {NOT_ENOUGH_DATA} (n = {n})",
-        )  # fmt: skip
+    reason = None
+    if n < MIN_SPEARMAN_N:
+        reason = f"a rank correlation needs n >= {MIN_SPEARMAN_N} pairs, got {n}"
+    elif _is_constant(x):
+        reason = f"the first variable is constant ({format_value(x[0])})"
+    elif _is_constant(y):
+        reason = f"the second variable is constant ({format_value(y[0])})"
+    if reason is not None:
+        return _refused(hypothesis, test, column, group, n, subject, reason, unit=unit)
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         result = stats.spearmanr(x, y)
     statistic, p_value = float(result.statistic), float(result.pvalue)
     if not (_finite(statistic) and _finite(p_value)):
-        return StatResult(
-            hypothesis, "Spearman", column, group, None, None, n,
-            f"{subject}: {NOT_ENOUGH_DATA} (n = {n})",
-        )  # fmt: skip
-    sentence = f"{subject}: rho = {statistic:.2f}, p = {format_p(p_value)} (n = {n})"
-    return StatResult(hypothesis, "Spearman", column, group, statistic, p_value, n, sentence)
+        reason = "the correlation is not finite"
+        return _refused(hypothesis, test, column, group, n, subject, reason, unit=unit)
+    sentence = (
+        f"{subject}: rho = {statistic:.2f}, p = {format_p(p_value)} (n = {count_text(n, unit)})"
+    )
+    return StatResult(hypothesis, test, column, group, statistic, p_value, n, sentence, unit=unit)
 
 
 CORRELATES = (
@@ -448,7 +537,7 @@ def run_statistics(
 
     Average comes first, then the task columns. H4/H5 are left out when not asked for
     (no agreement or fidelity table), and reported as "not enough data" when asked for but
-    nothing matched.
+    nothing matched. The per-method H1 tests of one column are one family (Holm).
     """
     available = list(dict.fromkeys(improvements["column"])) if not improvements.empty else []
     if columns is None:
@@ -459,21 +548,24 @@ def run_statistics(
             columns = [AVERAGE]
     results: list[StatResult] = []
     families = list(dict.fromkeys(improvements[METHOD])) if not improvements.empty else []
+    tested = "mean improvement of the best KD run over SFT > 0"
     for column in columns:
         subset = improvements[improvements["column"] == column]
         improvement = subset["improvement"]
         results.append(
             one_sided_ttest(improvement, subject=f"KD improves over SFT on {column}",
-                            column=column)
+                            column=column, tested=tested)
         )  # fmt: skip
         for family in families:
             values = subset.loc[subset[METHOD] == family, "improvement"]
             results.append(
                 one_sided_ttest(
                     values,
-                    subject=f"{family} improves over SFT on {column}",
+                    subject=f"{display_family(family)} improves over SFT on {column}",
                     column=column,
                     group=family,
+                    tested=tested,
+                    family=f"H1 per method on {column}",
                 )
             )
         groups = {
@@ -501,23 +593,32 @@ def run_statistics(
                     column=column,
                 )
             )
-    return results
+    return apply_holm(results)
+
+
+STATISTICS_COLUMNS = [
+    "hypothesis",
+    "test",
+    "column",
+    "group",
+    "statistic",
+    "p_value",
+    "p_holm",
+    "family_size",
+    "n",
+    "unit",
+    "mean",
+    "ci_low",
+    "ci_high",
+    "status",
+    "significant",
+    "reason",
+    "family",
+    "sentence",
+]
 
 
 def statistics_table(results: Sequence[StatResult], alpha: float = 0.05) -> pd.DataFrame:
     """The results as a table (one row per test)."""
-    columns = [
-        "hypothesis",
-        "test",
-        "column",
-        "group",
-        "statistic",
-        "p_value",
-        "n",
-        "mean",
-        "status",
-        "significant",
-        "sentence",
-    ]
     rows = [result.as_row(alpha) for result in results]
-    return pd.DataFrame.from_records(rows, columns=columns)
+    return pd.DataFrame.from_records(rows, columns=STATISTICS_COLUMNS)

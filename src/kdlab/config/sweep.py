@@ -25,7 +25,7 @@ A grid file (see ``configs/paper/`` and ``docs/sweeps.md``)::
     seeds: [6]
     defaults: {peft: {r: 8}, train: {learning_rate: 3.0e-4}}   # every finetune/distill run
     eval: {data_dir: data/eval, batch_size: 16}                 # every evaluation
-    analysis: {enabled: true}
+    analysis: {enabled: true, compare_methods: [forward_kl, reverse_kl]}   # AnalyzeConfig keys
     executor: {name: local}
 
 ``defaults`` mappings (grid, family, teacher, student, method) may hold the sections
@@ -43,6 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdlab.config.analysis import (
+    AnalysisOptions,
+    AnalyzeConfig,
+    legacy_args_hint,
+    options_of,
+)
 from kdlab.config.core import (
     apply_overrides,
     check,
@@ -212,15 +218,31 @@ class FamilyEntry:
 
 
 @dataclass
-class AnalysisSection:
-    """``kdlab analyze`` over the sweep directory, at the end of the sweep."""
+class AnalysisSection(AnalysisOptions):
+    """``kdlab analyze`` over the sweep directory, at the end of the sweep.
+
+    Besides ``enabled`` and ``out_dir``, every key is a field of
+    :class:`kdlab.config.analysis.AnalysisOptions` (``rouge_max_items``, ``compare_methods``,
+    ``bootstrap_samples``...). The old ``args`` list of command-line flags is refused with
+    the keys that replace it.
+    """
 
     enabled: bool = config_field(True, help="Run the analysis when the sweep ends.")
     out_dir: str | None = config_field(None, help="Report directory (default <out_dir>/analysis).")
     args: list[str] = config_field(
         default_factory=list,
-        help="Extra `kdlab analyze` arguments, e.g. ['--rouge-max-items', '200'].",
+        help="No longer read (refused): the analysis settings are keys of `analysis:` now.",
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(not self.args, "args", f"is no longer read; {legacy_args_hint(self.args)}")
+
+    def analyze_config(self, run_dirs: Sequence[str], out_dir: str) -> AnalyzeConfig:
+        """The :class:`AnalyzeConfig` of the sweep's analysis over ``run_dirs``."""
+        return AnalyzeConfig(
+            run_dirs=[str(path) for path in run_dirs], out_dir=str(out_dir), **options_of(self)
+        )
 
 
 @dataclass

@@ -67,7 +67,7 @@ class PlannedRun:
     run_dir: Path
     """The run's directory (for an evaluation: its output directory)."""
     config: Any
-    """FinetuneConfig, DistillConfig, EvalConfig, or the analysis arguments (list[str])."""
+    """FinetuneConfig, DistillConfig, EvalConfig or AnalyzeConfig."""
     family: str | None = None
     depends_on: tuple[Path, ...] = ()
     """Run directories that must be complete (DONE) first."""
@@ -495,7 +495,7 @@ class GridPlanner:
                     kind="analysis",
                     name="analysis",
                     run_dir=analysis_dir,
-                    config=[str(self.out_dir), "--out", str(analysis_dir), *config.analysis.args],
+                    config=config.analysis.analyze_config([str(self.out_dir)], str(analysis_dir)),
                 )
             )
         plan = SweepPlan(config, self.out_dir, runs, self.grid_path, self.notes)

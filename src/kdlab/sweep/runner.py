@@ -16,7 +16,6 @@ teacher complete. For each run:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import time
@@ -30,6 +29,7 @@ from kdlab.sweep.grid import PlannedRun, SweepPlan
 from kdlab.sweep.status import (
     ANALYSIS_INPUTS_FILE,
     StatusBook,
+    analysis_record,
     changed_keys,
     clear_failure,
     disk_state,
@@ -85,21 +85,13 @@ def _call_stage(run: PlannedRun, out_dir: Path | None) -> dict[str, Any]:
     if run.stage == "analysis":
         from kdlab.analysis import stage as analysis_stage
 
-        parser = argparse.ArgumentParser(prog="kdlab analyze")
-        analysis_stage.add_arguments(parser)
-        try:
-            args = parser.parse_args(list(run.config))
-        except SystemExit:  # argparse reports bad arguments by exiting
-            raise ConfigError(f"analysis.args: bad kdlab analyze arguments {run.config}") from None
-        code = analysis_stage.main(args)
-        if code:
-            raise RuntimeError(f"kdlab analyze exited with code {code}")
+        result = analysis_stage.run(run.config, resume=resume)
         if out_dir is not None:
             atomic_write_json(
                 run.run_dir / ANALYSIS_INPUTS_FILE,
-                {"inputs": evaluation_inputs(out_dir), "args": list(run.config)},
+                {"inputs": evaluation_inputs(out_dir), "config": analysis_record(run)},
             )
-        return {}
+        return result.summary()
     raise ConfigError(f"unknown stage {run.stage!r}")
 
 

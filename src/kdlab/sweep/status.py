@@ -81,6 +81,11 @@ def evaluation_inputs(out_dir: str | Path) -> list[str]:
     return found
 
 
+def analysis_record(run: PlannedRun) -> dict[str, Any]:
+    """The analysis settings recorded in ``SWEEP_INPUTS.json`` (a change reruns the analysis)."""
+    return to_dict(run.config)
+
+
 def analysis_state(run: PlannedRun, out_dir: str | Path) -> str:
     """``done`` when the report covers the current evaluations with the current arguments,
     ``failed`` after a failure, else ``todo``."""
@@ -90,7 +95,7 @@ def analysis_state(run: PlannedRun, out_dir: str | Path) -> str:
             recorded = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             recorded = {}
-        current = {"inputs": evaluation_inputs(out_dir), "args": list(run.config)}
+        current = {"inputs": evaluation_inputs(out_dir), "config": analysis_record(run)}
         if {key: recorded.get(key) for key in current} == current:
             return "done"
     if (run.run_dir / FAILED_FILE).is_file():
