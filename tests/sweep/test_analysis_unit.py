@@ -97,10 +97,11 @@ def test_the_analysis_unit_runs_the_stage_and_records_its_config(tmp_path: Path)
     out = tmp_path / "out"
     common = {"task_family": "math", "seed": 6}
     write_evaluated_run(out / "math" / "teachers", "T", {"model": "org/T-3B", "role": "teacher",
-                        "method": "sft", **common}, [True] * 6)  # fmt: skip
+                        "stage": "finetune", "method": "sft", **common}, [True] * 6)  # fmt: skip
     write_evaluated_run(out / "math" / "students", "sft", {"model": "org/S-0.5B",
-                        "method": "sft", **common}, [True, False] * 3)  # fmt: skip
-    write_evaluated_run(out / "math" / "students", "kd", {"model": "org/S-0.5B",
+                        "stage": "distill", "role": "student", "method": "sft", **common},
+                        [True, False] * 3)  # fmt: skip
+    write_evaluated_run(out / "math" / "students", "kd", {"model": "org/S-0.5B", "role": "student",
                         "method": "forward_kl", "stage": "distill", "temperature": 1.0,
                         "teacher": "org/T-3B", "teacher_run": "../../teachers/T", **common},
                         [True] * 5 + [False])  # fmt: skip
