@@ -4,9 +4,6 @@ ablations, learning, multi-process, and config errors."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -244,40 +241,6 @@ def test_tokenizer_mismatch_is_refused(tiny_model_dir: Path, tmp_path: Path, cap
     args = distill_overrides(tiny_model_dir, other, tmp_path / "o", "forward_kl")
     assert cli_main(["distill", *args]) == 2
     assert "tokenizers differ" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_two_process_accelerate_run(
-    tiny_model_dir: Path, tiny_teacher_dir: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "ddp"
-    config = tmp_path / "ddp.yaml"
-    overrides = distill_overrides(tiny_model_dir, tiny_teacher_dir, out, "forward_kl")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "kdlab",
-        "distill",
-        *overrides,
-    ]
-    config.write_text("")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / "DONE").is_file()
-    summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["steps"] == 2
 
 
 @pytest.mark.parametrize("method", ["sft", "forward_kl"])
