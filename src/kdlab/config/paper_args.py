@@ -135,4 +135,20 @@ def import_paper_train_args(path: str | Path, *, stage: str) -> dict[str, Any]:
         logger.info("paper arg %s = %r → %s = %r", key, data[key], target, value)
     for key in unknown:
         logger.warning("paper arg %s = %r has no meaning in kdlab; ignored", key, data[key])
+    if result.get("distill", {}).get("method") == PAPER_METHOD_NAMES["gkd"]:
+        _as_the_paper_ran_gkd(result)
     return result
+
+
+def _as_the_paper_ran_gkd(result: dict[str, Any]) -> None:
+    """The paper's GKD ignored ``kd_temperature`` and had no T² factor: map it that way."""
+    distill = result["distill"]
+    temperature = distill.pop("temperature", None)
+    if temperature is not None:
+        logger.info(
+            "paper arg kd_temperature = %r: the paper's GKD ignored it (its JSD runs at T = 1); "
+            "not mapped",
+            temperature,
+        )
+    distill["scale_by_t2"] = False
+    logger.info("paper kd_loss = gkd: distill.scale_by_t2 = false (the paper's GKD has no T²)")

@@ -179,12 +179,23 @@ def save_final(
     run_dir: Path,
     accelerator: Any,
     summary: dict[str, Any],
+    sliced: bool = False,
 ) -> None:
-    """``adapter/`` (PEFT format) or ``model/`` (full), the tokenizer, the summary, ``DONE``."""
+    """``adapter/`` (PEFT format) or ``model/``, the tokenizer, the summary, ``DONE``.
+
+    ``model/`` holds full fine-tunes, and also every *sliced* model: an adapter trained on a
+    slice of a model's layers names the unsliced model as its base, so PEFT, transformers
+    and lm-evaluation-harness would load it onto the full model (with only a warning). A
+    sliced PEFT model is therefore saved merged, as the standalone model it is
+    (``AutoModelForCausalLM.from_pretrained(run/model)``). This is the last use of
+    ``model``: merging happens in place.
+    """
     maybe_fault("final_save")
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        name = "model" if peft_config.method == "full" else "adapter"
+        name = "model" if peft_config.method == "full" or sliced else "adapter"
+        if sliced and peft_config.method != "full":
+            unwrapped = unwrapped.merge_and_unload()
         with atomic_directory(run_dir / name) as staging:
             unwrapped.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)

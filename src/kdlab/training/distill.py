@@ -321,6 +321,7 @@ def run_distill(
         run_dir=run_dir,
         accelerator=accelerator,
         summary=summary,
+        sliced=bool(config.student.slice_layers),
     )
     if accelerator.is_main_process:
         forward_to_trackers(tracker, run_dir)

@@ -116,6 +116,7 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
         run_dir=run_dir,
         accelerator=accelerator,
         summary=summary,
+        sliced=bool(config.model.slice_layers),
     )
     if accelerator.is_main_process:
         forward_to_trackers(tracker, run_dir)

@@ -217,10 +217,10 @@ class DistillationObjective:
             length = int(batch["prompt_lengths"][row])
             prompt = batch["input_ids"][row, :length].cpu().tolist()
             tokens = generated[row].tolist()
+            # generate pads a row only after its EOS: a row without one ran to the budget,
+            # and every token of it was sampled (the pad id included).
             if eos is not None and eos in tokens:
                 tokens = tokens[: tokens.index(eos) + 1]
-            else:
-                tokens = [t for t in tokens if t != pad] if pad != eos else tokens
             rows.append((prompt, tokens))
         width = max(len(p) + len(t) for p, t in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
