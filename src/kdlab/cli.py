@@ -28,6 +28,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import yaml
+from rich.console import Console
+from rich.logging import RichHandler
+
 # PyTorch's OpenMP threads busy-wait between parallel regions by default; on a shared
 # 2-core machine that made a training step ~50x slower. Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -90,7 +94,7 @@ def build_stage_parser(name: str) -> tuple[argparse.ArgumentParser, ModuleType]:
         parser.add_argument(
             "positionals",
             nargs="*",
-            metavar=f"[{spec.metavar}] [key=value ...]",
+            metavar=f"{spec.metavar}|key=value",
             help=f"{spec.config_help} Then dotted overrides: section.key=value, "
             "--section.key VALUE or --section.key=VALUE (`kdlab config "
             f"{name}` lists every key).",
@@ -105,7 +109,7 @@ def build_stage_parser(name: str) -> tuple[argparse.ArgumentParser, ModuleType]:
             parser.add_argument(
                 "--from-paper-args",
                 metavar="JSON",
-                help="Import the paper scripts' arguments file (each mapping is logged).",
+                help=spec.paper_args_help,
             )
     module.add_arguments(parser)
     for action in parser._actions:  # -v/-q also after a nested subcommand (kdlab data ...)
@@ -219,8 +223,6 @@ def invoke(argv: Sequence[str] | None = None) -> int:
         build_parser().print_help()
         return 0
     if COMMANDS[args.command].config is not None and args.print_config:
-        import yaml
-
         print(yaml.safe_dump(to_dict(args.config), sort_keys=False), end="")
         return 0
     return int(module.main(args) or 0)
@@ -233,9 +235,6 @@ def setup_logging(verbose: bool = False, quiet: bool = False, *, stream: Any = N
     stream = sys.stdout if stream is None else stream
     handler: logging.Handler
     if stream.isatty():
-        from rich.console import Console
-        from rich.logging import RichHandler
-
         handler = RichHandler(console=Console(file=stream), show_path=False, rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:

@@ -58,6 +58,7 @@ class StageConfig:
     """``(path, overrides, *, base=None) -> config``; None: :func:`kdlab.config.load_config`."""
     paper_args: Ref | None = None
     """``(path) -> mapping`` importing the paper scripts' arguments (``--from-paper-args``)."""
+    paper_args_help: str = "Import the paper scripts' train_args.json (each mapping is logged)."
     metavar: str = "CONFIG.yaml"
     config_help: str = "YAML config (optional: the defaults otherwise)."
     resume_help: str = "Continue an interrupted run."
@@ -110,6 +111,8 @@ COMMANDS: dict[str, Command] = {
             Ref("kdlab.config.evaluation:EvalConfig"),
             loader=Ref("kdlab.config.evaluation:load_eval_config"),
             paper_args=Ref("kdlab.evaluation.stage:import_paper_eval_args"),
+            paper_args_help="Import the paper scripts' eval arguments (base_model, lora_weights, "
+            "dataset, batch_size); implies generation: paper unless overridden.",
             config_help="YAML config (see kdlab config --examples); optional.",
             resume_help="Continue an interrupted evaluation in output_dir.",
             overwrite_help="Delete an earlier evaluation in output_dir first.",

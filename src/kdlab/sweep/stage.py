@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.config.core import to_dict
+from kdlab.config.evaluation import CustomTaskConfig
 from kdlab.config.sweep import SweepConfig
 from kdlab.errors import ConfigError, DataError
 from kdlab.evaluation.tasks import default_data_source, expand_task_names, get_task
@@ -242,8 +243,6 @@ def _train_inputs(config: Any) -> list[tuple[str, str]]:
 def _eval_inputs(config: Any) -> list[tuple[str, str]]:
     """(key, path) of the missing things an evaluation reads: a missing ``data_dir`` stands
     for its task files; with ``skip_missing`` only a task list with no file left counts."""
-    from kdlab.config.evaluation import CustomTaskConfig
-
     sources: list[str | None] = []  # None: a registered task's file under a null data_dir
     for entry in config.tasks:
         if isinstance(entry, CustomTaskConfig) and entry.path is not None:
