@@ -150,3 +150,40 @@ def test_dry_run_names_missing_data_and_the_sweep_refuses_to_start(
     # with --no-eval, the evaluations' data is not needed
     assert cli_main([*base, f"families.math.defaults.data.train_files=[{train}]",
                      missing_eval, "--no-eval", "--dry-run"]) == 0  # fmt: skip
+
+
+def test_missing_inputs_of_evaluations(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from kdlab.config.evaluation import load_eval_config
+    from kdlab.sweep.grid import PlannedRun
+    from kdlab.sweep.stage import missing_inputs
+
+    data = tmp_path / "eval"
+    (data / "gsm8k").mkdir(parents=True)
+    (data / "gsm8k" / "test.json").write_text("[]")
+
+    def missing(*overrides: str, done: bool = False) -> list[str]:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir(exist_ok=True)
+        (run_dir / "DONE").unlink(missing_ok=True)
+        if done:
+            (run_dir / "DONE").write_text("{}")
+        config = load_eval_config(None, [f"data_dir={data}", *overrides])
+        run = PlannedRun(stage="eval", kind="eval", name="e", run_dir=run_dir, config=config)
+        return [item.describe() for item in missing_inputs(SimpleNamespace(runs=[run]))]
+
+    boolq = data / "boolq" / "test.json"
+    assert missing("tasks=[gsm8k, boolq]") == [f"eval task data {boolq} (needed by 1 run)"]
+    assert missing("tasks=[gsm8k, boolq]", "skip_missing=true") == []
+    assert missing("tasks=[boolq]", "skip_missing=true") == [
+        f"eval task data {boolq} (needed by 1 run)"
+    ]
+    assert missing("tasks=[gsm8k, boolq]", done=True) == []  # a finished run reads nothing
+    custom = tmp_path / "mine.json"
+    assert missing(f"tasks=[{{name: mine, path: {custom}, type: numeric}}]") == [
+        f"eval task data {custom} (needed by 1 run)"
+    ]
+    assert missing("tasks=[gsm8k]", f"decontaminate_against=[{tmp_path / 'train.json'}]") == [
+        f"eval.decontaminate_against {tmp_path / 'train.json'} (needed by 1 run)"
+    ]

@@ -29,7 +29,7 @@ from kdlab.evaluation.tasks import default_data_source, expand_task_names, get_t
 from kdlab.sweep.executors import make_executor
 from kdlab.sweep.grid import plan_sweep
 from kdlab.sweep.runner import SweepOutcome, SweepRunner
-from kdlab.sweep.status import changed_keys, run_state
+from kdlab.sweep.status import changed_keys, disk_state, run_state
 from kdlab.utils.io import atomic_write_json, atomic_write_yaml
 
 logger = logging.getLogger(__name__)
@@ -248,9 +248,10 @@ def _eval_inputs(config: Any) -> list[tuple[str, str]]:
         if isinstance(entry, CustomTaskConfig) and entry.path is not None:
             sources.append(entry.path)
             continue
-        names = [entry.name] if isinstance(entry, CustomTaskConfig) else expand_task_names(entry)
-        for name in names:
-            source = get_task(name).source if not isinstance(entry, CustomTaskConfig) else None
+        custom = isinstance(entry, CustomTaskConfig)
+        for name in [entry.name] if custom else expand_task_names(entry):
+            # a registered task may have its own source (a hub id); a custom type has none
+            source = None if custom and entry.type is not None else get_task(name).source
             if source is None and config.data_dir is not None:
                 source = default_data_source(name, config.data_dir)
             sources.append(source)
@@ -279,11 +280,12 @@ def _eval_inputs(config: Any) -> list[tuple[str, str]]:
 
 
 def missing_inputs(plan: Any, *, run_eval: bool = True) -> list[MissingInput]:
-    """Every data path of ``plan`` (training files, eval data) that does not exist here."""
+    """Every data path of the unfinished runs of ``plan`` (training files, eval data) that
+    does not exist here, with the number of runs needing it."""
     counts: Counter[tuple[str, str]] = Counter()
     for run in plan.runs:
-        if run.reuses is not None:
-            continue
+        if run.reuses is not None or disk_state(run.run_dir) == "done":
+            continue  # a finished run reads nothing any more
         if run.stage in ("finetune", "distill"):
             inputs = _train_inputs(run.config)
         elif run.stage == "eval" and run_eval:
