@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
 
 import pytest
 
+from kdlab.cli import invoke, parse
 from kdlab.config.evaluation import load_eval_config
 from kdlab.config.run_identity import RunIdentity
 from kdlab.errors import ConfigError, DataError, KdlabError
 from kdlab.evaluation import TASK_GROUPS, evaluate
 from kdlab.evaluation.generation import HFGenerator
-from kdlab.evaluation.stage import add_arguments, import_paper_eval_args, main
+from kdlab.evaluation.stage import import_paper_eval_args
 from kdlab.utils.io import read_jsonl
 
 PREDICTION_FIELDS = {"index", "instruction", "gold", "output", "extracted", "correct"}
@@ -33,9 +33,8 @@ METRIC_FIELDS = {
 
 
 def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return main(parser.parse_args(list(argv)))
+    """``kdlab eval ARGV`` in this process; user errors are raised, not printed."""
+    return invoke(["eval", *argv])
 
 
 @pytest.fixture
@@ -161,7 +160,7 @@ def test_resume_after_a_torn_write_generates_only_missing_items(
 
     with pytest.raises(KdlabError, match="--resume"):
         evaluate(_config(tiny_model_dir, shared_eval_dir, out))
-    evaluate(_config(tiny_model_dir, shared_eval_dir, out, "resume=true"))
+    evaluate(_config(tiny_model_dir, shared_eval_dir, out), resume=True)
 
     regenerated = [prompt for call in generate_calls for prompt in call]
     assert len(regenerated) == 4 and len(set(regenerated)) == 4  # gsm8k 1, 2, 4, 5 only
@@ -196,7 +195,7 @@ def test_interrupted_run_resumes_without_generating_twice(
         return original(self, prompts, seed=seed)
 
     monkeypatch.setattr(HFGenerator, "generate", recording)
-    evaluate(_config(tiny_model_dir, shared_eval_dir, out, "resume=true"))
+    evaluate(_config(tiny_model_dir, shared_eval_dir, out), resume=True)
     assert len(seen) == 12 and len(set(seen)) == 12
     assert (out / "DONE").is_file()
 
@@ -223,14 +222,13 @@ def test_resume_refuses_other_settings_and_overwrite_starts_again(
     evaluate(_config(tiny_model_dir, shared_eval_dir, out, "limit=2"))
     with pytest.raises(KdlabError, match="different 'generation'"):
         evaluate(
-            _config(
-                tiny_model_dir, shared_eval_dir, out, "limit=2", "resume=true", "generation=paper"
-            )
+            _config(tiny_model_dir, shared_eval_dir, out, "limit=2", "generation=paper"),
+            resume=True,
         )
-    evaluate(_config(tiny_model_dir, shared_eval_dir, out, "limit=2", "overwrite=true"))
+    evaluate(_config(tiny_model_dir, shared_eval_dir, out, "limit=2"), overwrite=True)
     (out / "notes.txt").write_text("mine")
     with pytest.raises(KdlabError, match="refusing to delete"):
-        evaluate(_config(tiny_model_dir, shared_eval_dir, out, "limit=2", "overwrite=true"))
+        evaluate(_config(tiny_model_dir, shared_eval_dir, out, "limit=2"), overwrite=True)
 
 
 def test_decontamination_leaves_exactly_the_clean_items(
@@ -411,7 +409,8 @@ def test_config_shorthands_and_validation(tmp_path) -> None:
         (["generation=beam"], "not a preset"),
         (["batch_size=0"], "'batch_size' = 0"),
         (["tasks=[{type: numeric}]"], "'tasks[0].name'"),
-        (["resume=true", "overwrite=true"], "cannot be used with resume"),
+        (["resume=true"], "did you mean '--resume'"),
+        (["overwrite=true"], "did you mean '--overwrite'"),
         (["run_dir=x", "model=y"], "either model or run_dir"),
     ]:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -424,9 +423,18 @@ def test_config_shorthands_and_validation(tmp_path) -> None:
     assert loaded.limit == 3 and loaded.tasks[1].type == "boolq"
 
 
-def test_flags_may_sit_between_overrides() -> None:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["c.yaml", "--resume", "limit=3", "--overwrite", "batch_size=2"])
-    assert args.config == "c.yaml" and args.overrides == ["limit=3", "batch_size=2"]
+def test_flags_may_sit_between_overrides(tmp_path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("tasks: [gsm8k]\n")
+    _, args = parse(["eval", str(config), "--resume", "limit=3", "--overwrite", "batch_size=2"])
+    assert args.config_file == str(config) and args.overrides == ["limit=3", "batch_size=2"]
     assert args.resume and args.overwrite
+    assert (args.config.tasks, args.config.limit, args.config.batch_size) == (["gsm8k"], 3, 2)
+
+
+def test_resume_with_overwrite_is_refused_before_anything_loads(tmp_path) -> None:
+    out = tmp_path / "eval"
+    config = load_eval_config(None, [f"output_dir={out}", "model=/nonexistent/model"])
+    with pytest.raises(KdlabError, match="choose one of --resume and --overwrite"):
+        evaluate(config, resume=True, overwrite=True)
+    assert not out.exists()

@@ -56,7 +56,7 @@ class Case:
 
 
 def case(id: str, argv: tuple[str, ...], *needles: str, subprocess: bool = False) -> Case:
-    """A :class:`Case` (flags such as ``--overwrite`` go last: argparse stops overrides there)."""
+    """A :class:`Case` (flags may sit anywhere among the overrides)."""
     return Case(id, argv, needles, subprocess)
 
 
@@ -110,7 +110,25 @@ CASES: list[Case] = [
     case("override-empty-key", ("finetune", "=3"), "'=3'", "empty key"),
     case("override-empty-part", ("finetune", "train..max_steps=3"), "train..max_steps=3"),
     case("unknown-flag", ("finetune", "--frobnicate"), "--frobnicate"),
+    case("unknown-flag-names-subcommand", ("eval", "--frobnicate"), "kdlab eval: error",
+         "--frobnicate", "kdlab eval --help", subprocess=True),
     case("unknown-command", ("frobnicate",), "frobnicate"),
+    case("dotted-flag-without-value", ("finetune", "--train.max_steps"), "kdlab finetune: error",
+         "--train.max_steps needs a value"),
+    case("dotted-flag-unknown-key", (*FT, "--train.gradient_accumulation_steps", "4"),
+         "'train.gradient_accumulation_steps'", "did you mean 'train.batch_size'"),
+    case("foreign-flag-misplaced", (*FT, "--per_device_train_batch_size", "4"),
+         "'per_device_train_batch_size'", "did you mean 'train.micro_batch_size'"),
+    case("distill-kd-ratio-twice", (*DI, "distill.kd_ratio=0.5", "distill.kd_weight=0.5"),
+         "'distill.kd_ratio'", "'distill.kd_weight'", "keep one"),
+    case("config-file-twice", ("finetune", "--config", "<bad>/unknown_key.yaml",
+         "<bad>/list_config.yaml"), "list_config.yaml", "already given with --config"),
+    case("config-option-unknown-key", ("finetune", "--config", "<bad>/unknown_key.yaml"),
+         "unknown_key.yaml", "did you mean 'train'"),
+    case("eval-resume-as-key", (*EV, "resume=true"), "unknown key 'resume'",
+         "did you mean '--resume'"),
+    case("sweep-overwrite", ("sweep", "students=[x]", "methods=[sft]", "--overwrite"), "kdlab sweep: error",
+         "never deletes runs"),
     # ---------------------------------------------------------------- models
     case("model-missing", (*FT, "model.name_or_path=/nonexistent/model"), "/nonexistent/model",
          "no such file", subprocess=True),
@@ -206,8 +224,9 @@ CASES: list[Case] = [
          "model.name_or_path=/nonexistent/model", "--overwrite"), "/nonexistent/model"),
     case("finetune-overwrite-bad-peft", (*FT, "train.output_dir=<out>/run",
          "peft.method=notapeft", "--overwrite"), "peft.method"),
-    case("flag-before-override", (*FT, "--overwrite", "train.max_steps=2"),
-         "unrecognized arguments", "train.max_steps=2"),
+    case("flag-between-overrides", (*FT, "--overwrite", "train.gradient_accumulation_steps=2"),
+         "kdlab finetune: error", "'train.gradient_accumulation_steps'",
+         "did you mean 'train.batch_size'"),
     case("distill-existing-output", (*DI, "train.output_dir=<out>/run"), "<out>/run", "--resume"),
     case("distill-overwrite-bad-data", (*DI, "train.output_dir=<out>/run",
          "data.train_files=[<bad>/empty.json]", "--overwrite"), "empty.json"),

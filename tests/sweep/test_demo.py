@@ -49,13 +49,9 @@ def test_demo_pipeline_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path, mon
 
     # started again, every stage is skipped (nothing is trained or evaluated twice)
     calls: list[str] = []
-    monkeypatch.setattr(
-        "kdlab.training.finetune.run_finetune", lambda *a, **k: calls.append("finetune")
-    )
-    monkeypatch.setattr(
-        "kdlab.training.distill.run_distill", lambda *a, **k: calls.append("distill")
-    )
-    monkeypatch.setattr("kdlab.evaluation.evaluate", lambda *a, **k: calls.append("eval"))
+    monkeypatch.setattr("kdlab.training.finetune.run", lambda *a, **k: calls.append("finetune"))
+    monkeypatch.setattr("kdlab.training.distill.run", lambda *a, **k: calls.append("distill"))
+    monkeypatch.setattr("kdlab.evaluation.stage.run", lambda *a, **k: calls.append("eval"))
     monkeypatch.setattr(demo_module.Demo, "analyze", lambda self: None)
     Demo(out, TINY_PLAN, str(tiny_model_dir)).run()
     assert calls == []

@@ -82,8 +82,8 @@ def test_rerun_skips_everything(
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a completed sweep must not run anything again")
 
-    monkeypatch.setattr(finetune_module, "run_finetune", forbidden)
-    monkeypatch.setattr(distill_module, "run_distill", forbidden)
+    monkeypatch.setattr(finetune_module, "run", forbidden)
+    monkeypatch.setattr(distill_module, "run", forbidden)
     monkeypatch.setattr("kdlab.evaluation.runner.evaluate", forbidden)
     monkeypatch.setattr("kdlab.analysis.stage.main", forbidden)
     monkeypatch.setattr("kdlab.analysis.stage.run", forbidden)

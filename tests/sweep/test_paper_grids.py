@@ -9,6 +9,7 @@ import pytest
 
 from kdlab.cli import main as cli_main
 from kdlab.config.sweep import load_sweep_config
+from kdlab.evaluation.tasks import TASK_GROUPS
 from kdlab.sweep.grid import plan_sweep
 from kdlab_testing import REPO_ROOT
 
@@ -35,6 +36,20 @@ def test_every_paper_grid_has_an_expectation() -> None:
     assert {path.stem for path in PAPER_GRIDS} == set(EXPECTED)
 
 
+def data_overrides(root: Path) -> list[str]:
+    """Overrides pointing the paper grids at data files that exist (empty, in ``root``)."""
+    for family in ("math", "commonsense"):
+        (root / f"{family}.json").write_text("[]")
+        for task in TASK_GROUPS[family]:
+            (root / "eval" / task).mkdir(parents=True, exist_ok=True)
+            (root / "eval" / task / "test.json").write_text("[]")
+    return [
+        f"families.math.defaults.data.train_files=[{root / 'math.json'}]",
+        f"families.commonsense.defaults.data.train_files=[{root / 'commonsense.json'}]",
+        f"eval.data_dir={root / 'eval'}",
+    ]
+
+
 @pytest.mark.parametrize("grid", PAPER_GRIDS, ids=lambda path: path.stem)
 def test_dry_run_lists_the_papers_runs(
     grid: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path
@@ -45,9 +60,11 @@ def test_dry_run_lists_the_papers_runs(
     monkeypatch.setattr("kdlab.models.loading.load_model_and_tokenizer", no_loading)
     monkeypatch.setattr("kdlab.models.loading.load_tokenizer", no_loading)
     out_dir = tmp_path / "paper"
-    code = cli_main(["sweep", str(grid), f"out_dir={out_dir}", "--dry-run"])
+    overrides = data_overrides(tmp_path)
+    code = cli_main(["sweep", str(grid), f"out_dir={out_dir}", *overrides, "--dry-run"])
     output = capsys.readouterr().out
     assert code == 0
+    assert "missing:" not in output
     assert not out_dir.exists()  # a dry run writes nothing
     teachers, sft, reused, kd, evals = EXPECTED[grid.stem]
     summary = next(line for line in output.splitlines() if line.startswith("runs: "))
@@ -101,3 +118,72 @@ def test_paper_settings_reach_every_run() -> None:
     assert overridden.stage("eval")[0].config.data_dir == "/data/eval"
     assert overridden.training[0].config.data.train_files == ["/d.json"]
     assert overridden.training[0].config.train.num_epochs == 3
+
+
+def test_dry_run_names_missing_data_and_the_sweep_refuses_to_start(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Missing training data and eval data_dir are caught by the plan, not after training."""
+    grid = REPO_ROOT / "configs" / "paper" / "qwen_math.yaml"
+    out_dir = tmp_path / "paper"
+    base = ["sweep", str(grid), f"out_dir={out_dir}"]
+    missing_eval = f"eval.data_dir={tmp_path / 'no-eval'}"
+    train = tmp_path / "math.json"
+    train.write_text("[]")
+    assert cli_main([*base, f"families.math.defaults.data.train_files=[{train}]",
+                     missing_eval, "--dry-run"]) == 2  # fmt: skip
+    captured = capsys.readouterr()
+    assert "runs: " in captured.out  # the plan is still printed
+    assert f"missing: eval.data_dir {tmp_path / 'no-eval'} (needed by 57 runs)" in captured.out
+    assert "data.train_files" not in captured.out.split("missing:", 1)[1]
+    error = captured.err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("kdlab sweep: error: sweep qwen_math: 1 input")
+    # the grid's own data/math_10k.json does not exist here either
+    assert cli_main([*base, missing_eval, "--dry-run"]) == 2
+    assert "missing: data.train_files data/math_10k.json (needed by 52 runs)" in (
+        capsys.readouterr().out
+    )
+    # a real run refuses before anything is trained or written
+    assert cli_main([*base, missing_eval]) == 2
+    assert "eval.data_dir" in capsys.readouterr().err
+    assert not out_dir.exists()
+    # with --no-eval, the evaluations' data is not needed
+    assert cli_main([*base, f"families.math.defaults.data.train_files=[{train}]",
+                     missing_eval, "--no-eval", "--dry-run"]) == 0  # fmt: skip
+
+
+def test_missing_inputs_of_evaluations(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from kdlab.config.evaluation import load_eval_config
+    from kdlab.sweep.grid import PlannedRun
+    from kdlab.sweep.stage import missing_inputs
+
+    data = tmp_path / "eval"
+    (data / "gsm8k").mkdir(parents=True)
+    (data / "gsm8k" / "test.json").write_text("[]")
+
+    def missing(*overrides: str, done: bool = False) -> list[str]:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir(exist_ok=True)
+        (run_dir / "DONE").unlink(missing_ok=True)
+        if done:
+            (run_dir / "DONE").write_text("{}")
+        config = load_eval_config(None, [f"data_dir={data}", *overrides])
+        run = PlannedRun(stage="eval", kind="eval", name="e", run_dir=run_dir, config=config)
+        return [item.describe() for item in missing_inputs(SimpleNamespace(runs=[run]))]
+
+    boolq = data / "boolq" / "test.json"
+    assert missing("tasks=[gsm8k, boolq]") == [f"eval task data {boolq} (needed by 1 run)"]
+    assert missing("tasks=[gsm8k, boolq]", "skip_missing=true") == []
+    assert missing("tasks=[boolq]", "skip_missing=true") == [
+        f"eval task data {boolq} (needed by 1 run)"
+    ]
+    assert missing("tasks=[gsm8k, boolq]", done=True) == []  # a finished run reads nothing
+    custom = tmp_path / "mine.json"
+    assert missing(f"tasks=[{{name: mine, path: {custom}, type: numeric}}]") == [
+        f"eval task data {custom} (needed by 1 run)"
+    ]
+    assert missing("tasks=[gsm8k]", f"decontaminate_against=[{tmp_path / 'train.json'}]") == [
+        f"eval.decontaminate_against {tmp_path / 'train.json'} (needed by 1 run)"
+    ]

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from kdlab.cli import main as cli_main
+from kdlab.stages import STAGES
+from kdlab.sweep.grid import PlannedRun
+from kdlab.sweep.runner import execute_unit
 from kdlab.training import distill as distill_module
 from kdlab.training import finetune as finetune_module
 from kdlab.training.loop import TrainingLoop
@@ -27,7 +31,7 @@ def entries_by_name(status: dict[str, Any], stage: str) -> dict[str, dict[str, A
 def spy_on_training(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, bool]]:
     """Record (stage, run name, resume) of each training call, still running it."""
     calls: list[tuple[str, str, bool]] = []
-    real_finetune, real_distill = finetune_module.run_finetune, distill_module.run_distill
+    real_finetune, real_distill = finetune_module.run, distill_module.run
 
     def finetune(config, *, resume=False, overwrite=False):
         calls.append(("finetune", Path(config.train.output_dir).name, resume))
@@ -37,8 +41,8 @@ def spy_on_training(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, boo
         calls.append(("distill", Path(config.train.output_dir).name, resume))
         return real_distill(config, resume=resume, overwrite=overwrite)
 
-    monkeypatch.setattr(finetune_module, "run_finetune", finetune)
-    monkeypatch.setattr(distill_module, "run_distill", distill)
+    monkeypatch.setattr(finetune_module, "run", finetune)
+    monkeypatch.setattr(distill_module, "run", distill)
     return calls
 
 
@@ -137,9 +141,43 @@ def test_failures_are_recorded_and_the_sweep_goes_on(
         calls.append(Path(config.train.output_dir).name)
         raise RuntimeError("still broken")
 
-    monkeypatch.setattr(finetune_module, "run_finetune", record)
-    monkeypatch.setattr(distill_module, "run_distill", record)
+    monkeypatch.setattr(finetune_module, "run", record)
+    monkeypatch.setattr(distill_module, "run", record)
     assert cli_main(["sweep", str(grid)]) == 1
     assert calls == ["broken__s6", "ghost__sft__s6", "ghost__forward_kl__T1__from-good__s6"]
     failure = json.loads((sweep / "math" / "teachers" / "broken__s6" / "FAILED.json").read_text())
     assert failure["message"] == "still broken"
+
+
+# --------------------------------------------------------------------------- stage contract
+
+
+def test_units_run_through_the_stage_contract(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Training and evaluation units call ``STAGES[stage].run(config, resume=...)``; a
+    directory holding files (an interrupted run) is resumed."""
+    calls: list[tuple[str, object, bool, bool]] = []
+
+    def recorder(stage: str) -> Callable[..., dict[str, Any]]:
+        def run(config: object, *, resume: bool = False, overwrite: bool = False) -> Any:
+            calls.append((stage, config, resume, overwrite))
+            return {"steps": 3} if stage != "eval" else SimpleNamespace(average=50.0)
+
+        return run
+
+    for stage in ("finetune", "distill", "eval"):
+        monkeypatch.setattr(STAGES[stage], "run", recorder(stage))
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "run.json").write_text("{}")
+    results = []
+    for stage, run_dir in (("finetune", tmp_path / "new"), ("distill", started), ("eval", started)):
+        unit = PlannedRun(stage=stage, kind="x", name=stage, run_dir=run_dir, config=stage.upper())
+        results.append(execute_unit(unit))
+    assert calls == [
+        ("finetune", "FINETUNE", False, False),
+        ("distill", "DISTILL", True, False),
+        ("eval", "EVAL", True, False),
+    ]
+    assert [r.summary for r in results] == [{"steps": 3}, {"steps": 3}, {"average": 50.0}]

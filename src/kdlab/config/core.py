@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -27,9 +28,15 @@ from typing import Any, TypeVar
 
 import yaml
 
+from kdlab.config.foreign import foreign_key, render
 from kdlab.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 T = TypeVar("T")
+
+#: Notes about foreign key names already logged (cleared by each :func:`load_config`).
+_NOTES_LOGGED: set[str] = set()
 
 
 _UNSET: Any = object()
@@ -165,28 +172,120 @@ def from_mapping(cls: type[T], data: Any, *, source: str = "config", prefix: str
         raise ConfigError(f"{where}{name} must be a mapping, got {_describe(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     for key, value in data.items():
-        if key not in fields:
-            valid = sorted(fields)
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(
-                f"{where}unknown key '{prefix}{key}'{hint}; valid keys: {', '.join(valid)}"
-            )
-        field = fields[key]
-        kwargs[key] = _coerce(hints[key], value, field, source=source, key=f"{prefix}{key}")
+        name = str(key)
+        if name not in fields:
+            name = _foreign_alias(cls, name, where=where, prefix=prefix)
+            if name in given or name in data:
+                raise ConfigError(
+                    f"{where}'{prefix}{key}' is another name of '{prefix}{name}', which is "
+                    "also given; keep one"
+                )
+        given[name] = value
+    kwargs = {
+        key: _coerce(hints[key], value, fields[key], source=source, key=f"{prefix}{key}")
+        for key, value in given.items()
+    }
     try:
         return cls(**kwargs)
     except FieldError as error:
         bad = error.value
         if bad is _UNSET:
-            bad = data.get(error.field_name, getattr(_defaults(cls), error.field_name, None))
+            bad = given.get(error.field_name, getattr(_defaults(cls), error.field_name, None))
         raise ConfigError(
             f"{where}'{prefix}{error.field_name}' = {bad!r}: {error.message}"
         ) from None
     except TypeError as error:  # a required field is missing
         raise ConfigError(f"{where}{prefix.rstrip('.') or 'config'}: {error}") from None
+
+
+def _foreign_alias(cls: type, key: str, *, where: str, prefix: str) -> str:
+    """The field an unknown ``key`` of ``cls`` stands for, or a ConfigError saying what to write.
+
+    A foreign name of exactly the same meaning (:mod:`kdlab.config.foreign`) is read as its
+    kdlab field, with a logged note; anything else is refused with the best suggestion.
+    """
+    entry = foreign_key(cls.__name__, key)
+    if entry is not None and entry.target is not None:
+        note = f"{where}'{prefix}{key}' ({entry.origin}'s name) read as '{prefix}{entry.target}'"
+        if note not in _NOTES_LOGGED:  # a sweep reads the same defaults for every run
+            _NOTES_LOGGED.add(note)
+            logger.info("%s", note)
+        return entry.target
+    valid = sorted(f.name for f in dataclasses.fields(cls) if f.init)  # type: ignore[arg-type]
+    raise ConfigError(
+        f"{where}unknown key '{prefix}{key}'{unknown_key_hint(cls, key, prefix)}; "
+        f"valid keys: {', '.join(valid)}"
+    )
+
+
+def unknown_key_hint(cls: type, key: str, prefix: str = "") -> str:
+    """`` (did you mean 'x'? note)`` for an unknown ``key`` of ``cls``, or ``""``.
+
+    In order: the foreign-name table for ``cls``; the key (or a foreign name) in a nested
+    section (``learning_rate`` at the top of a finetune config → ``train.learning_rate``);
+    the closest field name.
+    """
+    entry = foreign_key(cls.__name__, key)
+    if entry is not None and entry.suggest is not None:
+        note = f" {render(entry.note, prefix)}" if entry.note else ""
+        return f" (did you mean '{render(entry.suggest, prefix)}'?{note})"
+    nested = _nested_matches(cls, key, prefix)
+    if nested:
+        suggestions = " or ".join(f"'{name}'" for name, _ in nested[:3])
+        notes = [note for _, note in nested[:1] if note]
+        return f" (did you mean {suggestions}?{' ' + notes[0] if notes else ''})"
+    valid = sorted(f.name for f in dataclasses.fields(cls) if f.init)  # type: ignore[arg-type]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def knows_key(cls: type, key: str) -> bool:
+    """Whether a top-level ``key`` of ``cls`` is a field, a foreign name or a misplaced key
+    (the command line reads ``--key VALUE`` as an override only for these)."""
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    return (
+        key in fields
+        or foreign_key(cls.__name__, key) is not None
+        or bool(_nested_matches(cls, key, ""))
+    )
+
+
+def _section_class(annotation: Any) -> type | None:
+    """The dataclass of a nested section field (``ModelConfig | None`` → ModelConfig)."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation  # type: ignore[return-value]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        classes = [a for a in typing.get_args(annotation) if dataclasses.is_dataclass(a)]
+        return classes[0] if len(classes) == 1 else None
+    return None
+
+
+def _nested_matches(cls: type, key: str, prefix: str, depth: int = 0) -> list[tuple[str, str]]:
+    """(dotted key, note) of ``key`` found in the nested sections of ``cls`` (misplaced)."""
+    if depth > 3:
+        return []
+    found: list[tuple[str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        section = _section_class(hints[f.name])
+        if section is None:
+            continue
+        inner = f"{prefix}{f.name}."
+        names = {g.name for g in dataclasses.fields(section) if g.init}  # type: ignore[arg-type]
+        entry = foreign_key(section.__name__, key)
+        if key in names:
+            found.append((f"{inner}{key}", ""))
+        elif entry is not None and entry.target is not None:
+            found.append((f"{inner}{entry.target}", f"'{key}' is {entry.origin}'s name"))
+        elif entry is not None and entry.suggest is not None:
+            found.append((render(entry.suggest, inner), render(entry.note, inner)))
+        found.extend(_nested_matches(section, key, inner, depth + 1))
+    unique: dict[str, str] = {}
+    for name, note in found:
+        unique.setdefault(name, note)
+    return list(unique.items())
 
 
 def _defaults(cls: type) -> Any:
@@ -357,6 +456,7 @@ def load_config(
     base: Mapping[str, Any] | None = None,
 ) -> T:
     """Load ``cls`` from an optional YAML file, an optional base mapping and overrides."""
+    forget_notes()
     data: dict[str, Any] = dict(base or {})
     source = "command line"
     if path is not None:
@@ -364,6 +464,11 @@ def load_config(
         source = str(path)
     data = apply_overrides(data, overrides)
     return from_mapping(cls, data, source=source)
+
+
+def forget_notes() -> None:
+    """Log the foreign-name notes again (a new config is being loaded)."""
+    _NOTES_LOGGED.clear()
 
 
 def describe_fields(
@@ -379,7 +484,7 @@ def describe_fields(
     if instance is None:
         try:
             instance = cls()
-        except TypeError:  # a class with required fields: describe the class defaults
+        except (TypeError, ValueError):  # required fields or invalid defaults: class defaults
             instance = None
     for f in dataclasses.fields(cls):
         annotation = hints[f.name]

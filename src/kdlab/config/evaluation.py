@@ -26,6 +26,7 @@ from kdlab.config.core import (
     check,
     config_field,
     deep_merge,
+    forget_notes,
     from_mapping,
     read_yaml_mapping,
     to_dict,
@@ -188,8 +189,6 @@ class EvalConfig:
     output_dir: str | None = config_field(
         None, help="Where results go (default: <run_dir>/eval, else runs/eval/<model>)."
     )
-    resume: bool = config_field(False, help="Continue an interrupted evaluation in output_dir.")
-    overwrite: bool = config_field(False, help="Delete an existing output_dir first.")
 
     def __post_init__(self) -> None:
         if isinstance(self.adapter, str) and self.adapter.strip().lower() in ("", "none", "null"):
@@ -220,7 +219,6 @@ class EvalConfig:
             "adapter",
             "a run_dir brings its own adapter; do not also give one",
         )
-        check(not (self.resume and self.overwrite), "overwrite", "cannot be used with resume")
 
 
 def load_eval_config(
@@ -235,6 +233,7 @@ def load_eval_config(
     ``generation``, custom ``tasks`` entries) are validated on their own first, so that an
     error names the nested key (``generation.top_k``) instead of the union it sits in.
     """
+    forget_notes()
     data: dict[str, Any] = dict(base or {})
     source = "command line"
     if path is not None:

@@ -229,7 +229,9 @@ def _owned(entry: Path) -> bool:
     return False
 
 
-def prepare_output_dir(out_dir: Path, config: EvalConfig) -> None:
+def prepare_output_dir(
+    out_dir: Path, config: EvalConfig, *, resume: bool = False, overwrite: bool = False
+) -> None:
     """Refuse to mix results: an existing non-empty directory needs resume or overwrite."""
     if out_dir.exists() and not out_dir.is_dir():
         raise KdlabError(f"output_dir {out_dir} exists and is not a directory")
@@ -238,7 +240,7 @@ def prepare_output_dir(out_dir: Path, config: EvalConfig) -> None:
         e.name == "config.yaml" or (e.is_dir() and not any(e.iterdir())) for e in out_dir.iterdir()
     ):
         return
-    if config.overwrite:
+    if overwrite:
         foreign = [entry.name for entry in out_dir.iterdir() if not _owned(entry)]
         if foreign:
             raise KdlabError(
@@ -248,7 +250,7 @@ def prepare_output_dir(out_dir: Path, config: EvalConfig) -> None:
         logger.info("overwrite: deleting the earlier evaluation in %s", out_dir)
         shutil.rmtree(out_dir)
         return
-    if not config.resume:
+    if not resume:
         raise KdlabError(
             f"output_dir {out_dir} already holds an evaluation: pass --resume to continue it "
             "or --overwrite to start again (or choose another output_dir)"
@@ -615,22 +617,30 @@ def _run_identity(
 def evaluate(
     config: EvalConfig,
     *,
+    resume: bool = False,
+    overwrite: bool = False,
     generator: Generator | None = None,
     model: Any = None,
     tokenizer: Any = None,
 ) -> EvalReport:
     """Evaluate one model on the configured tasks; see the module docstring for outputs.
 
+    ``resume`` continues an interrupted evaluation in the output directory (items already
+    in ``predictions.jsonl`` are kept); ``overwrite`` deletes an earlier one first. Without
+    either, an output directory holding an evaluation is refused.
+
     ``generator`` (or an already loaded ``model`` + ``tokenizer``) replaces loading the model
     from the config: tests and benchmarks use it, and so can a caller holding the model.
     """
+    if resume and overwrite:
+        raise KdlabError("choose one of --resume and --overwrite")
     identity = resolve_identity(config)
     tasks = resolve_tasks(config)
     plans = plan_tasks(config, tasks)
     out_dir = default_output_dir(config, identity)
-    prepare_output_dir(out_dir, config)
+    prepare_output_dir(out_dir, config, resume=resume, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    resolved = replace(config, output_dir=str(out_dir), resume=False, overwrite=False)
+    resolved = replace(config, output_dir=str(out_dir))
     atomic_write_yaml(out_dir / "config.yaml", compact_dict(resolved))
 
     backend = (

@@ -4,7 +4,7 @@ Examples::
 
     kdlab eval configs/eval/smollm2_all_limit16.yaml
     kdlab eval model=smollm2-135m tasks=gsm8k limit=16 data_dir=../shared/data/eval
-    kdlab eval run_dir=runs/teacher tasks=math --resume
+    kdlab eval --run_dir runs/teacher --tasks math --resume
     kdlab eval --from-paper-args eval_args.json data_dir=../shared/data/eval
 """
 
@@ -14,6 +14,10 @@ import argparse
 import logging
 from pathlib import Path
 from typing import Any
+
+from kdlab.config.evaluation import EvalConfig
+from kdlab.evaluation import runner as evaluation_runner
+from kdlab.evaluation.runner import EvalReport
 
 logger = logging.getLogger(__name__)
 
@@ -29,52 +33,12 @@ PAPER_EVAL_KEYS: dict[str, str] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``kdlab eval``."""
-    parser.add_argument(
-        "config", nargs="?", default=None, help="YAML config (see configs/eval/); optional."
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        default=[],
-        help="key=value overrides, e.g. model=smollm2-135m tasks=[gsm8k,boolq] limit=16.",
-    )
-    parser.add_argument("--resume", action="store_true", help="Continue an interrupted evaluation.")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="Delete an earlier evaluation in output_dir."
-    )
-    parser.add_argument(
-        "--from-paper-args",
-        metavar="EVAL_ARGS_JSON",
-        default=None,
-        help="Import the paper scripts' eval arguments (base_model, lora_weights, dataset, "
-        "batch_size); implies generation: paper unless overridden.",
-    )
-    _allow_intermixed(parser)
+    """``kdlab eval`` has no flags of its own (``kdlab.cli`` adds the shared ones)."""
 
 
-def _allow_intermixed(parser: argparse.ArgumentParser) -> None:
-    """Accept flags between positionals (``kdlab eval c.yaml --resume limit=3``).
-
-    Plain argparse stops filling ``overrides`` at the first flag and rejects what follows;
-    ``parse_known_intermixed_args`` does not. A parent parser calls the sub-parser's
-    ``parse_known_args``, so that method is routed through the intermixed variant (which
-    itself calls ``parse_known_args``: the re-entrant call gets the original method).
-    """
-    original = parser.parse_known_args
-    inside = False
-
-    def parse_known_args(args: Any = None, namespace: Any = None) -> Any:
-        nonlocal inside
-        if inside:
-            return original(args, namespace)
-        inside = True
-        try:
-            return parser.parse_known_intermixed_args(args, namespace)
-        finally:
-            inside = False
-
-    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+def run(config: EvalConfig, *, resume: bool = False, overwrite: bool = False) -> EvalReport:
+    """The stage contract (:mod:`kdlab.stages`): evaluate ``config``; returns the report."""
+    return evaluation_runner.evaluate(config, resume=resume, overwrite=overwrite)
 
 
 def import_paper_eval_args(path: str | Path) -> dict[str, Any]:
@@ -99,32 +63,12 @@ def import_paper_eval_args(path: str | Path) -> dict[str, Any]:
     return result
 
 
-def _split_arguments(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    config = args.config
-    overrides = list(args.overrides or [])
-    # "kdlab eval model=x tasks=gsm8k": the first override lands in the CONFIG slot.
-    if config is not None and "=" in config and not Path(config).is_file():
-        overrides.insert(0, config)
-        config = None
-    return config, overrides
-
-
 def main(args: argparse.Namespace) -> int:
-    """Run ``kdlab eval``; returns the exit code."""
-    from kdlab.config.evaluation import load_eval_config
-    from kdlab.evaluation.runner import evaluate, summary_tables
-
-    config_path, overrides = _split_arguments(args)
-    if getattr(args, "resume", False):
-        overrides.append("resume=true")
-    if getattr(args, "overwrite", False):
-        overrides.append("overwrite=true")
-    base = None
-    if getattr(args, "from_paper_args", None):
-        base = import_paper_eval_args(args.from_paper_args)
-    config = load_eval_config(config_path, overrides, base=base)
-    report = evaluate(config)
-    _, markdown = summary_tables([report.summary_row()], [result.task for result in report.results])
+    """Run ``kdlab eval``: ``args.config`` is the loaded :class:`EvalConfig`."""
+    report = run(args.config, resume=args.resume, overwrite=args.overwrite)
+    _, markdown = evaluation_runner.summary_tables(
+        [report.summary_row()], [result.task for result in report.results]
+    )
     print(markdown, end="")
     print(f"results: {report.output_dir}")
     return 0

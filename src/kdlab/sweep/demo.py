@@ -26,7 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdlab.config.core import from_mapping
+from kdlab.config.demo import DemoConfig
+from kdlab.config.evaluation import EvalConfig
 from kdlab.config.methods import get_method
+from kdlab.config.schema import DistillConfig, FinetuneConfig
+from kdlab.stages import STAGES
 from kdlab.utils.io import atomic_write_json, atomic_write_text, is_done
 
 logger = logging.getLogger(__name__)
@@ -93,14 +98,26 @@ QUICK = DemoPlan(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="Output directory (default runs/demo).")
-    parser.add_argument("--quick", action="store_true", help="A first look in a few minutes.")
+    """Short flags for the :class:`~kdlab.config.demo.DemoConfig` keys (see flag_overrides)."""
+    parser.add_argument("--out", default=None, help="Output directory (= out=DIR; runs/demo).")
     parser.add_argument(
-        "--model", default="smollm2-135m", help="Teacher base model (default: the embedded one)."
+        "--quick", action="store_true", help="A first look in a few minutes (= quick=true)."
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="Start from scratch (delete --out first)."
+        "--model",
+        default=None,
+        help="Teacher base model (= model=NAME; default: the embedded smollm2-135m).",
     )
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """``--out``, ``--quick``, ``--model`` as the config overrides they stand for."""
+    overrides = [] if args.out is None else [f"out={args.out}"]
+    if args.quick:
+        overrides.append("quick=true")
+    if args.model is not None:
+        overrides.append(f"model={args.model}")
+    return overrides
 
 
 def _train_common(plan: DemoPlan, data_file: Path, output_dir: Path, steps: int, lr: float):
@@ -141,6 +158,7 @@ class Demo:
         self.students_dir = out / "students"
         self.reference_dir = out / "reference"
         self.report_dir = out / "report"
+        self.summary_text = ""
 
     # -------------------------------------------------------------- stages
 
@@ -168,10 +186,6 @@ class Demo:
         atomic_write_json(self.test_file, test)
 
     def train_teacher(self) -> None:
-        from kdlab.config.core import from_mapping
-        from kdlab.config.schema import FinetuneConfig
-        from kdlab.training.finetune import run_finetune
-
         if is_done(self.teacher_dir):
             return
         mapping = {
@@ -187,7 +201,7 @@ class Demo:
             ),
         }
         config = from_mapping(FinetuneConfig, mapping, source="kdlab demo")
-        run_finetune(config, resume=self.teacher_dir.exists(), overwrite=False)
+        STAGES["finetune"].run(config, resume=self.teacher_dir.exists())
 
     def student_model(self) -> dict[str, Any]:
         return {
@@ -197,10 +211,6 @@ class Demo:
         }
 
     def train_student(self, method: str) -> None:
-        from kdlab.config.core import from_mapping
-        from kdlab.config.schema import DistillConfig
-        from kdlab.training.distill import run_distill
-
         run_dir = self.students_dir / method
         if is_done(run_dir):
             return
@@ -216,7 +226,7 @@ class Demo:
             ),
         }
         config = from_mapping(DistillConfig, mapping, source="kdlab demo")
-        run_distill(config, resume=run_dir.exists(), overwrite=False)
+        STAGES["distill"].run(config, resume=run_dir.exists())
         if self.plan.student_peft == "full":
             # model/ holds the weights; the last checkpoint (weights + AdamW state) only
             # served crash recovery.
@@ -225,10 +235,6 @@ class Demo:
     def evaluate(
         self, run_dir: Path | None, *, name: str, model: dict[str, Any] | None = None
     ) -> Path:
-        from kdlab.config.core import from_mapping
-        from kdlab.config.evaluation import EvalConfig
-        from kdlab.evaluation import evaluate
-
         out = (run_dir / "eval") if run_dir is not None else self.reference_dir / name / "eval"
         if is_done(out):
             return out
@@ -238,13 +244,13 @@ class Demo:
             "generation": {"max_new_tokens": self.plan.max_new_tokens},
             "output_dir": str(out),
             "name": name,
-            "resume": out.exists(),
         }
         if run_dir is not None:
             mapping["run_dir"] = str(run_dir)
         else:
             mapping["model"] = model
-        evaluate(from_mapping(EvalConfig, mapping, source="kdlab demo"))
+        config = from_mapping(EvalConfig, mapping, source="kdlab demo")
+        STAGES["eval"].run(config, resume=out.exists())
         return out
 
     def analyze(self) -> None:
@@ -356,18 +362,30 @@ class Demo:
                 progress.update(1)
         text = self.summary()
         atomic_write_text(self.out / "summary.md", text)
+        self.summary_text = text
         return text
 
 
-def main(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if args.overwrite and out.exists():
+def run(config: DemoConfig, *, resume: bool = False, overwrite: bool = False) -> Demo:
+    """The stage contract (:mod:`kdlab.stages`): run the demo; returns it (timings, paths).
+
+    The demo always continues (a stage whose ``DONE`` exists is skipped), so ``resume``
+    changes nothing; ``overwrite`` deletes ``config.out`` first.
+    """
+    del resume  # always on
+    out = Path(config.out)
+    if overwrite and out.exists():
         shutil.rmtree(out)
-    plan = QUICK if args.quick else FULL
+    demo = Demo(out, QUICK if config.quick else FULL, config.model)
+    demo.run()
+    return demo
+
+
+def main(args: argparse.Namespace) -> int:
+    """``kdlab demo``: ``args.config`` is the loaded :class:`DemoConfig`."""
     start = time.perf_counter()
-    demo = Demo(out, plan, args.model)
-    text = demo.run()
-    print(text)  # noqa: T201
+    demo = run(args.config, resume=args.resume, overwrite=args.overwrite)
+    print(demo.summary_text)  # noqa: T201
     print(f"report: {demo.report_dir / 'report.html'}")  # noqa: T201
     print(f"        {demo.report_dir / 'report.md'}")  # noqa: T201
     print(f"total wall time: {time.perf_counter() - start:.0f} s")  # noqa: T201

@@ -20,11 +20,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from kdlab.errors import ConfigError
+from kdlab.stages import STAGES
 from kdlab.sweep.grid import PlannedRun, SweepPlan
 from kdlab.sweep.status import (
     ANALYSIS_INPUTS_FILE,
@@ -66,21 +67,13 @@ def _has_files(directory: Path) -> bool:
 
 
 def _call_stage(run: PlannedRun, out_dir: Path | None) -> dict[str, Any]:
-    """Call the stage's public function (looked up at call time, so tests can patch it)."""
+    """Run the unit through the stage contract (``STAGES[stage].run(config, resume=...)``,
+    looked up at call time, so tests can patch a stage's ``run``)."""
     resume = _has_files(run.run_dir)
-    if run.stage == "finetune":
-        from kdlab.training import finetune
-
-        return dict(finetune.run_finetune(run.config, resume=resume) or {})
-    if run.stage == "distill":
-        from kdlab.training import distill
-
-        return dict(distill.run_distill(run.config, resume=resume) or {})
+    if run.stage in ("finetune", "distill"):
+        return dict(STAGES[run.stage].run(run.config, resume=resume) or {})
     if run.stage == "eval":
-        from kdlab.evaluation import runner as evaluation_runner
-
-        config = replace(run.config, resume=resume)
-        report = evaluation_runner.evaluate(config)
+        report = STAGES["eval"].run(run.config, resume=resume)
         return {"average": getattr(report, "average", None)}
     if run.stage == "analysis":
         from kdlab.analysis import stage as analysis_stage

@@ -16,21 +16,27 @@ from __future__ import annotations
 import argparse
 import logging
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
+
+from kdlab.config.core import to_dict
+from kdlab.config.evaluation import CustomTaskConfig
+from kdlab.config.sweep import SweepConfig
+from kdlab.errors import ConfigError, DataError
+from kdlab.evaluation.tasks import default_data_source, expand_task_names, get_task
+from kdlab.sweep.executors import make_executor
+from kdlab.sweep.grid import plan_sweep
+from kdlab.sweep.runner import SweepOutcome, SweepRunner
+from kdlab.sweep.status import changed_keys, disk_state, run_state
+from kdlab.utils.io import atomic_write_json, atomic_write_yaml
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``kdlab sweep``."""
-    parser.add_argument("grid", help="Grid YAML file (see configs/paper/ and docs/sweeps.md).")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        default=[],
-        help="key=value overrides of the grid, e.g. out_dir=/scratch/x seeds=[6,7] "
-        "eval.data_dir=/data/eval.",
-    )
+    """The flags of ``kdlab sweep`` (the grid file and overrides are ``kdlab.cli``'s)."""
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -89,8 +95,6 @@ def _sum(values: list[float | None]) -> tuple[float, bool]:
 
 def describe_plan(plan: Any) -> str:
     """The dry-run report: one line per run with its state, then totals and the cost."""
-    from kdlab.sweep.status import changed_keys, run_state
-
     config = plan.config
     lines = [
         f"sweep {plan.name}: {plan.grid_path or '(no file)'} → {plan.out_dir}",
@@ -181,10 +185,6 @@ def describe_plan(plan: Any) -> str:
 
 def plan_as_dict(plan: Any) -> dict[str, Any]:
     """Every run with its resolved config, dependencies and estimate (``--only-plan``)."""
-    from dataclasses import asdict
-
-    from kdlab.config.core import to_dict
-
     return {
         "name": plan.name,
         "grid": plan.grid_path,
@@ -208,42 +208,177 @@ def plan_as_dict(plan: Any) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class MissingInput:
+    """A data path of the plan that does not exist on this machine."""
+
+    what: str
+    """The key that names it (``data.train_files``, ``eval.data_dir``, ...)."""
+    path: str
+    runs: int
+    """How many planned runs need it."""
+
+    def describe(self) -> str:
+        return f"{self.what} {self.path} (needed by {self.runs} run{'s' * (self.runs != 1)})"
+
+
+def _is_local(source: Any) -> bool:
+    """A source that names a file or folder here (not a hub id, not a generator spec)."""
+    return not str(source).startswith(("hf:", "hub:", "generated:"))
+
+
+def _train_inputs(config: Any) -> list[tuple[str, str]]:
+    """(key, path) of the training files of a finetune/distill config that are missing."""
+    inputs = []
+    for entry in config.data.train_files:
+        source = entry.get("path") if isinstance(entry, Mapping) else entry
+        if source is not None and _is_local(source) and not Path(source).expanduser().exists():
+            inputs.append(("data.train_files", str(source)))
+    return inputs
+
+
+def _eval_inputs(config: Any) -> list[tuple[str, str]]:
+    """(key, path) of the missing things an evaluation reads: a missing ``data_dir`` stands
+    for its task files; with ``skip_missing`` only a task list with no file left counts."""
+    sources: list[str | None] = []  # None: a registered task's file under a null data_dir
+    for entry in config.tasks:
+        if isinstance(entry, CustomTaskConfig) and entry.path is not None:
+            sources.append(entry.path)
+            continue
+        custom = isinstance(entry, CustomTaskConfig)
+        for name in [entry.name] if custom else expand_task_names(entry):
+            # a registered task may have its own source (a hub id); a custom type has none
+            source = None if custom and entry.type is not None else get_task(name).source
+            if source is None and config.data_dir is not None:
+                source = default_data_source(name, config.data_dir)
+            sources.append(source)
+    missing = [
+        source
+        for source in sources
+        if source is None or (_is_local(source) and not Path(source).expanduser().exists())
+    ]
+    inputs: list[tuple[str, str]] = []
+    if missing and (not config.skip_missing or len(missing) == len(sources)):
+        data_dir = config.data_dir
+        if data_dir is None or not Path(data_dir).expanduser().is_dir():
+            inputs.append(("eval.data_dir", str(data_dir)))
+            # the files under a missing data_dir are not listed one by one
+            missing = [
+                source
+                for source in missing
+                if source is not None
+                and (data_dir is None or not Path(source).is_relative_to(data_dir))
+            ]  # fmt: skip
+        inputs.extend(("eval task data", source) for source in missing if source is not None)
+    for source in config.decontaminate_against or []:
+        if _is_local(source) and not Path(source).expanduser().exists():
+            inputs.append(("eval.decontaminate_against", str(source)))
+    return inputs
+
+
+def missing_inputs(plan: Any, *, run_eval: bool = True) -> list[MissingInput]:
+    """Every data path of the unfinished runs of ``plan`` (training files, eval data) that
+    does not exist here, with the number of runs needing it."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for run in plan.runs:
+        if run.reuses is not None or disk_state(run.run_dir) == "done":
+            continue  # a finished run reads nothing any more
+        if run.stage in ("finetune", "distill"):
+            inputs = _train_inputs(run.config)
+        elif run.stage == "eval" and run_eval:
+            inputs = _eval_inputs(run.config)
+        else:
+            continue
+        for what, path in dict.fromkeys(inputs):
+            counts[(what, path)] += 1
+    return [MissingInput(what, path, runs) for (what, path), runs in counts.items()]
+
+
+def _refuse_missing(plan: Any, missing: list[MissingInput]) -> None:
+    if missing:
+        shown = "; ".join(item.describe() for item in missing[:3])
+        more = f"; and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise DataError(
+            f"sweep {plan.name}: {len(missing)} input path(s) do not exist here: {shown}{more} "
+            "(override them, e.g. eval.data_dir=/data/eval, "
+            "families.<family>.defaults.data.train_files=[/data/train.json])"
+        )
+
+
 # --------------------------------------------------------------------------- entry point
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """``--executor NAME`` is ``executor.name=NAME``."""
+    return [f"executor.name={args.executor}"] if args.executor else []
+
+
+def run(
+    config: SweepConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    grid_path: str | None = None,
+    allow_changed: bool = False,
+    run_eval: bool = True,
+    run_analysis: bool = True,
+) -> SweepOutcome:
+    """Run a sweep (the stage contract, :mod:`kdlab.stages`); returns its outcome.
+
+    A sweep always continues where it stopped (``resume`` changes nothing) and never deletes
+    a run (``overwrite`` is refused). Missing data paths are refused before anything runs.
+    """
+    del resume  # always on: completed runs are skipped, interrupted ones continued
+    if overwrite:
+        raise ConfigError(
+            "kdlab sweep never deletes runs: --overwrite is refused (choose another out_dir, "
+            "or delete the runs to redo)"
+        )
+    plan = plan_sweep(config, grid_path=grid_path)
+    _refuse_missing(plan, missing_inputs(plan, run_eval=run_eval))
+    executor = make_executor(config.executor, plan.out_dir, plan.name)
+    runner = SweepRunner(
+        plan,
+        executor,
+        allow_changed=allow_changed,
+        run_eval=run_eval,
+        run_analysis=run_analysis,
+    )
+    runner.check_changed()
+    atomic_write_yaml(plan.out_dir / "sweep_grids" / f"{plan.name}.yaml", to_dict(config))
+    return runner.run()
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``kdlab sweep``; returns 0 when every planned run is complete, 1 otherwise."""
-    from kdlab.config.core import to_dict
-    from kdlab.config.sweep import load_sweep_config
-    from kdlab.sweep.grid import plan_sweep
-    from kdlab.utils.io import atomic_write_json, atomic_write_yaml
-
-    config = load_sweep_config(args.grid, args.overrides)
-    if args.executor:
-        config.executor.name = args.executor
-    plan = plan_sweep(config, grid_path=args.grid)
+    config: SweepConfig = args.config
+    grid_path = None if args.config_file is None else str(args.config_file)
+    if args.overwrite:
+        run(config, overwrite=True)  # refused, before a plan is printed
+    plan = plan_sweep(config, grid_path=grid_path)
     if args.dry_run:
         print(describe_plan(plan), end="")
+        missing = missing_inputs(plan, run_eval=not args.no_eval)
+        for item in missing:
+            print(f"missing: {item.describe()}")
+        _refuse_missing(plan, missing)
         return 0
     if args.only_plan:
         path = plan.out_dir / f"sweep_plan.{plan.name}.json"
         atomic_write_json(path, plan_as_dict(plan))
         print(f"plan of {len(plan.runs)} runs written to {path}")
         return 0
-    from kdlab.sweep.executors import make_executor
-    from kdlab.sweep.runner import SweepRunner
-
-    executor = make_executor(config.executor, plan.out_dir, plan.name)
-    runner = SweepRunner(
-        plan,
-        executor,
+    outcome = run(
+        config,
+        resume=args.resume,
+        grid_path=grid_path,
         allow_changed=args.allow_changed,
         run_eval=not args.no_eval,
         run_analysis=not args.no_analysis,
     )
-    runner.check_changed()
-    atomic_write_yaml(plan.out_dir / "sweep_grids" / f"{plan.name}.yaml", to_dict(config))
-    outcome = runner.run()
     counts = ", ".join(f"{count} {status}" for status, count in sorted(outcome.counts.items()))
     print(f"sweep {plan.name}: {counts}")
     for entry in outcome.unfinished:
@@ -255,4 +390,13 @@ def main(args: argparse.Namespace) -> int:
     return 0 if outcome.ok else 1
 
 
-__all__ = ["add_arguments", "describe_plan", "main", "plan_as_dict"]
+__all__ = [
+    "MissingInput",
+    "add_arguments",
+    "describe_plan",
+    "flag_overrides",
+    "main",
+    "missing_inputs",
+    "plan_as_dict",
+    "run",
+]

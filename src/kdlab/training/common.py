@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
@@ -10,7 +9,6 @@ from typing import Any
 
 import torch
 
-from kdlab.config.core import load_config
 from kdlab.config.run_identity import read_run_identity
 from kdlab.config.schema import DataConfig, PeftConfig, TrainConfig
 from kdlab.data.tokenize import IGNORE_INDEX, split_train_validation, tokenize_records
@@ -19,50 +17,6 @@ from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import atomic_directory, atomic_write_json, mark_done
 
 logger = logging.getLogger(__name__)
-
-
-def add_stage_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
-    """CONFIG.yaml, key=value overrides, --resume/--overwrite, --from-paper-args."""
-    parser.add_argument("config", nargs="?", help="YAML config (optional: defaults otherwise).")
-    parser.add_argument(
-        "overrides", nargs="*", help="Dotted key=value overrides, e.g. train.learning_rate=1e-4."
-    )
-    parser.add_argument("--resume", action="store_true", help="Continue from the last checkpoint.")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="Delete an existing output directory first."
-    )
-    parser.add_argument(
-        "--from-paper-args",
-        metavar="JSON",
-        help="Import the paper scripts' train_args.json (each mapping is printed).",
-    )
-    parser.add_argument(
-        "--print-config", action="store_true", help="Print the resolved config and exit."
-    )
-
-
-def split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """A first positional with '=' is an override, not a config path."""
-    config_path = args.config
-    overrides = list(args.overrides or [])
-    if (
-        config_path is not None
-        and "=" in config_path
-        and not config_path.endswith((".yaml", ".yml"))
-    ):
-        overrides.insert(0, config_path)
-        config_path = None
-    return config_path, overrides
-
-
-def load_stage_config(cls: type, args: argparse.Namespace, stage: str) -> Any:
-    config_path, overrides = split_config_and_overrides(args)
-    base: dict[str, Any] = {}
-    if getattr(args, "from_paper_args", None):
-        from kdlab.config.paper_args import import_paper_train_args
-
-        base = import_paper_train_args(args.from_paper_args, stage=stage)
-    return load_config(cls, config_path, overrides, base=base)
 
 
 def load_training_records(data: DataConfig) -> list[dict[str, Any]]:

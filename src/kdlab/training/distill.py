@@ -49,11 +49,9 @@ from kdlab.models.vocab import (
     shared_logit_width,
 )
 from kdlab.training.common import (
-    add_stage_arguments,
     build_examples,
     forward_to_trackers,
     init_trackers,
-    load_stage_config,
     load_training_records,
     make_accelerator,
     save_final,
@@ -73,7 +71,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_stage_arguments(parser, "distill")
+    """``kdlab distill`` has no flags of its own (``kdlab.cli`` adds the shared ones)."""
 
 
 @dataclass(frozen=True)
@@ -383,15 +381,13 @@ def _prepare_cache(
     )
 
 
+#: The stage contract (:mod:`kdlab.stages`): ``run(config, *, resume, overwrite)``.
+run = run_distill
+
+
 def main(args: argparse.Namespace) -> int:
-    config = load_stage_config(DistillConfig, args, "distill")
-    if args.print_config:
-        import yaml
-
-        from kdlab.config.core import to_dict
-
-        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")  # noqa: T201
-        return 0
+    """``kdlab distill``: ``args.config`` is the loaded :class:`DistillConfig`."""
+    config: DistillConfig = args.config
     summary = run_distill(config, resume=args.resume, overwrite=args.overwrite)
     print(  # noqa: T201
         f"distill ({summary['method']}) done: {summary['steps']} steps, "

@@ -23,11 +23,9 @@ from kdlab.models.loading import (
 )
 from kdlab.models.peft_utils import apply_peft, build_peft_config, count_parameters
 from kdlab.training.common import (
-    add_stage_arguments,
     build_examples,
     forward_to_trackers,
     init_trackers,
-    load_stage_config,
     load_training_records,
     make_accelerator,
     save_final,
@@ -41,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_stage_arguments(parser, "finetune")
+    """``kdlab finetune`` has no flags of its own (``kdlab.cli`` adds the shared ones)."""
 
 
 def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
@@ -123,15 +121,13 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
     return summary
 
 
+#: The stage contract (:mod:`kdlab.stages`): ``run(config, *, resume, overwrite)``.
+run = run_finetune
+
+
 def main(args: argparse.Namespace) -> int:
-    config = load_stage_config(FinetuneConfig, args, "finetune")
-    if args.print_config:
-        import yaml
-
-        from kdlab.config.core import to_dict
-
-        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")  # noqa: T201
-        return 0
+    """``kdlab finetune``: ``args.config`` is the loaded :class:`FinetuneConfig`."""
+    config: FinetuneConfig = args.config
     summary = run_finetune(config, resume=args.resume, overwrite=args.overwrite)
     print(  # noqa: T201
         f"finetune done: {summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
