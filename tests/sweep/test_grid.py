@@ -283,3 +283,47 @@ def test_config_differences_ignore_paths_and_new_fields() -> None:
     assert config_differences(saved, planned) == []
     planned["train"]["learning_rate"] = 1e-3
     assert config_differences(saved, planned) == ["train.learning_rate"]
+
+
+def test_shared_distill_defaults_apply_where_a_method_reads_them(tmp_path: Path) -> None:
+    """kd_weight in the grid's defaults reaches the KD runs; an SFT run, which reads no
+    kd_weight, keeps the default instead of being refused (or silently carrying it)."""
+    grid = {
+        **BASE,
+        "methods": {"sft": {}, "forward_kl": {}},
+        "defaults": {"distill": {"kd_weight": 0.5}},
+    }
+    plan = plan_of(tmp_path, grid)
+    students = plan.stage("distill")
+    kd = [run for run in students if run.kind == "kd"]
+    sft = [run for run in students if run.kind == "sft"]
+    assert kd and {run.config.distill.kd_weight for run in kd} == {0.5}
+    assert sft and {run.config.distill.kd_weight for run in sft} == {1.0}
+
+
+def test_a_shared_distill_default_no_run_reads_is_refused(tmp_path: Path) -> None:
+    grid = {
+        **BASE,
+        "methods": {"sft": {}, "forward_kl": {}},
+        "defaults": {"distill": {"generation": {"max_new_tokens": 16}}},
+    }
+    with pytest.raises(ConfigError, match=r"distill\.generation\.max_new_tokens, which no run"):
+        plan_of(tmp_path, grid)
+    grid["methods"] = {"sft": {}, "gkd": {"temperatures": [1]}}
+    gkd = [run for run in plan_of(tmp_path, grid).stage("distill") if run.kind == "kd"]
+    assert {run.config.distill.generation.max_new_tokens for run in gkd} == {16}
+
+
+@pytest.mark.parametrize("key", ["temperature", "noise_std", "method"])
+def test_defaults_may_not_set_an_axis_controlled_key(tmp_path: Path, key: str) -> None:
+    """Today's main silently overwrote defaults.distill.temperature with the grid's axis."""
+    value = "forward_kl" if key == "method" else 3.0
+    grid = {**BASE, "defaults": {"distill": {key: value}}}
+    with pytest.raises(ConfigError, match=rf"distill\.{key} comes from the grid's axes"):
+        plan_of(tmp_path, grid)
+
+
+def test_a_method_entry_that_sets_a_key_its_method_ignores_is_refused(tmp_path: Path) -> None:
+    grid = {**BASE, "methods": {"sft": {}, "forward_kl": {"distill": {"beta": 0.2}}}}
+    with pytest.raises(ConfigError, match=r"'distill\.beta' = 0\.2: has no effect"):
+        plan_of(tmp_path, grid)

@@ -78,8 +78,14 @@ _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _MAX_EXTENDS_DEPTH = 8
 
 
+#: distill keys the grid's axes set for every run (``methods``, ``temperatures``,
+#: ``noise_stds``): a ``defaults`` layer setting one would be silently overwritten.
+AXIS_KEYS = ("method", "temperature", "noise_std")
+
+
 def _check_defaults(mapping: Mapping[str, Any], field_name: str) -> None:
-    """A ``defaults`` mapping holds only the known sections, each a mapping."""
+    """A ``defaults`` mapping holds only the known sections, each a mapping, and no key the
+    grid's axes set."""
     for key, value in mapping.items():
         check(
             key in DEFAULTS_SECTIONS,
@@ -87,6 +93,13 @@ def _check_defaults(mapping: Mapping[str, Any], field_name: str) -> None:
             f"unknown section {key!r}; valid sections: {', '.join(DEFAULTS_SECTIONS)}",
         )
         check(isinstance(value, Mapping), field_name, f"section {key!r} must be a mapping")
+    axes = [key for key in AXIS_KEYS if key in (mapping.get("distill") or {})]
+    check(
+        not axes,
+        field_name,
+        f"distill.{axes[0] if axes else ''} comes from the grid's axes (methods, temperatures, "
+        "noise_stds): set it there, not in defaults",
+    )
 
 
 def _check_temperatures(values: Sequence[float] | None, field_name: str) -> None:
@@ -191,7 +204,7 @@ class MethodEntry:
         _check_temperatures(self.temperatures, "temperatures")
         _check_defaults(self.defaults, "defaults")
         check(
-            not {"method", "temperature", "noise_std"} & set(self.distill),
+            not set(AXIS_KEYS) & set(self.distill),
             "distill",
             "method, temperature and noise_std come from the grid's axes; set them there",
         )

@@ -17,6 +17,7 @@ hash of their config); identical runs listed twice are planned once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,11 +26,13 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from kdlab.config.core import deep_merge, from_mapping, to_dict
-from kdlab.config.methods import SFT, teacher_cache_refusal
-from kdlab.config.schema import DistillConfig, FinetuneConfig
+from kdlab.config.foreign import foreign_key
+from kdlab.config.methods import SFT, get_method, teacher_cache_refusal
+from kdlab.config.schema import DistillConfig, DistillSettings, FinetuneConfig
 from kdlab.config.sweep import EstimateSection, ModelEntry, SweepConfig, TeacherEntry
 from kdlab.errors import ConfigError
 
@@ -180,6 +183,17 @@ def _layer(mapping: Mapping[str, Any] | None, *, keep_distill: bool) -> dict[str
     return {key: value for key, value in mapping.items() if keep_distill or key != "distill"}
 
 
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested mapping."""
+    leaves: list[tuple[str, Any]] = []
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            leaves += _flatten(value, f"{prefix}{key}.")
+        else:
+            leaves.append((f"{prefix}{key}", value))
+    return leaves
+
+
 def _merge_layers(layers: Iterable[Mapping[str, Any] | None], *, keep_distill: bool) -> dict:
     result: dict[str, Any] = {}
     for layer in layers:
@@ -206,6 +220,8 @@ class GridPlanner:
         self.source = grid_path or "grid"
         self.out_dir = Path(config.out_dir)
         self.notes: list[str] = []
+        #: shared ``defaults.distill`` key → whether some run reads it
+        self._shared_keys: dict[str, bool] = {}
 
     # ----------------------------------------------------------------- model configs
 
@@ -274,17 +290,26 @@ class GridPlanner:
         student_entry = config.students[student]
         method_entry = config.methods[method]
         teacher_entry = config.teachers[teacher] if teacher else None
-        layers = [
+        shared_layers = [
             config.defaults,
             config.families[family].defaults,
             student_entry.defaults,
             teacher_entry.student_defaults if teacher_entry else None,
-            method_entry.defaults,
         ]
-        mapping = _merge_layers(layers, keep_distill=True)
+        shared = _merge_layers(shared_layers, keep_distill=True)
+        own = _layer(method_entry.defaults, keep_distill=True)
+        mapping = deep_merge(shared, own)
         mapping.pop("model", None)
-        distill = deep_merge(mapping.pop("distill", {}) or {}, method_entry.distill)
-        distill["method"] = config.method_of(method)
+        mapping.pop("distill", None)
+        own_distill = deep_merge(own.get("distill") or {}, method_entry.distill)
+        own_distill["method"] = config.method_of(method)
+        # Shared layers are defaults for every run *where they apply*: a method that does not
+        # read a shared distill key (kd_weight for sft, generation for forward_kl) does not
+        # get it; the method's own entry is strict (refused when unread), and a shared key no
+        # run reads is refused when the plan is complete (_check_shared_keys).
+        distill = deep_merge(
+            self._shared_distill(shared.get("distill") or {}, own_distill), own_distill
+        )
         if temperature is not None:
             distill["temperature"] = temperature
         distill["noise_std"] = noise_std
@@ -343,6 +368,54 @@ class GridPlanner:
                 "seed": seed,
             },
         )
+
+    def _shared_distill(self, shared: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+        """The shared-layer distill keys the run's method reads (see :meth:`student_run`)."""
+        merged = deep_merge(shared, own)
+        defaults = DistillSettings()
+        probe = SimpleNamespace(
+            method=merged["method"],
+            divergence=merged.get("divergence", defaults.divergence),
+            lambda_on_policy=merged.get("lambda_on_policy", defaults.lambda_on_policy),
+            seqkd_greedy=merged.get("seqkd_greedy", defaults.seqkd_greedy),
+            generation=SimpleNamespace(
+                do_sample=(merged.get("generation") or {}).get(
+                    "do_sample", defaults.generation.do_sample
+                )
+            ),
+        )
+        read = get_method(probe.method).keys_read(probe)
+        fields = {item.name for item in dataclasses.fields(DistillSettings)}
+        kept: dict[str, Any] = {}
+        for key, value in _flatten(shared):
+            first, _, rest = key.partition(".")
+            if first not in fields:
+                alias = foreign_key("DistillSettings", first)
+                if alias is None or alias.target is None:
+                    read_key = key  # unknown: passed on, the loader refuses it by name
+                    read = read | {key}
+                else:
+                    read_key = ".".join(part for part in (alias.target, rest) if part)
+            else:
+                read_key = key
+            self._shared_keys.setdefault(key, False)
+            if read_key in read:
+                self._shared_keys[key] = True
+                node = kept
+                *parents, leaf = key.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
+        return kept
+
+    def _check_shared_keys(self) -> None:
+        """A shared ``defaults.distill`` key that no run of the grid reads is refused."""
+        unread = [key for key, applied in self._shared_keys.items() if not applied]
+        if unread:
+            raise ConfigError(
+                f"{self.source}: defaults set distill.{unread[0]}, which no run of the grid "
+                "reads (no method here uses it); remove it or add a method that does"
+            )
 
     def _uses_divergence(self, run: PlannedRun) -> bool:
         """Whether a KD run has a token-level divergence (so temperature and noise apply)."""
@@ -482,6 +555,7 @@ class GridPlanner:
                         students += self._kd_runs(teacher, teacher_run, method, family, seed)
             if config.base_models and config.eval_enabled:
                 base_evals += self.base_eval_runs(family)
+        self._check_shared_keys()
         training = _deduplicate(teachers + students, self.notes)
         runs = list(training)
         if config.eval_enabled:
