@@ -25,6 +25,13 @@ PAPER_EVAL_KEYS: dict[str, str] = {
     "batch_size": "batch_size",
     "max_new_tokens": "generation.max_new_tokens",
     "seed": "generation.seed",
+    # A student made of the first N layers is evaluated as that slice, not the full model.
+    "student_slice_layers": "model.slice_layers",
+    "temperature": "generation.temperature",
+    "top_p": "generation.top_p",
+    "top_k": "generation.top_k",
+    "do_sample": "generation.do_sample",
+    "num_beams": "generation.num_beams",
 }
 
 
@@ -48,7 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="EVAL_ARGS_JSON",
         default=None,
         help="Import the paper scripts' eval arguments (base_model, lora_weights, dataset, "
-        "batch_size); implies generation: paper unless overridden.",
+        "batch_size, student_slice_layers, temperature, top_p, top_k, do_sample, num_beams, "
+        "...); implies generation: paper unless overridden.",
+    )
+    parser.add_argument(
+        "--export-lm-eval",
+        metavar="DIR",
+        default=None,
+        help="Write lm-evaluation-harness task YAMLs (+ utils.py) for the 15 tasks with "
+        "kdlab's prompt and answer rule to DIR (data from data_dir), then exit.",
     )
     _allow_intermixed(parser)
 
@@ -123,6 +138,12 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "from_paper_args", None):
         base = import_paper_eval_args(args.from_paper_args)
     config = load_eval_config(config_path, overrides, base=base)
+    if getattr(args, "export_lm_eval", None):
+        from kdlab.evaluation.lm_eval_export import export_lm_eval_tasks
+
+        written = export_lm_eval_tasks(args.export_lm_eval, config)
+        print(f"wrote {len(written)} lm-eval files to {args.export_lm_eval}")
+        return 0
     report = evaluate(config)
     _, markdown = summary_tables([report.summary_row()], [result.task for result in report.results])
     print(markdown, end="")
