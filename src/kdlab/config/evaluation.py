@@ -175,7 +175,9 @@ class EvalConfig:
         "(relative to the config file) or hf:owner/name[:split]; type = " + TASK_TYPE_HELP + ".",
     )
     data_dir: str | None = config_field(
-        "data/eval", help="LLM-Adapters layout: <data_dir>/<task>/test.json."
+        "data/eval",
+        help="LLM-Adapters layout: <data_dir>/<task>/test.json (relative to the working "
+        "directory; `kdlab data prepare TASK --out DIR` writes such files from the hub).",
     )
     skip_missing: bool = config_field(
         False, help="Skip (with a warning) tasks whose data file is missing instead of failing."
