@@ -514,16 +514,13 @@ def _accuracy_metrics(task: Task, records: Sequence[dict[str, Any]]) -> dict[str
     differ only by the extraction rule (docs/evaluation.md).
     """
     n = len(records)
-    correct = sum(1 for record in records if record["correct"])
-    fields = accuracy_fields(correct, n)
-    paper = [
-        task.score_paper_rule(record.get("output") or "", record["gold"]) for record in records
-    ]
-    if task.paper_extractor is None or any(result is None for result in paper):
-        fields.update(accuracy_fields(0, 0, "accuracy_paper_rule"))
-        fields["paper_rule"] = None
-        return fields
-    paper_correct = sum(1 for result in paper if result is not None and result[1])
+    fields = accuracy_fields(sum(1 for record in records if record["correct"]), n)
+    if task.paper_extractor is None:  # a task without a paper rule (a registered extra)
+        return {**fields, **accuracy_fields(0, 0, "accuracy_paper_rule"), "paper_rule": None}
+    paper_correct = 0
+    for record in records:
+        scored = task.score_paper_rule(record.get("output") or "", record["gold"])
+        paper_correct += bool(scored and scored[1])
     fields.update(accuracy_fields(paper_correct, n, "accuracy_paper_rule"))
     fields["paper_rule"] = task.paper_extractor.name
     return fields
