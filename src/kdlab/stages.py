@@ -114,7 +114,8 @@ COMMANDS: dict[str, Command] = {
             loader=Ref("kdlab.config.evaluation:load_eval_config"),
             paper_args=Ref("kdlab.evaluation.stage:import_paper_eval_args"),
             paper_args_help="Import the paper scripts' eval arguments (base_model, lora_weights, "
-            "dataset, batch_size); implies generation: paper unless overridden.",
+            "dataset, batch_size, student_slice_layers, temperature, top_p, top_k, do_sample, "
+            "num_beams, ...); implies generation: paper unless overridden.",
             config_help="YAML config (see kdlab config --examples); optional.",
             resume_help="Continue an interrupted evaluation in output_dir.",
             overwrite_help="Delete an earlier evaluation in output_dir first.",

@@ -53,6 +53,11 @@ NUMERIC_CASES = [
     ("She ran 3 km on day 1, 4 km on day 2, and 5.25 km on day 3. Total: 12.25 km.", "12.25"),
     ("The answer is approximately 3.14.", "3.14"),
     ("Step1: add. Step2: subtract. Result 9", "9"),
+    # An explicit answer followed by arithmetic is not the answer (was read as 2: issue 13).
+    ("The answer is 2.5 + 1 = 3.5", "3.5"),
+    ("The answer is 1.5/2 = 0.75.", "0.75"),
+    ("She had 12.5 liters. The answer is 12.5 - 2.5 = 10 liters.", "10"),
+    ("#### 7.25 * 4 = 29", "29"),
 ]
 
 LETTER_CASES = [
@@ -81,6 +86,38 @@ LETTER_CASES = [
     ("Option A is wrong; the answer is (C)", "C"),
     ("The answer is: **(A)**", "A"),
     ("", None),
+]
+
+# Phrasings the letter rule must read (issue 13), from AQuA/MathQA-style model outputs.
+LETTER_PHRASINGS = [
+    ("Total cost = 12 * 5 = 60, so the correct option is e", "E"),
+    ("Speed = 120 / 2 = 60 km/h. Option C is correct.", "C"),
+    ("let the number be x . 5 x = 25 = > x = 5 . answer : a", "A"),
+    ("The difference is 23.65, so B is correct.", "B"),
+    ("The answer is: b", "B"),
+    ('Checking each choice, the answer is "C".', "C"),
+    ("answer: 'd'", "D"),
+    ("So the final answer is **D**.", "D"),
+    ("Answer: “E”", "E"),
+    (
+        "speed = 45 * 5 / 18 = 12.5 m / s . distance = 12.5 * 30 = 375 m . length of the "
+        "bridge = 375 - 245 = 130 m . so the answer is c ) 130",
+        "C",
+    ),
+    ("explanation : 60 % of 50 = 30 . answer is a", "A"),
+    ("option (b) is correct because 3 * 4 = 12", "B"),
+    # "A" as the article after "Answer:" is no answer; the later explicit one is.
+    (
+        "Answer: A train covers 120 km in 2 hours, so its speed is 60 km/h. The answer is (C).",
+        "C",
+    ),
+    ("Answer: A man buys 3 pens for $12. Each pen costs $4. So the answer is D", "D"),
+    ("Answer: A train covers 120 km in 2 hours.", None),
+    # Prose after a marker is not a letter.
+    ("The answer is a number between 1 and 5.", None),
+    ("To answer a question like this, compute 5 + 5 = 10. Answer: B", "B"),
+    ("The answer is e.g. the second one", None),
+    ("The answer is A because 5 > 3.", "A"),
 ]
 
 KEYWORD_CASES = [
@@ -124,6 +161,19 @@ def test_letter_extraction(text: str, expected: str | None) -> None:
     assert LetterExtractor().extract(text) == expected
 
 
+@pytest.mark.parametrize(("text", "expected"), LETTER_PHRASINGS)
+def test_letter_phrasings(text: str, expected: str | None) -> None:
+    assert LetterExtractor().extract(text) == expected
+    assert get_task("AQuA").extract(text) == expected
+
+
+def test_custom_letter_tasks_read_the_same_phrasings() -> None:
+    letters = make_extractor("letter", ["A", "B", "C", "D"])
+    assert letters.extract("the correct option is d") == "D"
+    assert letters.extract("answer : c ) 130") == "C"
+    assert letters.extract("the correct option is e") is None  # not one of its letters
+
+
 @pytest.mark.parametrize(("task", "text", "expected"), KEYWORD_CASES)
 def test_keyword_extraction(task: str, text: str, expected: str | None) -> None:
     assert get_task(task).extract(text) == expected
@@ -161,6 +211,70 @@ def test_the_scored_text_stops_at_a_new_instruction_block() -> None:
     text = "The answer is 5.\n\n### Instruction:\nWhat is 2 + 2?\n\n### Response:\nThe answer is 4."
     assert task.extract(text) == "5"
     assert task.extract("Let me think 3 4\n### Instruction") == "4"
+
+
+# (task, model output, gold, kdlab rule correct, paper rule correct)
+PAPER_RULE_CASES = [
+    # The paper reads the last number: a continued, hallucinated question wins.
+    (
+        "gsm8k",
+        "The answer is 8.\n\nQuestion: Tom has 5 apples and eats 2. He has 3.",
+        "8",
+        True,
+        False,
+    ),
+    ("gsm8k", "So 2 + 3 = 5 apples. The answer is 5.", "5.0", True, True),
+    ("gsm8k", "Each friend gets 3/4 of a pizza.", "0.75", True, False),  # paper: 4
+    ("SVAMP", "She pays $1,234.50 in total.", "1234.5", True, True),
+    # AQuA: the paper's first capital A-E is the "A" of "Answer".
+    ("AQuA", "Answer: (D)", "D", True, False),
+    ("AQuA", "The answer is (C).", "C", True, True),
+    ("AQuA", "(B)", "B", True, True),
+    # Commonsense: the first keyword, case-sensitive, no word boundary.
+    ("boolq", "the correct answer is true", "true", True, True),
+    ("boolq", "The correct answer is TRUE", "true", True, False),
+    ("ARC-Easy", "answer1 is wrong, the correct answer is answer2", "answer2", True, False),
+    ("piqa", "Solution2 is the better one", "solution2", True, False),
+]
+
+
+@pytest.mark.parametrize(("task", "text", "gold", "ours", "paper"), PAPER_RULE_CASES)
+def test_kdlab_rule_and_paper_rule(
+    task: str, text: str, gold: str, ours: bool, paper: bool
+) -> None:
+    entry = get_task(task)
+    assert entry.score(text, gold)[1] is ours
+    assert entry.score_paper_rule(text, gold)[1] is paper
+
+
+def test_paper_rules_equal_the_paper_scripts(shared_eval_dir) -> None:
+    """On every shipped reference output, our paper rule = the scripts' code, reimplemented."""
+    for name in ("gsm8k", "SVAMP", "AddSub", "MultiArith", "SingleEq", "AQuA", "boolq", "piqa"):
+        task = get_task(name)
+        for record in json.loads((shared_eval_dir / name / "test.json").read_text())[:200]:
+            output = record["output"]
+            extracted, correct = task.score_paper_rule(output, record["answer"])
+            if task.family == "math" and name != "AQuA":
+                expected = _paper_math(output)
+                assert (None if extracted is None else float(extracted)) == expected
+                assert correct == (
+                    expected is not None and abs(expected - float(record["answer"])) <= 1e-3
+                )
+            else:
+                options = {
+                    "AQuA": r"A|B|C|D|E",
+                    "boolq": r"true|false",
+                    "piqa": r"solution1|solution2",
+                }
+                found = re.findall(options[name], output.strip())
+                assert extracted == (found[0] if found else None)
+                assert correct == (bool(found) and found[0] == record["answer"])
+
+
+def test_every_registered_task_has_a_paper_rule() -> None:
+    from kdlab.evaluation import list_tasks
+
+    assert all(get_task(name).paper_extractor is not None for name in list_tasks())
 
 
 def _paper_math(text: str) -> float | None:

@@ -96,7 +96,8 @@ def test_every_shared_task_end_to_end(tiny_model_dir, shared_eval_dir, tmp_path,
         assert metrics["generation"]["max_new_tokens"] == 4
     with open(out / "summary.csv", newline="") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0] == ["Model", *tasks, "Average"] and len(rows) == 2
+    assert rows[0][: len(tasks) + 3] == ["Model", *tasks, "Average", "Average_paper_rule"]
+    assert len(rows) == 2
     assert (out / "summary.md").read_text().startswith("| Model | gsm8k |")
     run = json.loads((out / "run.json").read_text())
     assert run["stage"] == "eval" and run["role"] == "base" and run["model_params"] > 0
@@ -211,8 +212,12 @@ def test_summary_of_several_models(tiny_model_dir, shared_eval_dir, tmp_path) ->
     assert columns == ["gsm8k", "boolq"]
     assert [row["Model"] for row in rows] == ["first", "second"]
     csv_text, markdown = summary_tables(rows, columns)
-    assert csv_text.splitlines()[0] == "Model,gsm8k,boolq,Average"
-    assert markdown.count("\n") == 4
+    assert csv_text.splitlines()[0].startswith(
+        "Model,gsm8k,boolq,Average,Average_paper_rule,gsm8k_ci95_lo,gsm8k_ci95_hi,gsm8k_stderr,"
+    )
+    wide, long = markdown.split("\n\n")[:2]
+    assert wide.count("\n") == 3  # header, rule, two models
+    assert long.count("\n") == 5  # header, rule, two models x two tasks
 
 
 def test_resume_refuses_other_settings_and_overwrite_starts_again(

@@ -12,6 +12,10 @@ Example (``configs/eval/smollm2_all_limit16.yaml``)::
 ``generation: paper`` (or ``generation: {preset: paper}``) reproduces the paper's decoding:
 pure sampling with T = 1, top_p = 1, top_k = 0 and 256 new tokens. The default preset is
 greedy decoding. Fields set explicitly win over the preset.
+
+Custom tasks are mappings ``{name, path, type[, choices]}`` in ``tasks``; a relative
+``path`` in a config file is relative to that file (on the command line: to the working
+directory). ``docs/evaluation.md`` describes tasks, templates, scoring and the metrics.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kdlab.config.core import (
@@ -54,11 +59,19 @@ GENERATION_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-#: Values accepted by ``tasks`` besides task names: group names (see kdlab.evaluation).
+#: The ``type`` values of a custom task (kdlab.evaluation.extractors.EXTRACTOR_TYPES, by
+#: family; a test keeps the two in step).
 TASK_TYPE_HELP = (
-    "numeric, letter, boolean/boolq, solution/piqa, answer/social_i_qa/arc, "
-    "ending/hellaswag, option/winogrande, keyword (with choices), commonsense (inferred)"
+    "numeric (also number, math), letter (also multiple_choice, aqua), "
+    "boolean (also boolq, true_false), solution (also piqa), "
+    "answer (also social_i_qa, arc, openbookqa), ending (also hellaswag), "
+    "option (also winogrande), keyword (needs choices), commonsense (keyword set inferred "
+    "from the gold answers)"
 )
+#: Prompt templates of an evaluation: the training templates plus ``raw``.
+EVAL_TEMPLATES = ("alpaca", "chat", "raw")
+#: How items are scored.
+SCORING_MODES = ("generate", "loglikelihood")
 
 
 @dataclass
@@ -114,7 +127,10 @@ class CustomTaskConfig:
 
     name: str = config_field("", help="Task name (output sub-directory and summary column).")
     path: str | None = config_field(
-        None, help="Data file (.json/.jsonl) or hf:owner/name[:split]; default <data_dir>/<name>."
+        None,
+        help="Data file (.json/.jsonl, LLM-Adapters records: instruction, input, output, "
+        "answer), a save_to_disk directory or hf:owner/name[:split]; relative to the config "
+        "file; default <data_dir>/<name>/test.json.",
     )
     type: str | None = config_field(
         None, help=f"Extractor family: {TASK_TYPE_HELP}. Omit for a registered task name."
@@ -156,18 +172,32 @@ class EvalConfig:
     tasks: list[str | CustomTaskConfig] | str = config_field(
         default_factory=lambda: ["math"],
         help="Task names, groups (math, math_all, commonsense, all) or custom entries "
-        "{name, path, type}.",
+        "{name, path, type[, choices]}: path = a .json/.jsonl file of LLM-Adapters records "
+        "(relative to the config file) or hf:owner/name[:split]; type = " + TASK_TYPE_HELP + ".",
     )
     data_dir: str | None = config_field(
-        "data/eval", help="LLM-Adapters layout: <data_dir>/<task>/test.json."
+        "data/eval",
+        help="LLM-Adapters layout: <data_dir>/<task>/test.json (relative to the working "
+        "directory; `kdlab data prepare TASK --out DIR` writes such files from the hub).",
     )
     skip_missing: bool = config_field(
         False, help="Skip (with a warning) tasks whose data file is missing instead of failing."
     )
     limit: int | None = config_field(None, help="Evaluate the first N items of each task.")
     batch_size: int = config_field(16, help="Prompts per generation batch.")
-    template: str = config_field(
-        "alpaca", help="Prompt template (the one used in training).", choices=("alpaca", "chat")
+    template: str | None = config_field(
+        None,
+        help="Prompt template: alpaca, chat (tokenizer.apply_chat_template) or raw (the "
+        "instruction text as is, lm-evaluation-harness's zero-shot form); null = the run's "
+        "training template (data.template of run_dir/config.yaml), else alpaca.",
+        choices=EVAL_TEMPLATES,
+    )
+    scoring: str = config_field(
+        "generate",
+        help="generate (answers generated and extracted, as the paper) or loglikelihood "
+        "(multiple-choice tasks: each option's continuation scored; acc and acc_norm, as "
+        "lm-evaluation-harness).",
+        choices=SCORING_MODES,
     )
     generation: EvalGenerationConfig = dataclasses.field(
         default_factory=EvalGenerationConfig,
@@ -219,6 +249,11 @@ class EvalConfig:
             "adapter",
             "a run_dir brings its own adapter; do not also give one",
         )
+        check(
+            self.scoring != "loglikelihood" or self.backend != "vllm",
+            "backend",
+            "vllm only generates; scoring: loglikelihood runs on the hf backend",
+        )
 
 
 def load_eval_config(
@@ -237,7 +272,7 @@ def load_eval_config(
     data: dict[str, Any] = dict(base or {})
     source = "command line"
     if path is not None:
-        data = deep_merge(data, read_yaml_mapping(path))
+        data = deep_merge(data, _relative_to(read_yaml_mapping(path), Path(path).parent))
         source = str(path)
     data = apply_overrides(data, overrides)
     if isinstance(data.get("model"), str):
@@ -267,6 +302,26 @@ def load_eval_config(
     return from_mapping(EvalConfig, data, source=source)
 
 
+def _relative_to(data: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """Custom task paths of a config file, made relative to the file's directory.
+
+    ``hf:`` specs and absolute paths stay as they are; so do all other paths of the config
+    (``data_dir``, ``run_dir``, ...), which are relative to the working directory.
+    """
+    tasks = data.get("tasks")
+    if not isinstance(tasks, list):
+        return data
+    resolved: list[Any] = []
+    for entry in tasks:
+        path = entry.get("path") if isinstance(entry, Mapping) else None
+        if isinstance(path, str) and path and not path.startswith("hf:"):
+            location = Path(path).expanduser()
+            if not location.is_absolute():
+                entry = {**entry, "path": str(directory / location)}
+        resolved.append(entry)
+    return {**data, "tasks": resolved}
+
+
 def compact_dict(config: EvalConfig) -> dict[str, Any]:
     """The resolved config as a plain mapping, name-only task entries written as names."""
     data = to_dict(config)
@@ -280,7 +335,9 @@ def compact_dict(config: EvalConfig) -> dict[str, Any]:
 
 
 __all__ = [
+    "EVAL_TEMPLATES",
     "GENERATION_PRESETS",
+    "SCORING_MODES",
     "CustomTaskConfig",
     "EvalConfig",
     "EvalGenerationConfig",

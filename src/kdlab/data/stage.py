@@ -6,6 +6,7 @@ Subcommands::
     kdlab data stats PATH... [--tokenizer MODEL_DIR]
     kdlab data overlap TRAIN... --eval-dir DIR [--json PATH]
     kdlab data generate --out PATH [--n N] [--seed S] [--split train|test] [--templates ...]
+    kdlab data prepare TASK [--source HUB_ID_OR_DIR] --out DIR [--split S] [--name CONFIG]
 
 Every PATH may also be a source spec (``hf:owner/name[:split]``,
 ``generated:arithmetic?n=100``). Problems with the data raise
@@ -37,7 +38,7 @@ _TOP_ANSWERS = 5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``validate``, ``stats``, ``overlap`` and ``generate`` subcommands."""
+    """Add the ``validate``, ``stats``, ``overlap``, ``generate`` and ``prepare`` subcommands."""
     commands = parser.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
 
     validate = commands.add_parser(
@@ -98,6 +99,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"Comma-separated template mix (default: {','.join(TEMPLATES)}).",
     )
 
+    prepare = commands.add_parser(
+        "prepare",
+        help="Convert a benchmark from its hub format into <out>/<task>/test.json.",
+        description="Convert one of the 15 benchmarks from its Hugging Face hub schema "
+        "(or a save_to_disk copy / JSON file of it) into kdlab's task format.",
+    )
+    prepare.add_argument("task", metavar="TASK", help="Benchmark name, e.g. hellaswag, gsm8k.")
+    prepare.add_argument(
+        "--source",
+        default=None,
+        metavar="HUB_ID_OR_DIR",
+        help="Hub id (datasets.load_dataset), save_to_disk directory or .json/.jsonl file; "
+        "default: the benchmark's hub id (see kdlab.data.prepare.BENCHMARKS).",
+    )
+    prepare.add_argument("--out", required=True, metavar="DIR", help="data_dir to write into.")
+    prepare.add_argument("--split", default=None, help="Split (default: the labelled one).")
+    prepare.add_argument("--name", default=None, help="Hub config name (e.g. ARC-Easy, main).")
+
 
 def main(args: argparse.Namespace) -> int:
     """Run the chosen ``kdlab data`` subcommand; returns the exit code."""
@@ -106,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
         "stats": _stats,
         "overlap": _overlap,
         "generate": _generate,
+        "prepare": _prepare,
     }
     command = getattr(args, "data_command", None)
     if command not in handlers:
@@ -293,4 +313,17 @@ def _generate(args: argparse.Namespace) -> int:
         raise DataError(f"{out}: is a directory, expected a .json file path")
     atomic_write_json(out, records)
     print(f"wrote {len(records)} {args.split} problems to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from kdlab.data.prepare import prepare
+
+    path, count = prepare(
+        args.task, args.out, source=args.source, config=args.name, split=args.split
+    )
+    print(f"wrote {count} {args.task} records to {path}")
     return 0

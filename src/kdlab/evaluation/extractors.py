@@ -8,14 +8,19 @@ Three families, one per kind of gold answer in the LLM-Adapters test sets:
   signs, units, a trailing period, negatives, decimals, simple fractions (``3/4``) and
   percentages are handled; :func:`numbers_match` scores with the paper's ``|pred - gold| <=
   1e-3``.
-- :class:`LetterExtractor` (AQuA): the option letter of an explicit statement ("answer is
-  (D)", "answer: D"), else the last ``(D)`` / ``D)``, else the last standalone capital letter
-  that is not an article ("A train ..."). Never a letter inside a word: the paper's scripts
-  take the first capital A-E anywhere, which is the "A" of "Answer".
+- :class:`LetterExtractor` (AQuA): the option letter of the first explicit statement ("answer
+  is (D)", "answer : d", "the correct option is e", "Option C is correct"), else the last
+  ``(D)`` / ``D)``, else the last standalone capital letter that is not an article ("A train
+  ..."). Never a letter inside a word: the paper's scripts take the first capital A-E
+  anywhere, which is the "A" of "Answer".
 - :class:`KeywordExtractor` (commonsense): the task's option keyword (``true``/``false``,
   ``solution1``/``2``, ``answer1``-``5``, ``ending1``-``4``, ``option1``/``2``), from "the
   correct answer is X" first, else the first keyword in the text, case-insensitively.
   Keywords inside a slash list (an echoed "Answer format: answer1/answer2") are skipped.
+
+Next to each kdlab rule, the paper scripts' rule is kept (:class:`PaperLastNumberExtractor`,
+:class:`PaperFirstMatchExtractor`) so that metrics.json can report ``accuracy_paper_rule``,
+comparable with the paper's tables (``docs/evaluation.md`` compares the rules).
 
 Every extractor returns ``None`` or a candidate that occurs in the text (for numbers: in
 :func:`normalize_numeric_text` of it; for keywords: case-insensitively), and never raises.
@@ -58,10 +63,13 @@ _MINUS_TRANSLATION = str.maketrans({sign: "-" for sign in _MINUS_SIGNS})
 
 # A number: optional sign (not a hyphen between words or digits), digits with an optional
 # decimal part or a leading-dot decimal, an optional "/denominator" (a simple fraction).
+# The end guard also refuses a stop before ".digit" or "/digit": without it, a pattern that
+# needs something after the number (no arithmetic following) backtracks into the integer
+# part and reads "The answer is 2.5 + 1 = 3.5" as 2.
 _NUMBER = (
     r"(?<![0-9A-Za-z.)\]])(?:-(?=[.0-9]))?"
     r"(?:[0-9]+(?:\.[0-9]+)?(?:/[0-9]+(?:\.[0-9]+)?)?|\.[0-9]+)"
-    r"(?![0-9])"
+    r"(?![0-9]|[./][0-9])"
 )
 _NUMBER_PATTERN = re.compile(_NUMBER)
 
@@ -165,9 +173,37 @@ def _clean_literal(literal: str) -> str | None:
 # --------------------------------------------------------------------------- letters
 
 
+# Quotes and emphasis that may wrap an option letter: "C", 'c', “C”, **C**, _C_, `C`.
+_LETTER_OPENERS = "\"'“‘*_`"
+_LETTER_CLOSERS = "\"'”’*_`"
+# Words after which "A" is still the option letter, not the article ("The answer is A because").
+_AFTER_LETTER = re.compile(
+    r"\s+(?:because|since|as|is|was|which|with|and|or|for|if|so|here|then|option|choice)\b",
+    re.IGNORECASE,
+)
+# A letter followed by nothing, or by punctuation that is not part of a word ("e.g." is not).
+_LETTER_ENDS = re.compile(r"\s*(?:$|[).,;:!?\]](?![A-Za-z0-9]))")
+
+
 @dataclass(frozen=True)
 class LetterExtractor:
-    """An option letter (``A``-``E`` by default), never a letter inside a word."""
+    """An option letter (``A``-``E`` by default), never a letter inside a word.
+
+    Rules, in order (the first that finds a letter wins):
+
+    1. the **first** explicit statement: a marker ("answer", "the correct option/choice/
+       answer", "final answer") optionally followed by "is", ":", "=", "option", quotes or
+       emphasis, then the letter, bracketed or alone, upper or lower case ("answer : a",
+       "The answer is: b", "the correct option is e", 'answer is "C"', MathQA's "so the
+       answer is c ) 130"); or the letter stated as correct ("Option C is correct", "B is
+       correct", "(E) is right"). A lower-case letter counts only when no word follows it
+       (except "because", "since", ...), and "A" followed by a word is the article: "Answer:
+       A train covers ..." is no statement, so a later "The answer is (C)" wins;
+    2. the **last** bracketed letter ``(D)`` or ``D)``;
+    3. the **last** standalone capital that is not an article ("A train ...").
+
+    Restated option lists (``(A) .. (B) .. (C) ..``) are skipped in 2 and 3.
+    """
 
     letters: str = "ABCDE"
     name: str = "letter"
@@ -176,27 +212,46 @@ class LetterExtractor:
     def __post_init__(self) -> None:
         upper = "[" + re.escape(self.letters.upper()) + "]"
         lower = "[" + re.escape(self.letters.lower()) + "]"
+        either = "[" + re.escape(self.letters.upper() + self.letters.lower()) + "]"
         # A letter that is a token of its own: no word character (ASCII or not) or
         # apostrophe touching it.
         alone = r"(?<![\w'’])(" + upper + r")(?![\w'’])"
+        openers = "[" + re.escape(_LETTER_OPENERS) + r"\s]*"
         marker = (
-            r"(?<![A-Za-z])(?i:answer|(?:correct|right|best)\s+(?:option|choice))\s*"
-            r"(?i:is|:|=|would\s+be|will\s+be)?\s*(?i:option|choice)?\s*[:\s]*[\"'*]*"
+            r"(?<![A-Za-z])(?i:answer|(?:correct|right|best|final)\s+(?:answer|option|choice))"
+            r"(?:\s*(?i:is|was|would\s+be|will\s+be|should\s+be|=|:)){0,2}"
+            r"\s*(?:(?i:option|choice)\b\s*[:\-]?)?" + openers
         )
-        explicit = re.compile(marker + r"(?:\((" + upper + "|" + lower + r")\)|" + alone + ")")
+        stated = re.compile(marker + r"(?:\((" + either + r")\)|(?<!\w)(" + either + r")(?!\w))")
+        is_correct = re.compile(
+            r"(?:(?<![\w'’])(?i:option|choice)\s*[(" + re.escape(_LETTER_OPENERS) + r"]?"
+            r"(" + either + r")|[(" + re.escape(_LETTER_OPENERS) + r"]?(?<!\w)(" + upper + r"))"
+            r"[)" + re.escape(_LETTER_CLOSERS) + r"]?(?![\w])"
+            r"\s+(?i:is\s+(?:the\s+)?(?:correct|right)\b)"
+        )
         parenthesized = re.compile(r"\((" + upper + r")\)|(?<![\w'’(])(" + upper + r")\)")
         # Not an article: "A train leaves ..." is not option A.
         standalone = re.compile(r"(?<!\()" + alone + r"(?!\s+[a-z])(?!\))")
-        object.__setattr__(self, "_patterns", (explicit, parenthesized, standalone))
+        object.__setattr__(
+            self, "_patterns", (stated, is_correct, parenthesized, standalone, re.compile(lower))
+        )
 
     def extract(self, text: str) -> str | None:
         """The option letter (upper case), or ``None``."""
         if not isinstance(text, str) or not text:
             return None
-        explicit, parenthesized, standalone = self._patterns
-        found = explicit.search(text)
-        if found is not None:
-            return (found.group(1) or found.group(2)).upper()
+        stated, is_correct, parenthesized, standalone, _ = self._patterns
+        candidates: list[tuple[int, str]] = []
+        for found in stated.finditer(text):
+            if found.group(1) is not None:  # bracketed: "(c)"
+                candidates.append((found.start(1), found.group(1)))
+            elif _letter_stands_alone(found.group(2), text[found.end(2) :]):
+                candidates.append((found.start(2), found.group(2)))
+        for found in is_correct.finditer(text):
+            letter = found.group(1) or found.group(2)
+            candidates.append((found.start(1) if found.group(1) else found.start(2), letter))
+        if candidates:
+            return min(candidates)[1].upper()
         matches = _drop_echoed_options(
             [m.group(1) or m.group(2) for m in parenthesized.finditer(text)], self.letters
         )
@@ -212,6 +267,21 @@ class LetterExtractor:
         if prediction is None:
             return False
         return _letter_key(prediction) == _letter_key(gold)
+
+
+def _letter_stands_alone(letter: str, rest: str) -> bool:
+    """Whether a letter after an answer marker is the answer, given the text after it.
+
+    ``rest`` starts right after the letter. No word may follow a lower-case letter (else it
+    is prose: "the answer is a number"), and "A" followed by a word is the article ("Answer:
+    A train ..."); connectives ("because", "since", ...) are allowed after both.
+    """
+    rest = rest.lstrip(_LETTER_CLOSERS)
+    if _LETTER_ENDS.match(rest) or _AFTER_LETTER.match(rest):
+        return True
+    if letter.islower():
+        return False
+    return not (letter == "A" and re.match(r"\s+[a-z]", rest))
 
 
 def _drop_echoed_options(letters: list[str], order: str) -> list[str]:
@@ -273,6 +343,72 @@ class KeywordExtractor:
         if prediction is None:
             return False
         return prediction.strip().lower() == str(gold).strip().lower()
+
+
+# --------------------------------------------------------------------------- paper rules
+
+# The paper scripts' number pattern, applied after removing every comma.
+_PAPER_NUMBER = re.compile(r"-?\d+\.?\d*")
+
+
+@dataclass(frozen=True)
+class PaperLastNumberExtractor:
+    r"""The paper's math rule: commas removed, the **last** ``-?\d+\.?\d*`` in the text.
+
+    Reimplements ``extract_answer_number`` of the paper's evaluation script: no explicit
+    answer statement is looked for, so "The answer is 8. Q: ... 3 apples" reads 3. Correct
+    when ``|prediction - gold| <= 1e-3``.
+    """
+
+    name: str = "paper_last_number"
+    tolerance: float = NUMERIC_TOLERANCE
+
+    def extract(self, text: str) -> str | None:
+        """The last number literal, or ``None`` (the paper's ``inf``: always wrong)."""
+        if not isinstance(text, str):
+            return None
+        numbers = _PAPER_NUMBER.findall(text.replace(",", ""))
+        return numbers[-1] if numbers else None
+
+    def is_correct(self, prediction: str | None, gold: str) -> bool:
+        """``|float(prediction) - float(gold)| <= tolerance``."""
+        try:
+            return abs(float(str(prediction)) - float(str(gold))) <= self.tolerance
+        except (TypeError, ValueError, OverflowError):
+            return False
+
+
+@dataclass(frozen=True)
+class PaperFirstMatchExtractor:
+    """The paper's rule for options: the **first** occurrence of any option string.
+
+    Case-sensitive and without word boundaries, as the paper's ``re.findall(r'A|B|C|D|E',
+    text)[0]`` (AQuA: the "A" of "Answer" counts) and ``re.findall(r'true|false', ...)``
+    (commonsense: "answer10" reads as "answer1"). Correct on exact equality with the gold.
+    """
+
+    options: tuple[str, ...]
+    name: str = "paper_first_match"
+    _pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.options:
+            raise ValueError("PaperFirstMatchExtractor needs at least one option")
+        # Alternatives in the paper's order: re tries them left to right at each position.
+        object.__setattr__(
+            self, "_pattern", re.compile("|".join(re.escape(o) for o in self.options))
+        )
+
+    def extract(self, text: str) -> str | None:
+        """The first option string found, or ``None``."""
+        if not isinstance(text, str):
+            return None
+        found = self._pattern.search(text.strip())
+        return found.group(0) if found else None
+
+    def is_correct(self, prediction: str | None, gold: str) -> bool:
+        """Exact string equality (the paper's ``label == predict``)."""
+        return prediction is not None and prediction == str(gold)
 
 
 # --------------------------------------------------------------------------- families
@@ -339,3 +475,18 @@ def infer_keyword_set(golds: list[str]) -> tuple[str, ...] | None:
         if answers and answers <= set(keywords):
             return keywords
     return None
+
+
+#: The paper's rule for each kdlab extractor type (used for custom tasks; registered tasks
+#: declare theirs in their entry).
+_PAPER_RULE_OF = {
+    NumericExtractor: lambda extractor: PaperLastNumberExtractor(),
+    LetterExtractor: lambda extractor: PaperFirstMatchExtractor(tuple(extractor.letters)),
+    KeywordExtractor: lambda extractor: PaperFirstMatchExtractor(tuple(extractor.keywords)),
+}
+
+
+def paper_rule_for(extractor: Extractor) -> Extractor | None:
+    """The paper scripts' extraction rule for the answers ``extractor`` reads (or ``None``)."""
+    builder = _PAPER_RULE_OF.get(type(extractor))
+    return builder(extractor) if builder is not None else None

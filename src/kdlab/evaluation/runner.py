@@ -5,8 +5,11 @@ Output (``docs/run-layout.md``)::
     <out>/config.yaml                the resolved EvalConfig (written first)
     <out>/<task>/predictions.jsonl   index, instruction, gold, output, extracted, correct
                                      (appended after every batch; sorted by index at the end)
-    <out>/<task>/metrics.json        accuracy (%), n, correct, extraction_failures, excluded, ...
-    <out>/summary.csv, summary.md    one row per model: task columns + Average
+    <out>/<task>/metrics.json        accuracy (%) with its 95 % Wilson interval and standard
+                                     error, accuracy_paper_rule (the paper scripts' rule) with
+                                     its interval, n, correct, extraction_failures, excluded,
+                                     template, scoring, ...
+    <out>/summary.csv, summary.md    one row per model: task columns + Average (+ intervals)
     <out>/run.json                   the evaluated model's identity
     <out>/DONE                       written last
 
@@ -15,6 +18,11 @@ items whose question occurs in the training file(s) before ``limit`` takes the f
 the rest (so ``limit`` is the number of items scored); ``excluded`` counts the removed ones.
 An interrupted evaluation resumes: items already in ``predictions.jsonl`` are not generated
 again (a torn last line, left by a kill, is repaired).
+
+Prompts use one template per evaluation (:func:`kdlab.evaluation.prompts.resolve_template`:
+the config's, else the run's training template, else the task's). ``scoring:
+loglikelihood`` scores the options of multiple-choice tasks instead of generating
+(:mod:`kdlab.evaluation.loglikelihood`); ``docs/evaluation.md`` describes both.
 """
 
 from __future__ import annotations
@@ -36,14 +44,17 @@ from kdlab.config.run_identity import RunIdentity, read_run_identity
 from kdlab.config.schema import ModelConfig
 from kdlab.errors import DataError, KdlabError
 from kdlab.evaluation.generation import Generator, choose_backend
+from kdlab.evaluation.prompts import resolve_template
 from kdlab.evaluation.tasks import (
     Task,
     custom_task,
     default_data_source,
     expand_task_names,
     get_task,
+    list_tasks,
 )
 from kdlab.utils.faults import maybe_fault
+from kdlab.utils.intervals import accuracy_fields
 from kdlab.utils.io import (
     append_jsonl,
     atomic_write_json,
@@ -60,7 +71,15 @@ METRICS_FILE = "metrics.json"
 #: Files of an evaluation directory besides the per-task folders.
 RUN_FILES = ("config.yaml", "run.json", "summary.csv", "summary.md", "DONE")
 #: Config keys that must match for ``resume`` to continue an earlier evaluation.
-RESUME_KEYS = ("model", "adapter", "run_dir", "template", "generation", "decontaminate_against")
+RESUME_KEYS = (
+    "model",
+    "adapter",
+    "run_dir",
+    "template",
+    "scoring",
+    "generation",
+    "decontaminate_against",
+)
 
 
 # --------------------------------------------------------------------------- planning
@@ -304,23 +323,18 @@ class EvalReport:
         return sum(values) / len(values) if values else None
 
     def summary_row(self) -> dict[str, Any]:
-        """The Model, task and Average cells of this evaluation."""
-        row: dict[str, Any] = {"Model": self.label}
-        for result in self.results:
-            row[result.task] = result.accuracy
-        row["Average"] = self.average
-        return row
+        """The Model, task, Average and interval cells of this evaluation."""
+        return summary_row(self.label, [(r.task, r.metrics) for r in self.results])
 
 
 GeneratorFactory = Callable[[], Generator]
 
 
 def _prompt(task: Task, item: dict[str, Any], tokenizer: Any) -> str:
-    from kdlab.data.templates import build_prompt
+    """The rendered prompt of one item (``task.template`` is the evaluation's template)."""
+    from kdlab.evaluation.prompts import render_prompt
 
-    return build_prompt(
-        item["instruction"], item.get("input", ""), template=task.template, tokenizer=tokenizer
-    )
+    return render_prompt(task.template, item["instruction"], item.get("input", ""), tokenizer)
 
 
 def _load_done(path: Path, plan: TaskPlan) -> dict[int, dict[str, Any]]:
@@ -479,7 +493,7 @@ def _metrics(
         "task": plan.task.name,
         "family": plan.task.family,
         "metric": plan.task.metric,
-        "accuracy": round(100.0 * correct / n, 4) if n else None,
+        **_accuracy_metrics(plan.task, records),
         "n": n,
         "correct": correct,
         "extraction_failures": failures,
@@ -489,6 +503,7 @@ def _metrics(
         "data": plan.source,
         "decontaminate_against": config.decontaminate_against,
         "template": plan.task.template,
+        "scoring": "generate",
         "generation": config.generation.as_dict(),
         "batch_size": config.batch_size,
         "generated_this_session": generated,
@@ -498,7 +513,216 @@ def _metrics(
     }
 
 
+def _accuracy_metrics(task: Task, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """accuracy (kdlab's rule) and accuracy_paper_rule, each with its interval and stderr.
+
+    The paper's rule is applied to the same scored text as kdlab's (``output``), so the two
+    differ only by the extraction rule (docs/evaluation.md).
+    """
+    n = len(records)
+    fields = accuracy_fields(sum(1 for record in records if record["correct"]), n)
+    if task.paper_extractor is None:  # a task without a paper rule (a registered extra)
+        return {**fields, **accuracy_fields(0, 0, "accuracy_paper_rule"), "paper_rule": None}
+    paper_correct = 0
+    for record in records:
+        scored = task.score_paper_rule(record.get("output") or "", record["gold"])
+        paper_correct += bool(scored and scored[1])
+    fields.update(accuracy_fields(paper_correct, n, "accuracy_paper_rule"))
+    fields["paper_rule"] = task.paper_extractor.name
+    return fields
+
+
+# --------------------------------------------------------------------------- log-likelihood
+
+
+def run_loglikelihood_task(
+    plan: TaskPlan,
+    config: EvalConfig,
+    out_dir: Path,
+    get_scorer: Callable[[], Any],
+    *,
+    context: dict[str, Any],
+) -> TaskResult:
+    """Score every option of the missing items of one task, then write metrics.json.
+
+    predictions.jsonl holds per item: the options' ``keywords``, the ``continuations`` and
+    their summed ``loglikelihoods``, the rendered ``prompt`` (``prompts`` when the context
+    differs per option), ``extracted`` / ``correct`` (highest sum: acc) and
+    ``extracted_norm`` / ``correct_norm`` (highest sum per character: acc_norm).
+    """
+    from kdlab.evaluation.loglikelihood import Request, predictions
+    from kdlab.evaluation.prompts import continuation_delimiter, render_prompt
+
+    task = plan.task
+    if task.choices is None:
+        raise KdlabError(f"task {task.name} has no options to score by log-likelihood")
+    task_dir = out_dir / task.name
+    if task.name in RUN_FILES or task_dir.resolve().parent != out_dir.resolve():
+        raise KdlabError(f"task name {task.name!r} cannot be a folder of {out_dir}")
+    task_dir.mkdir(parents=True, exist_ok=True)
+    predictions_path = task_dir / PREDICTIONS_FILE
+    items = {
+        item["index"]: task.choices.parse(item, where=f"{plan.source}: record {item['index']}")
+        for item in plan.items
+    }
+    done = _load_done(predictions_path, plan)
+    pending = [item for item in plan.items if item["index"] not in done]
+    delimiter = continuation_delimiter(task.template)
+    started = time.perf_counter()
+    if pending:
+        scorer = get_scorer()
+        tokenizer = scorer.tokenizer
+        progress = _progress(len(pending), task.name)
+        try:
+            # One scoring call per batch of items, so that a kill loses at most one batch.
+            for start in range(0, len(pending), config.batch_size):
+                batch = pending[start : start + config.batch_size]
+                requests: list[Request] = []
+                for item in batch:
+                    choice = items[item["index"]]
+                    for option_context, continuation in zip(
+                        choice.contexts, choice.continuations, strict=True
+                    ):
+                        prompt = render_prompt(task.template, option_context, "", tokenizer)
+                        requests.append(Request(prompt, delimiter + continuation))
+                scores = scorer.score(requests)
+                position = 0
+                for item in batch:
+                    choice = items[item["index"]]
+                    count = len(choice.keywords)
+                    lls = scores[position : position + count]
+                    position += count
+                    prompts = [r.context for r in requests[position - count : position]]
+                    record = _loglikelihood_record(item, choice, lls, prompts)
+                    append_jsonl(predictions_path, record)
+                    maybe_fault("eval_output")
+                    done[item["index"]] = record
+                progress.update(len(batch))
+        finally:
+            progress.close()
+    elapsed = time.perf_counter() - started
+    records = []
+    for item in sorted(plan.items, key=lambda item: item["index"]):
+        record = done[item["index"]]
+        best, best_norm = predictions(record["loglikelihoods"], record["continuations"])
+        keywords = record["keywords"]
+        gold = str(item["answer"]).strip().lower()
+        record = {
+            **record,
+            "extracted": keywords[best],
+            "correct": keywords[best] == gold,
+            "extracted_norm": keywords[best_norm],
+            "correct_norm": keywords[best_norm] == gold,
+        }
+        records.append(record)
+    atomic_write_text(predictions_path, "".join(_json_line(record) for record in records))
+    n = len(records)
+    correct = sum(record["correct"] for record in records)
+    correct_norm = sum(record["correct_norm"] for record in records)
+    metrics = {
+        "task": task.name,
+        "family": task.family,
+        "metric": "acc",
+        **accuracy_fields(correct, n),
+        **accuracy_fields(correct, n, "acc"),
+        **accuracy_fields(correct_norm, n, "acc_norm"),
+        **accuracy_fields(0, 0, "accuracy_paper_rule"),
+        "paper_rule": None,
+        "n": n,
+        "correct": correct,
+        "correct_norm": correct_norm,
+        "extraction_failures": 0,
+        "excluded": plan.excluded,
+        "total_items": plan.total,
+        "limit": config.limit,
+        "data": plan.source,
+        "decontaminate_against": config.decontaminate_against,
+        "template": task.template,
+        "scoring": "loglikelihood",
+        "continuation_delimiter": delimiter,
+        "batch_size": config.batch_size,
+        "scored_this_session": len(pending),
+        "scoring_seconds": round(elapsed, 3),
+        "kdlab_version": __version__,
+        **context,
+    }
+    atomic_write_json(task_dir / METRICS_FILE, metrics)
+    logger.info(
+        "%s: acc %s, acc_norm %s (%d items, log-likelihood)",
+        task.name,
+        "n/a" if metrics["acc"] is None else f"{metrics['acc']:.2f}%",
+        "n/a" if metrics["acc_norm"] is None else f"{metrics['acc_norm']:.2f}%",
+        n,
+    )
+    return TaskResult(task.name, metrics, len(pending))
+
+
+def _loglikelihood_record(
+    item: dict[str, Any], choice: Any, loglikelihoods: Sequence[float], prompts: Sequence[str]
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "index": item["index"],
+        "instruction": item["instruction"],
+        "gold": item["answer"],
+        "keywords": list(choice.keywords),
+        "continuations": list(choice.continuations),
+        "loglikelihoods": [round(float(value), 6) for value in loglikelihoods],
+    }
+    if len(set(prompts)) == 1:
+        record["prompt"] = prompts[0]
+    else:
+        record["prompts"] = list(prompts)
+    return record
+
+
+def _check_loglikelihood_tasks(tasks: Sequence[Task]) -> None:
+    unsupported = [task.name for task in tasks if task.choices is None]
+    if unsupported:
+        supported = [name for name in list_tasks() if get_task(name).choices is not None]
+        raise KdlabError(
+            f"scoring: loglikelihood needs multiple-choice tasks; {', '.join(unsupported)} "
+            f"have no options to score (tasks with options: {', '.join(supported)}); "
+            "use scoring: generate for them"
+        )
+
+
 # --------------------------------------------------------------------------- summaries
+
+
+#: Per-task summary.csv columns after the accuracy column ``<task>``: suffix → metrics key
+#: (``[0]``/``[1]``: the interval's bounds).
+SUMMARY_DETAILS: dict[str, tuple[str, int | None]] = {
+    "_ci95_lo": ("accuracy_ci95", 0),
+    "_ci95_hi": ("accuracy_ci95", 1),
+    "_stderr": ("accuracy_stderr", None),
+    "_paper_rule": ("accuracy_paper_rule", None),
+    "_paper_rule_ci95_lo": ("accuracy_paper_rule_ci95", 0),
+    "_paper_rule_ci95_hi": ("accuracy_paper_rule_ci95", 1),
+    "_paper_rule_stderr": ("accuracy_paper_rule_stderr", None),
+    "_n": ("n", None),
+}
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def summary_row(label: str, task_metrics: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One summary row: Model, ``<task>`` accuracies, Average, and every detail column."""
+    row: dict[str, Any] = {"Model": label}
+    for task, metrics in task_metrics:
+        row[task] = metrics.get("accuracy")
+        for suffix, (key, position) in SUMMARY_DETAILS.items():
+            value = metrics.get(key)
+            if position is not None:
+                value = value[position] if isinstance(value, (list, tuple)) else None
+            row[task + suffix] = value
+    row["Average"] = _mean([metrics.get("accuracy") for _, metrics in task_metrics])
+    row["Average_paper_rule"] = _mean(
+        [metrics.get("accuracy_paper_rule") for _, metrics in task_metrics]
+    )
+    return row
 
 
 def _format_cell(value: Any) -> str:
@@ -509,21 +733,71 @@ def _format_cell(value: Any) -> str:
     return str(value)
 
 
+def _with_error(row: dict[str, Any], column: str) -> str:
+    """``"12.50 ± 8.54"`` (accuracy ± standard error), or the accuracy alone."""
+    value = _format_cell(row.get(column))
+    stderr = _format_cell(row.get(column + "_stderr"))
+    return f"{value} ± {stderr}" if value and stderr else value or "-"
+
+
+def _interval(row: dict[str, Any], column: str) -> str:
+    low, high = (
+        _format_cell(row.get(column + "_ci95_lo")),
+        _format_cell(row.get(column + "_ci95_hi")),
+    )
+    return f"[{low}, {high}]" if low and high else "-"
+
+
 def summary_tables(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> tuple[str, str]:
-    """(CSV text, Markdown text) of summary rows: Model, task columns, Average."""
-    header = ["Model", *columns, "Average"]
+    """(CSV text, Markdown text) of summary rows.
+
+    CSV: Model, one accuracy column per task, Average, Average_paper_rule, then per task
+    the :data:`SUMMARY_DETAILS` columns (``<task>_ci95_lo``, ..., ``<task>_n``). Markdown:
+    the paper-style table of accuracies ``± standard error``, then one line per model and
+    task with n, accuracy, its 95 % Wilson interval, the paper rule's accuracy and interval.
+    """
+    header = ["Model", *columns, "Average", "Average_paper_rule"]
+    header += [column + suffix for column in columns for suffix in SUMMARY_DETAILS]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for row in rows:
         writer.writerow([_format_cell(row.get(column)) for column in header])
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join("---" for _ in header) + " |",
-    ]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    wide = ["Model", *columns, "Average"]
+    lines = [line(wide), line(["---"] * len(wide))]
     for row in rows:
-        cells = [_format_cell(row.get(column)) or "-" for column in header]
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+        cells = [str(row.get("Model") or "-")]
+        cells += [_with_error(row, column) for column in columns]
+        cells.append(_format_cell(row.get("Average")) or "-")
+        lines.append(line(cells))
+    long = ["Model", "Task", "n", "accuracy", "95 % CI", "paper rule", "95 % CI (paper rule)"]
+    lines += ["", line(long), line(["---"] * len(long))]
+    for row in rows:
+        for column in columns:
+            if row.get(column) is None and row.get(column + "_n") is None:
+                continue
+            lines.append(
+                line(
+                    [
+                        str(row.get("Model") or "-"),
+                        column,
+                        _format_cell(row.get(column + "_n")) or "-",
+                        _format_cell(row.get(column)) or "-",
+                        _interval(row, column),
+                        _format_cell(row.get(column + "_paper_rule")) or "-",
+                        _interval(row, column + "_paper_rule"),
+                    ]
+                )
+            )
+    lines.append("")
+    lines.append(
+        "accuracy in %, ± its standard error; 95 % CI: Wilson score interval; paper rule: "
+        "the paper scripts' answer extraction (docs/evaluation.md)."
+    )
     return buffer.getvalue(), "\n".join(lines) + "\n"
 
 
@@ -552,17 +826,14 @@ def collect_summary_rows(eval_dirs: Sequence[str | Path]) -> tuple[list[dict[str
         directory = Path(raw)
         identity_file = directory / "run.json"
         identity = json.loads(identity_file.read_text()) if identity_file.is_file() else {}
-        row: dict[str, Any] = {"Model": identity.get("name") or directory.parent.name}
-        accuracies: list[float] = []
+        task_metrics: list[tuple[str, dict[str, Any]]] = []
         for metrics_file in sorted(directory.glob(f"*/{METRICS_FILE}")):
             metrics = json.loads(metrics_file.read_text())
             task = str(metrics.get("task") or metrics_file.parent.name)
-            row[task] = metrics.get("accuracy")
+            task_metrics.append((task, metrics))
             found.add(task)
-            if isinstance(row[task], (int, float)):
-                accuracies.append(float(row[task]))
-        row["Average"] = sum(accuracies) / len(accuracies) if accuracies else None
-        rows.append(row)
+        label = identity.get("name") or directory.parent.name
+        rows.append(summary_row(str(label), task_metrics))
     registered = [name for name in list_tasks() if name in found]
     columns = registered + sorted(found - set(registered))
     return rows, columns
@@ -635,7 +906,13 @@ def evaluate(
     if resume and overwrite:
         raise KdlabError("choose one of --resume and --overwrite")
     identity = resolve_identity(config)
-    tasks = resolve_tasks(config)
+    # One template for the whole evaluation, saved in config.yaml (and compared on resume).
+    template, template_origin = resolve_template(config.template, identity.run_dir)
+    config = replace(config, template=template)
+    tasks = [replace(task, template=template or task.template) for task in resolve_tasks(config)]
+    loglikelihood = config.scoring == "loglikelihood"
+    if loglikelihood:
+        _check_loglikelihood_tasks(tasks)
     plans = plan_tasks(config, tasks)
     out_dir = default_output_dir(config, identity)
     prepare_output_dir(out_dir, config, resume=resume, overwrite=overwrite)
@@ -643,12 +920,13 @@ def evaluate(
     resolved = replace(config, output_dir=str(out_dir))
     atomic_write_yaml(out_dir / "config.yaml", compact_dict(resolved))
 
-    backend = (
-        generator.backend
-        if generator is not None
-        else choose_backend(config.backend, identity.model_config, config.generation)
-    )
-    state: dict[str, Any] = {"generator": generator, "model_params": None}
+    if generator is not None:
+        backend = generator.backend
+    elif loglikelihood:  # scoring needs the model's logits: transformers
+        backend = "hf"
+    else:
+        backend = choose_backend(config.backend, identity.model_config, config.generation)
+    state: dict[str, Any] = {"generator": generator, "model_params": None, "scorer": None}
 
     def get_generator() -> Generator:
         if state["generator"] is None:
@@ -657,18 +935,49 @@ def evaluate(
             )
         return state["generator"]
 
+    def get_scorer() -> Any:
+        if state["scorer"] is None:
+            from kdlab.evaluation.loglikelihood import LoglikelihoodScorer
+
+            loaded = get_generator()
+            if not hasattr(loaded, "model"):
+                raise KdlabError(
+                    f"scoring: loglikelihood needs a transformers model; the {backend} "
+                    "generator has none"
+                )
+            state["scorer"] = LoglikelihoodScorer(
+                loaded.model, loaded.tokenizer, batch_size=config.batch_size
+            )
+        return state["scorer"]
+
     context = {
         "backend": backend,
         "model": identity.model,
         "model_name_or_path": identity.model_config.name_or_path,
         "adapter": identity.adapter,
         "run_dir": identity.run_dir,
+        "template_origin": template_origin,
     }
     label = _model_label(config, identity)
     logger.info(
-        "evaluating %s on %d task(s) → %s (backend %s)", label, len(plans), out_dir, backend
+        "evaluating %s on %d task(s) → %s (backend %s, template %s from %s, scoring %s)",
+        label,
+        len(plans),
+        out_dir,
+        backend,
+        template or "the tasks' own",
+        template_origin,
+        config.scoring,
     )
-    results = [run_task(plan, config, out_dir, get_generator, context=context) for plan in plans]
+    if loglikelihood:
+        results = [
+            run_loglikelihood_task(plan, config, out_dir, get_scorer, context=context)
+            for plan in plans
+        ]
+    else:
+        results = [
+            run_task(plan, config, out_dir, get_generator, context=context) for plan in plans
+        ]
     report = EvalReport(out_dir, label, results, backend)
     write_summary(out_dir, [report.summary_row()], [r.task for r in results])
     model_params = state["model_params"]

@@ -17,6 +17,7 @@ from typing import Any
 
 from kdlab.config.evaluation import EvalConfig
 from kdlab.evaluation import runner as evaluation_runner
+from kdlab.evaluation.lm_eval_export import export_lm_eval_tasks
 from kdlab.evaluation.runner import EvalReport
 
 logger = logging.getLogger(__name__)
@@ -29,11 +30,25 @@ PAPER_EVAL_KEYS: dict[str, str] = {
     "batch_size": "batch_size",
     "max_new_tokens": "generation.max_new_tokens",
     "seed": "generation.seed",
+    # A student made of the first N layers is evaluated as that slice, not the full model.
+    "student_slice_layers": "model.slice_layers",
+    "temperature": "generation.temperature",
+    "top_p": "generation.top_p",
+    "top_k": "generation.top_k",
+    "do_sample": "generation.do_sample",
+    "num_beams": "generation.num_beams",
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``kdlab eval`` has no flags of its own (``kdlab.cli`` adds the shared ones)."""
+    """``kdlab eval``'s own flag (``kdlab.cli`` adds the shared ones)."""
+    parser.add_argument(
+        "--export-lm-eval",
+        metavar="DIR",
+        default=None,
+        help="Write lm-evaluation-harness task YAMLs (+ utils.py) for the 15 tasks with "
+        "kdlab's prompt and answer rule to DIR (data from data_dir), then exit.",
+    )
 
 
 def run(config: EvalConfig, *, resume: bool = False, overwrite: bool = False) -> EvalReport:
@@ -65,6 +80,10 @@ def import_paper_eval_args(path: str | Path) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``kdlab eval``: ``args.config`` is the loaded :class:`EvalConfig`."""
+    if args.export_lm_eval:
+        written = export_lm_eval_tasks(args.export_lm_eval, args.config)
+        print(f"wrote {len(written)} lm-eval files to {args.export_lm_eval}")
+        return 0
     report = run(args.config, resume=args.resume, overwrite=args.overwrite)
     _, markdown = evaluation_runner.summary_tables(
         [report.summary_row()], [result.task for result in report.results]

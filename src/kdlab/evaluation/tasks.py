@@ -1,10 +1,13 @@
 """The task registry: each evaluation task is a declarative entry, not code.
 
 An entry names its data source (``<data_dir>/<task>/test.json`` in the LLM-Adapters layout by
-default, or an explicit path / hub id), the prompt template, the answer extractor and the
-metric. Adding a task is adding a :class:`Task` to :data:`_ENTRIES` (or calling
-:func:`register_task`); config files can also declare custom tasks
-``{name, path, type}`` that reuse an extractor family.
+default, or an explicit path / hub id), the prompt template, the answer extractor (kdlab's
+rule), the paper scripts' rule for the same answers (reported as ``accuracy_paper_rule``),
+and, for multiple-choice tasks, how its options are scored by log-likelihood
+(:class:`~kdlab.evaluation.multiple_choice.MultipleChoice`, ``scoring: loglikelihood``).
+Adding a task is adding a :class:`Task` to :data:`_ENTRIES` (or calling
+:func:`register_task`); config files can also declare custom tasks ``{name, path, type}``
+that reuse an extractor family.
 
 >>> task = get_task("GSM8K")
 >>> task.extract("3 + 4 = 7. The answer is 7.")
@@ -29,7 +32,11 @@ from kdlab.evaluation.extractors import (
     KeywordExtractor,
     LetterExtractor,
     NumericExtractor,
+    PaperFirstMatchExtractor,
+    PaperLastNumberExtractor,
+    paper_rule_for,
 )
+from kdlab.evaluation.multiple_choice import MultipleChoice
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +70,10 @@ class Task:
     metric: str = "accuracy"
     """Aggregate metric over items (one of :data:`METRICS`)."""
     description: str = ""
+    paper_extractor: Extractor | None = field(default=None, repr=False)
+    """The paper scripts' rule for the same answers (``accuracy_paper_rule``)."""
+    choices: MultipleChoice | None = field(default=None, repr=False)
+    """How the options are scored by log-likelihood; ``None``: generative scoring only."""
 
     def extract(self, text: str) -> str | None:
         """The answer in a model's generated continuation (cut at a new instruction block)."""
@@ -82,6 +93,22 @@ class Task:
         """(extracted answer, correct) for a generated continuation."""
         extracted = self.extract(output)
         return extracted, self.is_correct(extracted, gold)
+
+    def score_paper_rule(self, output: str, gold: Any) -> tuple[str | None, bool] | None:
+        """(extracted, correct) under the paper's rule, on the same text as :meth:`score`.
+
+        ``None`` when the task has no paper rule.
+        """
+        if self.paper_extractor is None:
+            return None
+        try:
+            extracted = self.paper_extractor.extract(cut_continuation(output))
+            return extracted, bool(
+                extracted is not None and self.paper_extractor.is_correct(extracted, str(gold))
+            )
+        except Exception:
+            logger.exception("paper rule of task %s failed; counting no answer", self.name)
+            return None, False
 
     def data_source(self, data_dir: str | Path | None) -> str:
         """The file (or hub id) this task's test items are read from."""
@@ -116,32 +143,94 @@ def _is_hub_id(source: str) -> bool:
 
 
 def _math(name: str, description: str) -> Task:
-    return Task(name, "math", NumericExtractor(), description=description)
-
-
-def _keywords(name: str, keyword_set: str, description: str) -> Task:
     return Task(
-        name, "commonsense", KeywordExtractor(KEYWORD_SETS[keyword_set]), description=description
+        name,
+        "math",
+        NumericExtractor(),
+        description=description,
+        paper_extractor=PaperLastNumberExtractor(),
+    )
+
+
+def _keywords(name: str, keyword_set: str, description: str, choices: MultipleChoice) -> Task:
+    keywords = KEYWORD_SETS[keyword_set]
+    return Task(
+        name,
+        "commonsense",
+        KeywordExtractor(keywords),
+        description=description,
+        paper_extractor=PaperFirstMatchExtractor(keywords),
+        choices=choices,
     )
 
 
 # Order = the column order of the paper's tables (math, then commonsense), extras last.
+# Commonsense entries say how log-likelihood scoring reads their options, as
+# lm-evaluation-harness defines these tasks: ARC/PIQA/boolq contexts "Question: ...\nAnswer:",
+# SIQA "Q: ...\nA:", hellaswag and openbookqa the bare stem, boolq scores "yes"/"no",
+# winogrande is lm-eval's partial evaluation.
 _ENTRIES: tuple[Task, ...] = (
     _math("gsm8k", "Grade-school math word problems (multi-step)."),
     _math("SVAMP", "Arithmetic word problems with structural variations."),
     _math("MultiArith", "Multi-step arithmetic word problems."),
     _math("SingleEq", "Single-equation algebra word problems."),
     _math("AddSub", "Addition and subtraction word problems."),
-    Task("AQuA", "math", LetterExtractor("ABCDE"), description="Algebra questions, options A-E."),
+    Task(
+        "AQuA",
+        "math",
+        LetterExtractor("ABCDE"),
+        description="Algebra questions, options A-E.",
+        paper_extractor=PaperFirstMatchExtractor(tuple("ABCDE")),
+    ),
     _math("mawps", "Math word problems (not in the paper's tables)."),
-    _keywords("hellaswag", "ending", "Sentence completion: ending1-ending4."),
-    _keywords("boolq", "boolean", "Yes/no questions about a passage: true/false."),
-    _keywords("social_i_qa", "answer", "Social situations: answer1-answer3."),
-    _keywords("piqa", "solution", "Physical commonsense: solution1/solution2."),
-    _keywords("ARC-Easy", "answer", "Grade-school science (easy): answer1-answer5."),
-    _keywords("ARC-Challenge", "answer", "Grade-school science (challenge): answer1-answer4."),
-    _keywords("winogrande", "option", "Pronoun resolution: option1/option2."),
-    _keywords("openbookqa", "answer", "Open-book science facts: answer1-answer4."),
+    _keywords(
+        "hellaswag",
+        "ending",
+        "Sentence completion: ending1-ending4.",
+        MultipleChoice(label="Ending", context="{stem}"),
+    ),
+    _keywords(
+        "boolq",
+        "boolean",
+        "Yes/no questions: true/false.",
+        MultipleChoice(fixed=(("true", "yes"), ("false", "no"))),
+    ),
+    _keywords(
+        "social_i_qa",
+        "answer",
+        "Social situations: answer1-answer3.",
+        MultipleChoice(label="Answer", context="Q: {stem}\nA:"),
+    ),
+    _keywords(
+        "piqa",
+        "solution",
+        "Physical commonsense: solution1/solution2.",
+        MultipleChoice(label="Solution"),
+    ),
+    _keywords(
+        "ARC-Easy",
+        "answer",
+        "Grade-school science (easy): answer1-answer5.",
+        MultipleChoice(label="Answer"),
+    ),
+    _keywords(
+        "ARC-Challenge",
+        "answer",
+        "Grade-school science (challenge): answer1-answer4.",
+        MultipleChoice(label="Answer"),
+    ),
+    _keywords(
+        "winogrande",
+        "option",
+        "Pronoun resolution: option1/option2.",
+        MultipleChoice(label="Option", partial=True),
+    ),
+    _keywords(
+        "openbookqa",
+        "answer",
+        "Open-book science facts: answer1-answer4.",
+        MultipleChoice(label="Answer", context="{stem}"),
+    ),
 )
 
 _REGISTRY: dict[str, Task] = {}
@@ -267,4 +356,10 @@ def custom_task(
     if family == "keyword" and not choices:
         raise KdlabError(f"custom task {name!r}: type 'keyword' needs `choices`")
     extractor = make_extractor(family, list(resolved_choices) if resolved_choices else None)
-    return Task(name=name, family="custom", extractor=extractor, source=path)
+    return Task(
+        name=name,
+        family="custom",
+        extractor=extractor,
+        source=path,
+        paper_extractor=paper_rule_for(extractor),
+    )

@@ -358,6 +358,25 @@ def resolve_run_dir(run_dir: str | Path) -> tuple[ModelConfig, str | None]:
     return model_config, str(adapter)
 
 
+def read_run_template(run_dir: str | Path) -> str | None:
+    """The prompt template a run was trained with (``data.template`` of its config.yaml).
+
+    ``None`` when the config has no ``data.template`` (e.g. a run directory written by hand);
+    a missing or unreadable config.yaml is a :class:`RunDirError` as in
+    :func:`resolve_run_dir`.
+    """
+    config_file = Path(run_dir) / "config.yaml"
+    if not config_file.is_file():
+        raise RunDirError(f"run directory '{run_dir}' has no config.yaml (not a kdlab run)")
+    try:
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise RunDirError(f"{config_file}: invalid YAML: {error}") from None
+    data = config.get("data") if isinstance(config, dict) else None
+    template = data.get("template") if isinstance(data, dict) else None
+    return str(template) if template else None
+
+
 def load_run_model(run_dir: str | Path, **kwargs: Any) -> tuple[Any, Any]:
     """Load the trained model of a run directory (base + adapter, or the full model)."""
     model_config, adapter = resolve_run_dir(run_dir)
