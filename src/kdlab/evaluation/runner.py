@@ -595,6 +595,8 @@ def _run_json(
 ) -> dict[str, Any]:
     if identity.run_info:
         return dict(identity.run_info)
+    from kdlab.models.quantization import quantization_identity
+
     slice_layers = identity.model_config.slice_layers
     return {
         "stage": "eval",
@@ -604,6 +606,7 @@ def _run_json(
         "model_params": model_params,
         "student_layers": slice_layers,
         "adapter": identity.adapter,
+        "quantization": quantization_identity(identity.model_config),
         "teacher": None,
         "teacher_adapter": None,
         "teacher_run": None,

@@ -36,6 +36,11 @@ from kdlab.models.loading import (
     select_dtype,
 )
 from kdlab.models.peft_utils import apply_peft, count_parameters
+from kdlab.models.quantization import (
+    check_quantization,
+    quantization_identity,
+    with_quantization_of,
+)
 from kdlab.models.vocab import check_vocab_compatibility, shared_vocab_size
 from kdlab.training.common import (
     add_stage_arguments,
@@ -83,6 +88,8 @@ def resolve_teacher(config: DistillConfig) -> tuple[ModelConfig, str | None, str
     teacher = config.teacher
     if teacher.run_dir:
         model_config, adapter = resolve_run_dir(teacher.run_dir)
+        if teacher.model is not None:  # the run gives the model; teacher.model how to load it
+            model_config = with_quantization_of(model_config, teacher.model)
         if teacher.adapter == "none":
             adapter = None  # the run's base model: the task-unaware teacher
         return model_config, adapter, str(Path(teacher.run_dir).resolve())
@@ -159,6 +166,9 @@ def run_distill(
     teacher_config, adapter, teacher_run = (
         resolve_teacher(config) if uses_teacher else (None, None, None)
     )
+    check_quantization(config.student, field="student", peft_method=config.peft.method)
+    if teacher_config is not None:
+        check_quantization(teacher_config, field="teacher.model")
     records = load_training_records(config.data)  # before --overwrite deletes the run dir
     if use_cache and settings.temperature != 1.0:
         assert teacher_config is not None
@@ -203,6 +213,10 @@ def run_distill(
         "teacher": model_identity(teacher_config) if teacher_config else None,
         "teacher_adapter": adapter,
         "teacher_run": teacher_run,
+        "quantization": quantization_identity(config.student, accelerator.device),
+        "teacher_quantization": quantization_identity(teacher_config, accelerator.device)
+        if teacher_config
+        else None,
         "method": settings.method,
         "divergence": settings.resolved_divergence if uses_teacher else None,
         "temperature": settings.temperature if uses_teacher else None,
@@ -229,6 +243,7 @@ def run_distill(
             cutoff_len=config.data.cutoff_len,
             teacher_identity=run_info["teacher"],
             adapter=adapter,
+            quantization=run_info["teacher_quantization"],
         )
     train_examples, validation_examples = build_examples(
         records, tokenizer, config.data, responses=responses
@@ -329,6 +344,7 @@ def teacher_cache_fingerprint_for(
         loss_on=config.distill.loss_on,
         topk=topk,
         vocab_size=vocab,
+        teacher_quantization=quantization_identity(teacher_config, device),
     )
 
 

@@ -16,6 +16,7 @@ from kdlab.config.schema import FinetuneConfig
 from kdlab.data.tokenize import Collator
 from kdlab.models.loading import load_model_and_tokenizer, resolve_model_source
 from kdlab.models.peft_utils import apply_peft, build_peft_config, count_parameters
+from kdlab.models.quantization import check_quantization, quantization_identity
 from kdlab.training.common import (
     add_stage_arguments,
     build_examples,
@@ -59,6 +60,7 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
     records = load_training_records(config.data)
     source = resolve_model_source(config.model.name_or_path, config.model.gguf_file)
     build_peft_config(config.peft)
+    check_quantization(config.model, field="model", peft_method=config.peft.method)
     run_dir = prepare_run_dir(config.train.output_dir, resume=resume, overwrite=overwrite)
     accelerator = make_accelerator(config.train)
     torch.manual_seed(config.train.seed)
@@ -86,6 +88,7 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
         "teacher": None,
         "teacher_adapter": None,
         "teacher_run": None,
+        "quantization": quantization_identity(config.model, accelerator.device),
         "method": "sft",
         "temperature": None,
         "noise_std": 0.0,

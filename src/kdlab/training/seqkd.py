@@ -2,8 +2,8 @@
 
 The teacher decodes each training prompt (greedy by default, batched, left-padded); the
 responses are appended to ``responses.jsonl`` batch by batch under a directory named by a
-fingerprint of everything that determines them (teacher, adapter, prompts, template,
-decoding settings), with ``meta.json`` recording those settings. A second student, or a
+fingerprint of everything that determines them (teacher, adapter, its quantization, prompts,
+template, decoding settings), with ``meta.json`` recording those settings. A second student, or a
 restarted run, reads the cache; an interrupted generation continues where it stopped.
 """
 
@@ -48,6 +48,7 @@ def seqkd_fingerprint(
     template: str,
     settings: DistillSettings,
     cutoff_len: int,
+    quantization: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     generation = settings.generation
     meta = {
@@ -64,6 +65,7 @@ def seqkd_fingerprint(
             json.dumps([[r["instruction"], r.get("input", "")] for r in records]).encode()
         ).hexdigest()[:16],
         "num_records": len(records),
+        **({"teacher_quantization": quantization} if quantization else {}),
     }
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     return key, meta
@@ -80,8 +82,12 @@ def teacher_responses(
     teacher_identity: str,
     adapter: str | None,
     cache_dir: str | Path | None = None,
+    quantization: dict[str, Any] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
-    """Responses of the teacher for every record (from the cache when possible)."""
+    """Responses of the teacher for every record (from the cache when possible).
+
+    ``quantization``: the teacher's :func:`kdlab.models.quantization.quantization_identity`.
+    """
     key, meta = seqkd_fingerprint(
         teacher_identity=teacher_identity,
         adapter=adapter,
@@ -89,6 +95,7 @@ def teacher_responses(
         template=template,
         settings=settings,
         cutoff_len=cutoff_len,
+        quantization=quantization,
     )
     directory = Path(cache_dir) if cache_dir else cache_root() / "seqkd" / key
     directory.mkdir(parents=True, exist_ok=True)

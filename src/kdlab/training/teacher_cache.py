@@ -36,7 +36,7 @@ fp32 row: 196,608 bytes at V = 49,152).
 Fingerprint: everything the stored numbers depend on, and nothing else (``temperature`` is
 applied at training time, so one cache serves every temperature): the teacher's identity
 (model source, slice), a stamp of its weight files, the adapter's content hash, the dtype
-it runs in, the token ids and labels of every example, template, cutoff, ``loss_on``, k,
+it runs in (and its quantization, when quantized), the token ids and labels of every example, template, cutoff, ``loss_on``, k,
 the shared vocabulary width, and the stored value dtype. A ``DIR`` whose ``meta.json`` holds
 another fingerprint is refused with :class:`TeacherCacheError` naming the fields that
 differ (never silently mixed); every shard also carries the key, so a stray shard of another
@@ -146,6 +146,7 @@ def teacher_cache_fingerprint(
     topk: int,
     vocab_size: int,
     value_dtype: str = "float16",
+    teacher_quantization: dict[str, Any] | None = None,
 ) -> CacheFingerprint:
     """The fingerprint of a cache (see the module docstring for what it covers).
 
@@ -160,6 +161,9 @@ def teacher_cache_fingerprint(
         topk: k, already clamped to ``vocab_size``.
         vocab_size: the logit width shared by teacher and student (the softmax's support).
         value_dtype: dtype of the stored log-probabilities.
+        teacher_quantization: :func:`kdlab.models.quantization.quantization_identity` of
+            the teacher (None = not quantized: the field is left out, so caches of
+            unquantized teachers keep their keys).
     """
     if value_dtype not in _VALUE_DTYPES:
         raise TeacherCacheError(f"value_dtype must be one of {sorted(_VALUE_DTYPES)}")
@@ -177,6 +181,7 @@ def teacher_cache_fingerprint(
         "topk": int(topk),
         "vocab_size": int(vocab_size),
         "value_dtype": value_dtype,
+        **({"teacher_quantization": teacher_quantization} if teacher_quantization else {}),
     }
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     return CacheFingerprint(key=key, fields=fields)
