@@ -34,10 +34,8 @@ quantized, so unquantized fingerprints are unchanged).
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -104,10 +102,9 @@ class QuantizationPlan:
     def transformers_config(self) -> Any:
         """The ``quantization_config`` for ``from_pretrained`` (imports the backend)."""
         if self.backend == "torchao":
+            # (kdlab/__init__.py filters the notices torchao logs when imported on a CPU torch)
+            from torchao.quantization import Int8WeightOnlyConfig
             from transformers import TorchAoConfig
-
-            with _quiet_torchao_import():
-                from torchao.quantization import Int8WeightOnlyConfig
 
             return TorchAoConfig(Int8WeightOnlyConfig())
         from transformers import BitsAndBytesConfig
@@ -262,16 +259,3 @@ def _storage_bytes(tensor: torch.Tensor) -> int:
         names, _ = tensor.__tensor_flatten__()
         return sum(_storage_bytes(getattr(tensor, name)) for name in names)
     return tensor.numel() * tensor.element_size()
-
-
-@contextlib.contextmanager
-def _quiet_torchao_import() -> Iterator[None]:
-    """torchao's import warns that its CUDA-only extensions (``_C_mxfp8``, ``_C_cutlass_90a``)
-    failed to load; on a CPU build of torch that is expected and says nothing useful."""
-    torchao_logger = logging.getLogger("torchao")
-    previous = torchao_logger.level
-    torchao_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        torchao_logger.setLevel(previous)
