@@ -31,9 +31,8 @@ from kdlab.training.seqkd import seqkd_fingerprint
 from kdlab.training.teacher_cache import TeacherCache, build_teacher_cache
 from kdlab_testing import distill_overrides, finetune_overrides, save_tiny_model
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("torchao") is None, reason="torchao is not installed"
-)
+HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
+needs_torchao = pytest.mark.skipif(not HAS_TORCHAO, reason="torchao is not installed")
 HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 PROGRESS = re.compile(r"\d+%\|.*\|")
 EIGHT_BIT_CPU = {"mode": "8bit", "backend": "torchao", "scheme": "int8-weight-only"}
@@ -79,6 +78,7 @@ def _one_error_line(result: subprocess.CompletedProcess) -> str:
 # --------------------------------------------------------------------------- the CLI
 
 
+@needs_torchao
 def test_an_8bit_cpu_teacher_distils_from_the_cli(
     tiny_model_dir: Path, peaked_teacher_dir: Path, tmp_path: Path
 ) -> None:
@@ -97,6 +97,7 @@ def test_an_8bit_cpu_teacher_distils_from_the_cli(
     assert summary["final_validation"]["val_kd"] > 0
 
 
+@needs_torchao
 @pytest.mark.slow  # ~30 s: a distill run, two in-process builds, a refused run
 def test_the_teacher_cache_holds_the_8bit_teachers_outputs_and_refuses_fp32(
     tiny_model_dir: Path, peaked_teacher_dir: Path, tmp_path: Path
@@ -167,6 +168,7 @@ def _cached_logprobs(directory: Path) -> torch.Tensor:
     return torch.cat([load_file(path)["topk_logprobs"].float() for path in shards])
 
 
+@needs_torchao
 def test_qlora_finetunes_on_an_8bit_base_from_the_cli(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "qlora"
     result = _kdlab(
@@ -188,6 +190,13 @@ def test_qlora_finetunes_on_an_8bit_base_from_the_cli(tiny_model_dir: Path, tmp_
             ("teacher.model.quantization = 4bit on cpu", "bitsandbytes"),
             id="4bit-teacher-on-cpu",
             marks=pytest.mark.skipif(HAS_BITSANDBYTES, reason="bitsandbytes is installed"),
+        ),
+        pytest.param(
+            "distill",
+            ("teacher.model.quantization=8bit",),
+            ("teacher.model.quantization = 8bit on cpu: needs the torchao package",),
+            id="8bit-teacher-without-torchao",
+            marks=pytest.mark.skipif(HAS_TORCHAO, reason="torchao is installed"),
         ),
         pytest.param(
             "distill",
