@@ -283,3 +283,45 @@ def test_fingerprints_differ_between_quantization_settings(
         for identity in [None, EIGHT_BIT_CPU, *identities]
     }
     assert len(seqkd_keys) == 2 + len(identities)
+
+
+# --------------------------------------------------------------------------- run.json
+
+
+def test_a_run_dir_teacher_takes_teacher_model_quantization(
+    tiny_model_dir: Path, tiny_teacher_dir: Path, tmp_path: Path
+) -> None:
+    """``teacher.run_dir`` gives the model; ``teacher.model.quantization`` how to load it."""
+    import yaml
+
+    from kdlab.training.distill import resolve_teacher
+
+    run = tmp_path / "teacher-run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"model": {"name_or_path": str(tiny_teacher_dir)}})
+    )
+    base = distill_overrides(tiny_model_dir, tiny_teacher_dir, tmp_path / "o", "forward_kl")
+    base = [arg for arg in base if not arg.startswith("teacher.model.")] + [
+        f"teacher.run_dir={run}"
+    ]
+    plain = resolve_teacher(load_config(DistillConfig, None, base))[0]
+    assert plain.name_or_path == str(tiny_teacher_dir) and plain.quantization == "none"
+    quantized = resolve_teacher(
+        load_config(DistillConfig, None, [*base, "teacher.model.quantization=8bit"])
+    )[0]
+    assert quantized.name_or_path == str(tiny_teacher_dir)  # still the run's model
+    assert quantized.quantization == "8bit"
+
+
+def test_an_evaluated_base_models_run_json_records_its_quantization() -> None:
+    from kdlab.evaluation.runner import ModelIdentity, _run_json
+
+    for setting, expected in (("none", None), ("8bit", EIGHT_BIT_CPU)):
+        identity = ModelIdentity(
+            ModelConfig(name_or_path="owner/model", quantization=setting, device="cpu"),
+            None,
+            None,
+        )
+        assert _run_json(identity, "label", [], None)["quantization"] == expected
