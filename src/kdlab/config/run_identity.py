@@ -41,6 +41,8 @@ class RunIdentity:
         model: identity of the trained/evaluated model (hub id, path or alias, ``@slice``).
         model_params: its parameter count (frozen base included, adapters excluded).
         student_layers: layers kept by a sliced model, or None.
+        quantization, teacher_quantization: how the model / the teacher was loaded
+            (:func:`kdlab.models.quantization.quantization_identity`), None unquantized.
         adapter: the adapter a standalone evaluation loaded, or None.
         teacher, teacher_adapter, teacher_run: the teacher's model identity, adapter path
             and finetune run directory (None for a fine-tune; ``teacher_adapter`` None for
@@ -62,10 +64,12 @@ class RunIdentity:
     model: str
     model_params: int | None = None
     student_layers: int | None = None
+    quantization: dict[str, Any] | None = None
     adapter: str | None = None
     teacher: str | None = None
     teacher_adapter: str | None = None
     teacher_run: str | None = None
+    teacher_quantization: dict[str, Any] | None = None
     method: str = "sft"
     divergence: str | None = None
     temperature: float | None = None

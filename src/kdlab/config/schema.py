@@ -62,6 +62,24 @@ class ModelConfig:
     attn_implementation: str | None = config_field(
         None, help="Attention kernel passed to transformers (eager, sdpa, flash_attention_2)."
     )
+    quantization: str = config_field(
+        "none",
+        help="Load the weights quantized (a frozen teacher, an evaluated model, or a QLoRA "
+        "base): 8bit = bitsandbytes LLM.int8 on CUDA, torchao int8 weight-only on CPU; "
+        "4bit = bitsandbytes nf4/fp4 (docs/quantization.md).",
+        choices=("none", "8bit", "4bit"),
+    )
+    quantization_4bit_type: str | None = config_field(
+        None, help="4bit only: nf4 (default) or fp4.", choices=("nf4", "fp4")
+    )
+    quantization_4bit_compute_dtype: str | None = config_field(
+        None,
+        help="4bit only: dtype of the dequantised matmuls; auto (default) = the model dtype.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    quantization_4bit_double: bool | None = config_field(
+        None, help="4bit only: also quantize the quantization constants (default false)."
+    )
 
     def __post_init__(self) -> None:
         check(bool(self.name_or_path), "name_or_path", "must not be empty")
@@ -70,6 +88,16 @@ class ModelConfig:
             "slice_layers",
             "must be a positive number of layers",
         )
+        for name in (
+            "quantization_4bit_type",
+            "quantization_4bit_compute_dtype",
+            "quantization_4bit_double",
+        ):
+            check(
+                getattr(self, name) is None or self.quantization == "4bit",
+                name,
+                f"applies only to quantization: 4bit (here {self.quantization})",
+            )
 
 
 @dataclass

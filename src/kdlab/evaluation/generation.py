@@ -227,6 +227,8 @@ def choose_backend(
         reasons.append("a layer-sliced model")
     if settings.num_beams > 1:
         reasons.append("beam search")
+    if model_config.quantization != "none":
+        reasons.append(f"model.quantization = {model_config.quantization} (kdlab loads it)")
     if requested == "hf":
         return "hf"
     if requested == "vllm":

@@ -53,6 +53,7 @@ from kdlab.evaluation.tasks import (
     get_task,
     list_tasks,
 )
+from kdlab.models.quantization import quantization_identity
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.intervals import accuracy_fields
 from kdlab.utils.io import (
@@ -880,6 +881,7 @@ def _run_identity(
         model_params=model_params,
         student_layers=identity.model_config.slice_layers,
         adapter=identity.adapter,
+        quantization=quantization_identity(identity.model_config),
         method="base",
         task_family=_task_family(plans),
     )

@@ -20,6 +20,7 @@ import torch
 
 from kdlab.config.schema import ModelConfig
 from kdlab.models.loading import model_identity, resolve_model_source, select_dtype
+from kdlab.models.quantization import quantization_identity
 
 __all__ = ["adapter_hash", "fingerprint_key", "model_fingerprint", "weights_stamp"]
 
@@ -95,11 +96,17 @@ def model_fingerprint(
     """What a model's outputs depend on, as JSON-able fields (see the module docstring).
 
     Keys: ``model`` (identity: source and slice), ``weights`` (:func:`weights_stamp`),
-    ``adapter`` (:func:`adapter_hash`), ``dtype`` (what it runs in on ``device``).
+    ``adapter`` (:func:`adapter_hash`), ``dtype`` (what it runs in on ``device``), and
+    ``quantization`` (:func:`kdlab.models.quantization.quantization_identity`) when the
+    model is quantized (left out otherwise, so unquantized keys do not change).
     """
-    return {
+    fields: dict[str, Any] = {
         "model": model_identity(model_config),
         "weights": weights_stamp(model_config),
         "adapter": adapter_hash(adapter),
         "dtype": str(select_dtype(model_config.dtype, device)).removeprefix("torch."),
     }
+    quantization = quantization_identity(model_config, device)
+    if quantization is not None:
+        fields["quantization"] = quantization
+    return fields

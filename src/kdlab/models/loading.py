@@ -224,17 +224,28 @@ def load_model_and_tokenizer(
     The model is moved to ``device`` (default: ``model_config.device``) and put in eval
     mode unless ``for_training``. A failing adapter load is an error, never a silent
     fall-back to the base model.
+
+    ``model_config.quantization`` loads the weights quantized, straight onto ``device``
+    (:mod:`kdlab.models.quantization`); for training (QLoRA) every base weight is then
+    frozen (``peft.prepare_model_for_kbit_training``), and the stage must have checked the
+    PEFT method with :func:`~kdlab.models.quantization.check_trainable_quantization`.
     """
     from transformers import AutoModelForCausalLM
+
+    from kdlab.models.quantization import check_quantization_backend, quantized_weight_bytes
 
     device = device or select_device(model_config.device)
     dtype = select_dtype(model_config.dtype, device)
     source = resolve_model_source(model_config.name_or_path, model_config.gguf_file)
+    quantization = check_quantization_backend(model_config, device)
     location = source.location
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "trust_remote_code": model_config.trust_remote_code,
     }
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization.transformers_config()
+        kwargs["device_map"] = {"": device}  # quantized weights are made on their device
     if model_config.attn_implementation:
         kwargs["attn_implementation"] = model_config.attn_implementation
     if source.gguf_file:
@@ -252,13 +263,35 @@ def load_model_and_tokenizer(
     except (OSError, ValueError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelError(f"cannot load model '{model_config.name_or_path}': {message}") from None
+    except (ImportError, RuntimeError) as error:
+        if quantization is None:
+            raise
+        # A backend that is installed but cannot run here (no kernels for this device,
+        # too old for transformers) fails inside from_pretrained.
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(
+            f"cannot load model '{model_config.name_or_path}' quantized "
+            f"{quantization.describe()}: {message}"
+        ) from None
     if model_config.slice_layers:
         from kdlab.models.slicing import slice_decoder_layers
 
         slice_decoder_layers(model, model_config.slice_layers, model_config.slice_strategy)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
+    if quantization is None:
+        model.to(device)
+    else:
+        logger.info(
+            "Loaded %s quantized %s: %.1f MiB of weights",
+            model_config.name_or_path,
+            quantization.describe(),
+            quantized_weight_bytes(model) / 2**20,
+        )
+        if for_training:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if adapter:
         model = load_adapter(model, adapter, is_trainable=for_training)
     if not for_training:

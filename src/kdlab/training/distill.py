@@ -42,6 +42,11 @@ from kdlab.models.loading import (
     resolve_run_dir,
 )
 from kdlab.models.peft_utils import apply_peft, count_parameters
+from kdlab.models.quantization import (
+    check_quantization,
+    quantization_identity,
+    with_quantization_of,
+)
 from kdlab.models.vocab import (
     check_vocab_compatibility,
     model_logit_width,
@@ -62,6 +67,7 @@ from kdlab.training.objectives import DistillationObjective
 from kdlab.training.rundir import prepare_run_dir, write_run_files
 from kdlab.training.seqkd import teacher_responses
 from kdlab.training.teacher_cache import (
+    CacheFingerprint,
     PreparedCache,
     prepare_teacher_cache,
     teacher_cache_fingerprint,
@@ -89,6 +95,8 @@ def resolve_teacher(config: DistillConfig) -> TeacherSource:
     teacher = config.teacher
     if teacher.run_dir:
         model_config, adapter = resolve_run_dir(teacher.run_dir)
+        if teacher.model is not None:  # the run gives the model; teacher.model how to load it
+            model_config = with_quantization_of(model_config, teacher.model)
         base_teacher = teacher.adapter == "none"
         if base_teacher:
             adapter = None  # the run's base model: the task-unaware teacher
@@ -162,6 +170,9 @@ def run_distill(
     method = settings.spec
     source = resolve_teacher(config) if method.needs_teacher else None
     use_cache = method.uses_teacher_cache(settings, settings.teacher_cache)
+    check_quantization(config.student, field="student", peft_method=config.peft.method)
+    if source is not None:
+        check_quantization(source.model, field="teacher.model")
     records = load_training_records(config.data)  # before --overwrite deletes the run dir
     teacher_width = model_logit_width(source.model) if source is not None else None
     if use_cache and settings.temperature != 1.0:
@@ -213,9 +224,13 @@ def run_distill(
         model=model_identity(config.student),
         model_params=student_parameters,
         student_layers=config.student.slice_layers,
+        quantization=quantization_identity(config.student, accelerator.device),
         teacher=model_identity(source.model) if source else None,
         teacher_adapter=source.adapter if source else None,
         teacher_run=source.run_dir if source else None,
+        teacher_quantization=(
+            quantization_identity(source.model, accelerator.device) if source else None
+        ),
         method=settings.method,
         divergence=settings.resolved_divergence,
         temperature=settings.temperature if settings.loss_spec else None,
@@ -342,6 +357,29 @@ class _LazyTeacher:
         return getattr(self._model, name)
 
 
+def teacher_cache_fingerprint_for(
+    config: DistillConfig,
+    *,
+    teacher_fingerprint: dict[str, Any],
+    examples: list[dict[str, Any]],
+    vocab: int,
+) -> CacheFingerprint:
+    """The teacher-cache fingerprint of a distill config (see :mod:`..teacher_cache`)."""
+    settings = config.distill
+    topk = min(settings.teacher_cache_topk, vocab)
+    if topk < settings.teacher_cache_topk:
+        logger.info("teacher_cache_topk %d > vocabulary %d: k = %d (dense)", topk, vocab, vocab)
+    return teacher_cache_fingerprint(
+        teacher=teacher_fingerprint,
+        examples=examples,
+        template=config.data.template,
+        cutoff_len=config.data.cutoff_len,
+        loss_on=settings.loss_on,
+        topk=topk,
+        vocab_size=vocab,
+    )
+
+
 def _prepare_cache(
     config: DistillConfig,
     *,
@@ -354,17 +392,8 @@ def _prepare_cache(
 ) -> PreparedCache:
     settings = config.distill
     assert settings.teacher_cache is not None
-    topk = min(settings.teacher_cache_topk, vocab)
-    if topk < settings.teacher_cache_topk:
-        logger.info("teacher_cache_topk %d > vocabulary %d: k = %d (dense)", topk, vocab, vocab)
-    fingerprint = teacher_cache_fingerprint(
-        teacher=teacher_fingerprint,
-        examples=examples,
-        template=config.data.template,
-        cutoff_len=config.data.cutoff_len,
-        loss_on=settings.loss_on,
-        topk=topk,
-        vocab_size=vocab,
+    fingerprint = teacher_cache_fingerprint_for(
+        config, teacher_fingerprint=teacher_fingerprint, examples=examples, vocab=vocab
     )
     return prepare_teacher_cache(
         setting=settings.teacher_cache,
@@ -379,10 +408,6 @@ def _prepare_cache(
         num_processes=accelerator.num_processes,
         wait_for_everyone=accelerator.wait_for_everyone,
     )
-
-
-#: The stage contract (:mod:`kdlab.stages`): ``run(config, *, resume, overwrite)``.
-run = run_distill
 
 
 def main(args: argparse.Namespace) -> int:

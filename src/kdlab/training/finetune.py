@@ -22,6 +22,7 @@ from kdlab.models.loading import (
     resolve_model_source,
 )
 from kdlab.models.peft_utils import apply_peft, build_peft_config, count_parameters
+from kdlab.models.quantization import check_quantization, quantization_identity
 from kdlab.training.common import (
     build_examples,
     forward_to_trackers,
@@ -49,6 +50,7 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
     records = load_training_records(config.data)
     resolve_model_source(config.model.name_or_path, config.model.gguf_file)
     build_peft_config(config.peft)
+    check_quantization(config.model, field="model", peft_method=config.peft.method)
     train_examples, validation_examples = build_examples(
         records, load_tokenizer(config.model), config.data
     )
@@ -76,6 +78,7 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
         model=model_identity(config.model),
         model_params=total_parameters,
         student_layers=config.model.slice_layers,
+        quantization=quantization_identity(config.model, accelerator.device),
         method=SFT,
         seed=config.train.seed,
         task_family=config.task_family,

@@ -3,9 +3,9 @@
 The teacher decodes each training prompt (greedy by default, batched, left-padded); the
 responses are appended to ``responses.jsonl`` batch by batch under a directory named by a
 fingerprint of everything that determines them: the teacher (:func:`kdlab.models.
-fingerprint.model_fingerprint`: identity, a stamp of its weights, adapter hash, dtype), the
-prompts, template, cutoff, the decoding settings and the generation batch size (left
-padding makes a row's numbers depend slightly on its batch). ``meta.json`` records those
+fingerprint.model_fingerprint`: identity, a stamp of its weights, adapter hash, dtype,
+quantization), the prompts, template, cutoff, the decoding settings and the generation batch
+size (left padding makes a row's numbers depend slightly on its batch). ``meta.json`` records those
 fields. A second student, or a restarted run, reads the cache; an interrupted generation
 continues where it stopped.
 

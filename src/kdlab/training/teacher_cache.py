@@ -36,7 +36,8 @@ fp32 row: 196,608 bytes at V = 49,152).
 Fingerprint: everything the stored numbers depend on, and nothing else (``temperature`` is
 applied at training time, so one cache serves every temperature): the teacher's identity
 (model source, slice), a stamp of its weight files, the adapter's content hash, the dtype
-it runs in, the token ids and labels of every example, template, cutoff, ``loss_on``, k,
+it runs in (and its quantization, when quantized), the token ids and labels of every example,
+template, cutoff, ``loss_on``, k,
 the shared vocabulary width, and the stored value dtype. A ``DIR`` whose ``meta.json`` holds
 another fingerprint is refused with :class:`TeacherCacheError` naming the fields that
 differ (never silently mixed); every shard also carries the key, so a stray shard of another
