@@ -170,6 +170,7 @@ def test_two_processes_train_the_weights_of_one(
     parallel = tmp_path / "two-processes"
     result = _torchrun(arguments(parallel, 1))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done:") == 1, result.stdout  # one line per run, not per rank
     _assert_two_processes(parallel)
     _assert_same_weights(parallel, reference)
 

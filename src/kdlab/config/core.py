@@ -22,7 +22,7 @@ import logging
 import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -458,12 +458,43 @@ def load_config(
     """Load ``cls`` from an optional YAML file, an optional base mapping and overrides."""
     forget_notes()
     data: dict[str, Any] = dict(base or {})
-    source = "command line"
     if path is not None:
         data = deep_merge(data, read_yaml_mapping(path))
-        source = str(path)
-    data = apply_overrides(data, overrides)
-    return from_mapping(cls, data, source=source)
+    return build_attributed(
+        lambda mapping, source: from_mapping(cls, mapping, source=source),
+        data,
+        overrides,
+        path,
+    )
+
+
+def build_attributed(
+    build: Callable[[dict[str, Any], str], T],
+    data: dict[str, Any],
+    overrides: Sequence[str],
+    path: str | Path | None,
+) -> T:
+    """``build(data + overrides, source)``, with an error named after where it came from.
+
+    A bad value given on the command line is reported as ``command line: ...``, not as the
+    YAML file's: when building fails, the file's settings alone are built again, and if
+    they pass, the overrides are to blame.
+    """
+    merged = apply_overrides(data, overrides)
+    if path is None:
+        return build(merged, "command line")
+    try:
+        return build(merged, str(path))
+    except ConfigError:
+        if not overrides:
+            raise
+        try:
+            build(data, str(path))
+        except ConfigError:
+            pass  # the file itself is wrong: its own error stands
+        else:
+            return build(merged, "command line")  # raises, naming the command line
+        raise
 
 
 def forget_notes() -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.config.core import (
-    apply_overrides,
+    build_attributed,
     check,
     config_field,
     deep_merge,
@@ -270,11 +270,14 @@ def load_eval_config(
     """
     forget_notes()
     data: dict[str, Any] = dict(base or {})
-    source = "command line"
     if path is not None:
         data = deep_merge(data, _relative_to(read_yaml_mapping(path), Path(path).parent))
-        source = str(path)
-    data = apply_overrides(data, overrides)
+    return build_attributed(_build_eval_config, data, overrides, path)
+
+
+def _build_eval_config(data: dict[str, Any], source: str) -> EvalConfig:
+    """An :class:`EvalConfig` from a merged mapping; errors name ``source``."""
+    data = dict(data)
     if isinstance(data.get("model"), str):
         data["model"] = {"name_or_path": data["model"]}
     if isinstance(data.get("generation"), str):

@@ -50,7 +50,7 @@ from kdlab.config.analysis import (
     options_of,
 )
 from kdlab.config.core import (
-    apply_overrides,
+    build_attributed,
     check,
     config_field,
     deep_merge,
@@ -572,13 +572,16 @@ def load_sweep_config(path: str | Path | None, overrides: Sequence[str] = ()) ->
     the full key (``teachers.Qwen2.5-3B.size_b``).
     """
     data: dict[str, Any] = {}
-    source = "command line"
     if path is not None:
         data = read_grid_mapping(path)
-        source = str(path)
-    data = apply_overrides(data, overrides)
-    if path is not None and not data.get("name"):
-        data["name"] = Path(path).stem
+        if not data.get("name"):
+            data["name"] = Path(path).stem
+    return build_attributed(_build_sweep_config, data, overrides, path)
+
+
+def _build_sweep_config(data: dict[str, Any], source: str) -> SweepConfig:
+    """A :class:`SweepConfig` from a merged mapping; errors name ``source``."""
+    data = dict(data)
     entry_classes = {
         "families": (FamilyEntry, None),
         "teachers": (TeacherEntry, "model"),

@@ -72,6 +72,7 @@ from kdlab.training.teacher_cache import (
     prepare_teacher_cache,
     teacher_cache_fingerprint,
 )
+from kdlab.utils.processes import is_main_launch_process
 
 logger = logging.getLogger(__name__)
 
@@ -414,6 +415,8 @@ def main(args: argparse.Namespace) -> int:
     """``kdlab distill``: ``args.config`` is the loaded :class:`DistillConfig`."""
     config: DistillConfig = args.config
     summary = run_distill(config, resume=args.resume, overwrite=args.overwrite)
+    if not is_main_launch_process():
+        return 0
     print(  # noqa: T201
         f"distill ({summary['method']}) done: {summary['steps']} steps, "
         f"{summary['tokens_per_s']:.0f} tokens/s, {summary['seconds_per_step']:.2f} s/step "

@@ -35,6 +35,7 @@ from kdlab.training.common import (
 from kdlab.training.loop import TrainingLoop
 from kdlab.training.objectives import CrossEntropyObjective
 from kdlab.training.rundir import prepare_run_dir, write_run_files
+from kdlab.utils.processes import is_main_launch_process
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ def main(args: argparse.Namespace) -> int:
     """``kdlab finetune``: ``args.config`` is the loaded :class:`FinetuneConfig`."""
     config: FinetuneConfig = args.config
     summary = run_finetune(config, resume=args.resume, overwrite=args.overwrite)
+    if not is_main_launch_process():
+        return 0
     print(  # noqa: T201
         f"finetune done: {summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
         f"{summary['seconds_per_step']:.2f} s/step → {config.train.output_dir}"
