@@ -27,7 +27,8 @@ from kdlab.models.generation import (
     generate_tokens,
 )
 
-WORDS = "Tom has 12 apples and buys 7 more . How many apples does he have now ? ".split()
+_QUESTION = "Tom has 12 apples and buys 7 more . How many apples does he have now ?"
+WORDS = _QUESTION.split()
 
 
 def _prompts(count: int = 36) -> list[str]:

@@ -1,6 +1,6 @@
 """Answer generation for evaluation: the transformers backend and an optional vLLM backend.
 
-A backend turns prompt texts into :class:`Generation`\ s (raw text, finish reason, token
+A backend turns prompt texts into :class:`Generation` objects (raw text, finish reason, token
 count), reporting each one as soon as it is finished (``on_result``), so the runner can
 write its prediction line at once.
 

@@ -35,7 +35,6 @@ from kdlab import __version__
 from kdlab.config.evaluation import CustomTaskConfig, EvalConfig, compact_dict
 from kdlab.config.schema import ModelConfig
 from kdlab.errors import DataError, KdlabError
-from kdlab.models.generation import FINISH_REASONS, derive_seed
 from kdlab.evaluation.generation import Generation, Generator, choose_backend
 from kdlab.evaluation.tasks import (
     Task,
@@ -44,6 +43,7 @@ from kdlab.evaluation.tasks import (
     expand_task_names,
     get_task,
 )
+from kdlab.models.generation import FINISH_REASONS, derive_seed
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import (
     append_jsonl,

@@ -209,7 +209,9 @@ class _SlotLayer(DynamicLayer):
 
     def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         capacity = self.plan.capacity
-        keys = key_states.new_zeros((self.slots, key_states.shape[1], capacity, key_states.shape[3]))
+        keys = key_states.new_zeros(
+            (self.slots, key_states.shape[1], capacity, key_states.shape[3])
+        )
         values = value_states.new_zeros(
             (self.slots, value_states.shape[1], capacity, value_states.shape[3])
         )
@@ -264,7 +266,9 @@ class SlotCache(Cache):
 
     def __init__(self, num_layers: int, slots: int) -> None:
         self.plan = _Plan()
-        super().__init__(layers=[_SlotLayer(index, self.plan, slots) for index in range(num_layers)])
+        super().__init__(
+            layers=[_SlotLayer(index, self.plan, slots) for index in range(num_layers)]
+        )
 
     def move_row(self, source: int, target: int, width: int) -> None:
         for layer in self.layers:
@@ -308,7 +312,7 @@ def engine_unsupported_reason(model: Any, sampling: Sampling) -> str | None:
         from transformers.cache_utils import get_layer_types_and_kwargs
 
         layer_types, _ = get_layer_types_and_kwargs(config)
-    except Exception:  # noqa: BLE001 - configs without the layer-type helpers
+    except Exception:  # configs without the layer-type helpers
         layer_types = [getattr(config, "sliding_window", None) and "sliding_attention"]
     if any(layer_type not in (None, "full_attention") for layer_type in layer_types):
         return "layers other than full attention"
@@ -416,9 +420,7 @@ class _Engine:
             return
         ids = torch.tensor([self.prompts[0][:length]], dtype=torch.long, device=self.device)
         cache = DynamicCache(config=self.model.config)
-        self.model(
-            input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_keyword: cache}
-        )
+        self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_keyword: cache})
         self.prefix = [(layer.keys, layer.values) for layer in cache.layers]
         if len(self.prefix) != len(self.cache.layers):
             raise RuntimeError("the prefix cache does not have one entry per layer")
@@ -434,7 +436,9 @@ class _Engine:
 
     # ---------------------------------------------------------------- choosing tokens
 
-    def _choose(self, logits: torch.Tensor, generators: Sequence[torch.Generator | None]) -> list[int]:
+    def _choose(
+        self, logits: torch.Tensor, generators: Sequence[torch.Generator | None]
+    ) -> list[int]:
         sampling = self.sampling
         if not sampling.do_sample:
             return logits.argmax(dim=-1).tolist()
