@@ -36,7 +36,8 @@ How it runs (continuous batching on a slot KV cache):
 - **Shared prefix.** The token prefix that every prompt of the call shares (the Alpaca
   template's header) is run once; its keys/values are copied into each new row's slot and
   only the rest of the prompt is prefilled. A row is laid out as ``[prefix][gap][suffix]``:
-  new rows prefilled together right-align their suffixes (the gap is masked), so the last
+  new rows prefilled together (rows of similar length: at most :data:`PREFILL_PADDING`
+  positions per real token) right-align their suffixes (the gap is masked), so the last
   prompt token of each row is in the same column and one logits position suffices.
 - **Positions** are per row (``position_ids`` count the row's real tokens, as
   ``generate``'s left padding does), so the gap and the slot layout change nothing.
@@ -74,6 +75,10 @@ logger = logging.getLogger(__name__)
 
 #: Why a row stopped: its EOS token, a stop text in its decoded tail, or its token budget.
 FINISH_REASONS = ("eos", "stop", "length")
+
+#: A prefill of several new rows holds at most this many positions per real prompt token
+#: (the rest is padding up to its longest suffix); longer rows are prefilled apart.
+PREFILL_PADDING = 1.25
 
 ResultCallback = Callable[[int, "GeneratedTokens"], None]
 
@@ -465,11 +470,36 @@ class _Engine:
     # ---------------------------------------------------------------- admission and retiring
 
     def _admit(self, queue: list[int]) -> None:
-        """Prefill waiting prompts into the free slots (one forward for all of them)."""
-        start = len(self.request)
-        take = min(self.slots - start, len(queue))
+        """Prefill waiting prompts (the queue's head) into the free slots."""
+        take = min(self.slots - len(self.request), len(queue))
         newcomers = queue[:take]
         del queue[:take]
+        for group in self._prefill_groups(newcomers):
+            self._prefill(group)
+
+    def _prefill_groups(self, newcomers: list[int]) -> list[list[int]]:
+        """Newcomers (longest first) cut into prefills whose padding stays within
+        :data:`PREFILL_PADDING` of their real suffix tokens (a prefill is compute-bound:
+        padded positions cost as much as real ones, an extra forward little)."""
+        prefix = self.prefix_length
+        groups: list[list[int]] = []
+        real = 0
+        for index in newcomers:
+            length = len(self.prompts[index]) - prefix
+            if groups:
+                group = groups[-1]
+                width = len(self.prompts[group[0]]) - prefix
+                if width * (len(group) + 1) <= PREFILL_PADDING * (real + length):
+                    group.append(index)
+                    real += length
+                    continue
+            groups.append([index])
+            real = length
+        return groups
+
+    def _prefill(self, newcomers: list[int]) -> None:
+        """One forward that prefills ``newcomers`` into the next free slots."""
+        start = len(self.request)
         prefix = self.prefix_length
         suffixes = [self.prompts[index][prefix:] for index in newcomers]
         width = max(len(suffix) for suffix in suffixes)
@@ -646,7 +676,7 @@ def hf_generation_config(
     return GenerationConfig(**kwargs)
 
 
-def _generate_with_hf(
+def generate_with_transformers(
     model: Any,
     prompts: Sequence[Sequence[int]],
     budgets: Sequence[int],
@@ -657,8 +687,15 @@ def _generate_with_hf(
     stop: StopTexts | None,
     seeds: Sequence[int] | None,
     batch_size: int,
-    on_result: ResultCallback | None,
+    on_result: ResultCallback | None = None,
 ) -> list[GeneratedTokens]:
+    """The ``generate`` path (the engine's fallback, and what kdlab did before the engine).
+
+    Prompts are sorted longest first and cut into batches of ``batch_size``; each batch is
+    left-padded and decoded by ``model.generate`` with the KV cache and :class:`StopOnText`
+    until every row has ended; :func:`finish_row` then drops each row's padding. Call it
+    under ``torch.inference_mode``. ``benchmarks/eval_throughput.py`` uses it as baseline.
+    """
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
@@ -753,7 +790,7 @@ def generate_tokens(
             return engine.run()
         logger.info("generation through model.generate (%s)", reason)
         pad = pad_token_id if pad_token_id is not None else next(iter(eos_token_ids), 0)
-        return _generate_with_hf(
+        return generate_with_transformers(
             model,
             prompts,
             budgets,
