@@ -387,7 +387,7 @@ def _rescore(
     raw = record.get("raw_output")
     if isinstance(raw, str):
         generation = Generation(raw, record.get("finish_reason"), record.get("generated_tokens"))
-        return _record(task, item, record.get("prompt", prompt), generation)
+        return _record(task, item, record.get("prompt") or prompt, generation)
     rescored = _record(task, item, prompt, Generation(str(record.get("output") or ""), None, None))
     rescored["raw_output"] = None
     return rescored
