@@ -77,9 +77,9 @@ def generated_prompts(monkeypatch) -> list[str]:
     prompts: list[str] = []
     original = HFGenerator.generate
 
-    def recording(self, batch, *, seed):
+    def recording(self, batch, **kwargs):
         prompts.extend(batch)
-        return original(self, batch, seed=seed)
+        return original(self, batch, **kwargs)
 
     monkeypatch.setattr(HFGenerator, "generate", recording)
     return prompts

@@ -32,7 +32,12 @@ from kdlab_testing import distill_overrides, finetune_overrides
 #: Summary/metric fields that measure time, not results.
 TIMING_KEYS = {"seconds", "tokens_per_s", "seconds_per_step", "wall_s"}
 #: metrics.json fields that describe the session, not the results.
-SESSION_KEYS = {"generated_this_session", "generation_seconds"}
+SESSION_KEYS = {
+    "generated_this_session",
+    "generated_tokens_this_session",
+    "generation_seconds",
+    "tokens_per_second",
+}
 
 
 @dataclass(frozen=True)

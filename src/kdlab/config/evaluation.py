@@ -102,7 +102,7 @@ class EvalGenerationConfig:
         None, help="Longest generated response; null = the preset's value."
     )
     seed: int = config_field(
-        6, help="Seed; batch i of a task is generated after torch.manual_seed(seed + i)."
+        6, help="Seed; item i is sampled with its own generator seeded by a hash of (seed, i)."
     )
 
     def __post_init__(self) -> None:
@@ -184,7 +184,9 @@ class EvalConfig:
         False, help="Skip (with a warning) tasks whose data file is missing instead of failing."
     )
     limit: int | None = config_field(None, help="Evaluate the first N items of each task.")
-    batch_size: int = config_field(16, help="Prompts per generation batch.")
+    batch_size: int = config_field(
+        16, help="Prompts decoded together (a finished one is replaced by the next at once)."
+    )
     template: str | None = config_field(
         None,
         help="Prompt template: alpaca, chat (tokenizer.apply_chat_template) or raw (the "

@@ -3,12 +3,13 @@
 Output (``docs/run-layout.md``)::
 
     <out>/config.yaml                the resolved EvalConfig (written first)
-    <out>/<task>/predictions.jsonl   index, instruction, gold, output, extracted, correct
-                                     (appended after every batch; sorted by index at the end)
+    <out>/<task>/predictions.jsonl   index, instruction, prompt, raw_output, output,
+                                     finish_reason, generated_tokens, extracted, gold, correct
+                                     (appended as each item finishes; sorted at the end)
     <out>/<task>/metrics.json        accuracy (%) with its 95 % Wilson interval and standard
                                      error, accuracy_paper_rule (the paper scripts' rule) with
                                      its interval, n, correct, extraction_failures, excluded,
-                                     template, scoring, ...
+                                     truncated, template, scoring, ...
     <out>/summary.csv, summary.md    one row per model: task columns + Average (+ intervals)
     <out>/run.json                   the evaluated model's identity
     <out>/DONE                       written last
@@ -43,7 +44,7 @@ from kdlab.config.evaluation import CustomTaskConfig, EvalConfig, compact_dict
 from kdlab.config.run_identity import RunIdentity, read_run_identity
 from kdlab.config.schema import ModelConfig
 from kdlab.errors import DataError, KdlabError
-from kdlab.evaluation.generation import Generator, choose_backend
+from kdlab.evaluation.generation import Generation, Generator, choose_backend
 from kdlab.evaluation.prompts import resolve_template
 from kdlab.evaluation.tasks import (
     Task,
@@ -53,6 +54,7 @@ from kdlab.evaluation.tasks import (
     get_task,
     list_tasks,
 )
+from kdlab.models.generation import FINISH_REASONS, derive_seed
 from kdlab.models.quantization import quantization_identity
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.intervals import accuracy_fields
@@ -370,19 +372,45 @@ def _load_done(path: Path, plan: TaskPlan) -> dict[int, dict[str, Any]]:
     return done
 
 
-def _record(task: Task, item: dict[str, Any], output: str) -> dict[str, Any]:
+def _record(
+    task: Task, item: dict[str, Any], prompt: str | None, generation: Generation
+) -> dict[str, Any]:
+    """The predictions.jsonl line of one item: what the model saw and did, and its score."""
     from kdlab.evaluation.tasks import cut_continuation
 
-    text = cut_continuation(output)
+    text = cut_continuation(generation.raw_output)
     extracted, correct = task.score(text, item["answer"])
     return {
         "index": item["index"],
         "instruction": item["instruction"],
-        "gold": item["answer"],
+        "prompt": prompt,
+        "raw_output": generation.raw_output,
         "output": text,
+        "finish_reason": generation.finish_reason,
+        "generated_tokens": generation.generated_tokens,
         "extracted": extracted,
+        "gold": item["answer"],
         "correct": correct,
     }
+
+
+def _rescore(
+    task: Task, item: dict[str, Any], record: dict[str, Any], prompt: str | None
+) -> dict[str, Any]:
+    """``record`` scored again with the current extractor.
+
+    A line written before kdlab recorded raw outputs (no ``raw_output``) keeps its
+    ``output`` (already cut); the fields it lacks stay null (``finish_reason``,
+    ``generated_tokens``, ``raw_output``) and its ``prompt`` is the one rendered now, when
+    this session rendered prompts (resume refuses another template).
+    """
+    raw = record.get("raw_output")
+    if isinstance(raw, str):
+        generation = Generation(raw, record.get("finish_reason"), record.get("generated_tokens"))
+        return _record(task, item, record.get("prompt") or prompt, generation)
+    rescored = _record(task, item, prompt, Generation(str(record.get("output") or ""), None, None))
+    rescored["raw_output"] = None
+    return rescored
 
 
 def run_task(
@@ -402,56 +430,65 @@ def run_task(
     predictions_path = task_dir / PREDICTIONS_FILE
     done = _load_done(predictions_path, plan)
     pending = [item for item in plan.items if item["index"] not in done]
-    started = time.perf_counter()
-    generated = 0
+    prompts: dict[int, str] = {}
+    elapsed = 0.0
+    session_tokens = 0
     if pending:
         generator = get_generator()
         tokenizer = getattr(generator, "tokenizer", None)
         prompts = {item["index"]: _prompt(task, item, tokenizer) for item in plan.items}
-        # Batches are cut from the whole task (longest prompts first) so that a resumed run
-        # uses the same batches and seeds; only the missing items of a batch are generated.
-        order = sorted(plan.items, key=lambda item: item["index"])
-        lengths = dict(
-            zip(
-                [item["index"] for item in order],
-                generator.prompt_lengths([prompts[item["index"]] for item in order]),
-            )
-        )
-        order.sort(key=lambda item: (-lengths[item["index"]], item["index"]))
-        batches = [
-            order[start : start + config.batch_size]
-            for start in range(0, len(order), config.batch_size)
-        ]
         progress = _progress(len(pending), task.name)
+        recorded: set[int] = set()
+
+        def on_result(position: int, generation: Generation) -> None:
+            # Written as soon as the item is finished: a kill loses only unfinished items.
+            nonlocal session_tokens
+            item = pending[position]
+            record = _record(task, item, prompts[item["index"]], generation)
+            append_jsonl(predictions_path, record)
+            maybe_fault("eval_output")
+            done[item["index"]] = record
+            recorded.add(position)
+            session_tokens += generation.generated_tokens or 0
+            progress.update(1)
+
+        # Timed from here: model loading (get_generator) is not generation time.
+        started = time.perf_counter()
         try:
-            for batch_index, batch in enumerate(batches):
-                todo = [item for item in batch if item["index"] not in done]
-                if not todo:
-                    continue
-                outputs = generator.generate(
-                    [prompts[item["index"]] for item in todo],
-                    seed=config.generation.seed + batch_index,
-                )
-                for item, output in zip(todo, outputs, strict=True):
-                    record = _record(task, item, output)
-                    append_jsonl(predictions_path, record)
-                    maybe_fault("eval_output")
-                    done[item["index"]] = record
-                generated += len(todo)
-                progress.update(len(todo))
+            # The generator batches and orders the items itself (continuous batching); each
+            # item's sampling seed depends on its index only, so a resumed run samples the
+            # same answers.
+            generations = generator.generate(
+                [prompts[item["index"]] for item in pending],
+                seeds=[derive_seed(config.generation.seed, item["index"]) for item in pending],
+                batch_size=config.batch_size,
+                on_result=on_result,
+            )
+            for position, generation in enumerate(generations):
+                if position not in recorded:
+                    on_result(position, generation)
         finally:
+            elapsed = time.perf_counter() - started
             progress.close()
-    elapsed = time.perf_counter() - started
+    generated = len(pending)
     # Re-score every record with the current extractor and rewrite the file in index order.
     records = [
-        _record(task, item, done[item["index"]].get("output", ""))
+        _rescore(task, item, done[item["index"]], prompts.get(item["index"]))
         for item in sorted(plan.items, key=lambda item: item["index"])
     ]
     atomic_write_text(
         predictions_path,
         "".join(_json_line(record) for record in records),
     )
-    metrics = _metrics(plan, records, config, context, generated=generated, elapsed=elapsed)
+    metrics = _metrics(
+        plan,
+        records,
+        config,
+        context,
+        generated=generated,
+        elapsed=elapsed,
+        session_tokens=session_tokens,
+    )
     atomic_write_json(task_dir / METRICS_FILE, metrics)
     accuracy = metrics["accuracy"]
     logger.info(
@@ -486,10 +523,16 @@ def _metrics(
     *,
     generated: int,
     elapsed: float,
+    session_tokens: int = 0,
 ) -> dict[str, Any]:
     n = len(records)
     correct = sum(1 for record in records if record["correct"])
     failures = sum(1 for record in records if record["extracted"] is None)
+    reasons = {reason: 0 for reason in (*FINISH_REASONS, "unknown")}
+    for record in records:
+        reason = record.get("finish_reason")
+        reasons[reason if reason in FINISH_REASONS else "unknown"] += 1
+    tokens = [record.get("generated_tokens") for record in records]
     return {
         "task": plan.task.name,
         "family": plan.task.family,
@@ -507,8 +550,13 @@ def _metrics(
         "scoring": "generate",
         "generation": config.generation.as_dict(),
         "batch_size": config.batch_size,
+        "truncated": reasons["length"],
+        "finish_reasons": reasons,
+        "generated_tokens": sum(count for count in tokens if isinstance(count, int)),
         "generated_this_session": generated,
+        "generated_tokens_this_session": session_tokens,
         "generation_seconds": round(elapsed, 3),
+        "tokens_per_second": round(session_tokens / elapsed, 2) if elapsed > 0 else None,
         "kdlab_version": __version__,
         **context,
     }

@@ -411,6 +411,10 @@ def _prepare_cache(
     )
 
 
+#: The stage contract (:mod:`kdlab.stages`): ``run(config, *, resume, overwrite)``.
+run = run_distill
+
+
 def main(args: argparse.Namespace) -> int:
     """``kdlab distill``: ``args.config`` is the loaded :class:`DistillConfig`."""
     config: DistillConfig = args.config
