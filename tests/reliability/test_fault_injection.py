@@ -412,7 +412,13 @@ def test_seqkd_cache_torn_tail_is_repaired_and_damage_is_a_data_error(tmp_path: 
 
     def read() -> list[str]:  # every response cached: the teacher is never called
         kwargs = {"teacher_fingerprint": teacher, "cache_dir": tmp_path, **common}
-        return [r.text for r in teacher_responses(teacher=None, tokenizer=None, **kwargs)[0]]
+
+        def no_teacher() -> None:
+            raise AssertionError("every response is cached: the teacher must not load")
+
+        return [
+            r.text for r in teacher_responses(load_teacher=no_teacher, tokenizer=None, **kwargs)[0]
+        ]
 
     responses.write_text("\n".join(lines) + '\n{"index": 3, "resp')  # torn by a kill
     assert read() == ["answer 0", "answer 1", "answer 2"]

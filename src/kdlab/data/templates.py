@@ -14,6 +14,8 @@ from kdlab.errors import ConfigError
 INSTRUCTION_MARKER = "### Instruction:"
 INPUT_MARKER = "### Input:"
 RESPONSE_MARKER = "### Response:"
+#: Text that ends a generated response: the model starting the next Alpaca block.
+STOP_TEXTS: tuple[str, ...] = ("### Instruction",)
 
 _PREAMBLE = (
     "Below is an instruction that describes a task. "
@@ -58,7 +60,5 @@ def build_prompt(
 
 def strip_continuation(text: str) -> str:
     """Cut a generated response where the model starts a new ``### Instruction`` block."""
-    cut = text.find(INSTRUCTION_MARKER)
-    if cut == -1:
-        cut = text.find("### Instruction")
-    return text if cut == -1 else text[:cut].rstrip()
+    cuts = [position for position in (text.find(stop) for stop in STOP_TEXTS) if position != -1]
+    return text[: min(cuts)].rstrip() if cuts else text

@@ -172,22 +172,3 @@ class Collator:
         if "index" in examples[0]:
             result["index"] = torch.tensor([example["index"] for example in examples])
         return result
-
-
-def left_pad_prompts(
-    input_ids: torch.Tensor, prompt_lengths: torch.Tensor, pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Take each row's prompt (its first ``prompt_lengths[i]`` tokens) and left-pad them.
-
-    Decoder-only generation needs left padding so every row's next token follows its own
-    last prompt token.
-    """
-    width = int(prompt_lengths.max())
-    batch = input_ids.shape[0]
-    prompts = torch.full((batch, width), pad_token_id, dtype=input_ids.dtype)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    for row in range(batch):
-        length = int(prompt_lengths[row])
-        prompts[row, width - length :] = input_ids[row, :length]
-        mask[row, width - length :] = 1
-    return prompts, mask

@@ -32,6 +32,7 @@ import torch
 
 from kdlab.config.evaluation import EvalGenerationConfig
 from kdlab.config.schema import ModelConfig
+from kdlab.data.templates import STOP_TEXTS
 from kdlab.errors import ConfigError, ModelError
 from kdlab.models.generation import (
     GeneratedTokens,
@@ -43,9 +44,6 @@ from kdlab.models.generation import (
 )
 
 logger = logging.getLogger(__name__)
-
-#: Text that ends a response: the model starting the next Alpaca block.
-STOP_TEXTS: tuple[str, ...] = ("### Instruction",)
 
 
 @dataclass(frozen=True)

@@ -249,9 +249,9 @@ def run_distill(
     seqkd_info: dict[str, Any] = {}
     if method.teacher_responses:
         assert load_teacher is not None and teacher_fingerprint is not None
-        generator = teacher if teacher is not None else _LazyTeacher(load_teacher)
+        live = teacher
         answers, seqkd_info = teacher_responses(
-            teacher=generator,
+            load_teacher=(lambda: live) if live is not None else load_teacher,
             tokenizer=tokenizer,
             records=records,
             template=config.data.template,
@@ -266,7 +266,6 @@ def run_distill(
             answers = [answers[index] for index in kept]
         responses = [answer.text for answer in answers]
         complete = [answer.complete for answer in answers]
-        del generator
         gc.collect()  # a teacher loaded only to write the responses is released here
     if examples is None:
         examples = build_examples(
@@ -340,22 +339,6 @@ def run_distill(
     if accelerator.is_main_process:
         forward_to_trackers(tracker, run_dir)
     return summary
-
-
-class _LazyTeacher:
-    """The teacher for seqKD generation, loaded on first use (not at all when every
-    response is cached)."""
-
-    def __init__(self, load: Callable[[], Any]) -> None:
-        self._load = load
-        self._model: Any = None
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if self._model is None:
-            self._model = self._load()
-        return getattr(self._model, name)
 
 
 def teacher_cache_fingerprint_for(

@@ -43,9 +43,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kdlab.config.schema import DistillSettings
-from kdlab.data.tokenize import IGNORE_INDEX, left_pad_prompts
+from kdlab.data.tokenize import IGNORE_INDEX
 from kdlab.errors import KdlabError
 from kdlab.losses import HiddenStates, KDLossSpec, chunked_distillation_loss
+from kdlab.models.generation import Sampling, derive_seed, generate_tokens
 from kdlab.training.forward import (
     chunked_cross_entropy,
     final_hidden_states,
@@ -186,42 +187,50 @@ class DistillationObjective:
     def student_samples(
         self, student: Any, batch: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Replace each row's response by one the student samples from its prompt."""
+        """Replace each row's response by one the student samples from its prompt.
+
+        Generation runs on :func:`kdlab.models.generation.generate_tokens` (the engine of
+        evaluation and seqKD). Each row gets its own budget, ``min(max_new_tokens,
+        cutoff_len − prompt length)``, and its own seed (the step, the micro-batch's global
+        index and the row), so a resumed run samples the same responses. A sample ends with
+        EOS, or runs its whole budget: every token of it was sampled (the pad id included).
+        """
         model = self.unwrap(student)
         pad = self.tokenizer.pad_token_id
         eos = self.tokenizer.eos_token_id
-        prompts, prompt_mask = left_pad_prompts(batch["input_ids"], batch["prompt_lengths"], pad)
-        device = batch["input_ids"].device
-        # Both on the batch's device: a CPU attention mask makes CUDA rotary embeddings fail.
-        prompts, prompt_mask = prompts.to(device), prompt_mask.to(device)
+        lengths = [int(length) for length in batch["prompt_lengths"]]
+        prompts = [batch["input_ids"][row, :length].tolist() for row, length in enumerate(lengths)]
         generation = self.settings.generation
-        budget = max(1, min(generation.max_new_tokens, self.cutoff_len - prompts.shape[1]))
+        step = int(batch.get(STEP_KEY, torch.tensor(0)))
+        micro = int(batch.get(MICRO_KEY, torch.tensor(0)))
         was_training = model.training
         model.eval()
-        output = model.generate(
-            input_ids=prompts,
-            attention_mask=prompt_mask,
-            do_sample=generation.do_sample,
-            temperature=generation.temperature if generation.do_sample else None,
-            top_k=generation.top_k if generation.do_sample else None,
-            top_p=generation.top_p if generation.do_sample else None,
-            max_new_tokens=budget,
-            pad_token_id=pad,
-            eos_token_id=eos,
-        )
-        if was_training:
-            model.train()
-        generated = output[:, prompts.shape[1] :].cpu()
-        rows = []
-        for row in range(prompts.shape[0]):
-            length = int(batch["prompt_lengths"][row])
-            prompt = batch["input_ids"][row, :length].cpu().tolist()
-            tokens = generated[row].tolist()
-            # generate pads a row only after its EOS: a row without one ran to the budget,
-            # and every token of it was sampled (the pad id included).
-            if eos is not None and eos in tokens:
-                tokens = tokens[: tokens.index(eos) + 1]
-            rows.append((prompt, tokens))
+        try:
+            results = generate_tokens(
+                model,
+                prompts,
+                max_new_tokens=[
+                    max(1, min(generation.max_new_tokens, self.cutoff_len - len(prompt)))
+                    for prompt in prompts
+                ],
+                eos_token_ids=[] if eos is None else [int(eos)],
+                sampling=Sampling(
+                    do_sample=generation.do_sample,
+                    temperature=generation.temperature,
+                    top_p=generation.top_p,
+                    top_k=generation.top_k,
+                ),
+                seeds=[
+                    derive_seed(step_seed(self.seed, step), micro, row)
+                    for row in range(len(prompts))
+                ],
+                batch_size=len(prompts),
+                pad_token_id=pad,
+            )
+        finally:
+            if was_training:
+                model.train()
+        rows = [(prompt, result.tokens) for prompt, result in zip(prompts, results)]
         width = max(len(p) + len(t) for p, t in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -231,6 +240,7 @@ class DistillationObjective:
             input_ids[row, : len(sequence)] = torch.tensor(sequence)
             labels[row, len(prompt) : len(sequence)] = torch.tensor(tokens, dtype=torch.long)
             attention[row, : len(sequence)] = 1
+        device = batch["input_ids"].device
         return {
             "input_ids": input_ids.to(device),
             "attention_mask": attention.to(device),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,22 @@ import torch
 from tqdm.auto import tqdm
 
 from kdlab.config.schema import DistillSettings
-from kdlab.data.templates import build_prompt, strip_continuation
+from kdlab.data.templates import STOP_TEXTS, build_prompt, strip_continuation
+from kdlab.data.tokenize import encode_prompt
 from kdlab.errors import DataError
 from kdlab.models.fingerprint import fingerprint_key
+from kdlab.models.generation import (
+    GeneratedTokens,
+    Sampling,
+    StopTexts,
+    derive_seed,
+    generate_tokens,
+)
 from kdlab.models.loading import cache_root
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import append_jsonl, atomic_write_json, read_jsonl
 
 logger = logging.getLogger(__name__)
-
-#: Why a teacher response ended; ``length`` means it was cut.
-FINISH_REASONS = ("eos", "stop", "length")
 
 
 @dataclass(frozen=True)
@@ -84,17 +90,9 @@ def seqkd_fingerprint(
     return fingerprint_key(meta), meta
 
 
-def _finish_reason(tokens: list[int], text: str, eos_ids: set[int]) -> str:
-    if strip_continuation(text) != text:
-        return "stop"
-    if any(token in eos_ids for token in tokens):
-        return "eos"
-    return "length"
-
-
 def teacher_responses(
     *,
-    teacher: Any,
+    load_teacher: Callable[[], Any],
     tokenizer: Any,
     records: list[dict[str, Any]],
     template: str,
@@ -105,8 +103,9 @@ def teacher_responses(
 ) -> tuple[list[TeacherResponse], dict[str, Any]]:
     """The teacher's response to every record (from the cache when possible) and a summary.
 
-    The summary holds the cache directory, how many responses were cached or generated,
-    and how many were truncated (``finish_reason == "length"``).
+    ``load_teacher()`` is called only when a response is missing from the cache. The
+    summary holds the cache directory, how many responses were cached or generated, and how
+    many were truncated (``finish_reason == "length"``).
     """
     key, meta = seqkd_fingerprint(
         teacher=teacher_fingerprint,
@@ -147,7 +146,15 @@ def teacher_responses(
             "seqKD: teacher generates %d of %d responses → %s", len(todo), len(records), directory
         )
         _generate(
-            teacher, tokenizer, records, todo, template, settings, cutoff_len, directory, done
+            load_teacher(),
+            tokenizer,
+            records,
+            todo,
+            template,
+            settings,
+            cutoff_len,
+            directory,
+            done,
         )
     else:
         logger.info("seqKD: all %d teacher responses read from %s", len(records), directory)
@@ -182,54 +189,72 @@ def _generate(
     directory: Path,
     done: dict[int, TeacherResponse],
 ) -> None:
-    """Generate the responses of ``todo`` into ``done`` and ``responses.jsonl``."""
-    device = next(teacher.parameters()).device
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    """Generate the responses of ``todo`` into ``done`` and ``responses.jsonl``.
+
+    Runs on :func:`kdlab.models.generation.generate_tokens` (the engine of evaluation and
+    GKD): prompts tokenized exactly as in training, each with its own budget
+    (``min(max_new_tokens, cutoff_len − prompt length)``), a row stops at EOS or when it
+    starts a new ``### Instruction`` block, and every response is appended as soon as it
+    is finished, so a kill loses only the unfinished ones.
+    """
     generation = settings.generation
-    eos_ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    # Longest prompts first: the first batch shows the worst-case memory.
-    prompts = {
-        i: build_prompt(
-            records[i]["instruction"],
-            records[i].get("input", ""),
-            template=template,
-            tokenizer=tokenizer,
+    prompts = [
+        encode_prompt(
+            tokenizer,
+            build_prompt(
+                records[i]["instruction"],
+                records[i].get("input", ""),
+                template=template,
+                tokenizer=tokenizer,
+            ),
         )
         for i in todo
-    }
-    order = sorted(todo, key=lambda i: -len(prompts[i]))
+    ]
+    sampling = (
+        Sampling()
+        if settings.seqkd_greedy
+        else Sampling(
+            do_sample=True,
+            temperature=generation.temperature,
+            top_p=generation.top_p,
+            top_k=generation.top_k,
+        )
+    )
+    eos = tokenizer.eos_token_id
+    progress = tqdm(total=len(todo), desc="seqKD teacher", unit="response")
+
+    def write(position: int, result: GeneratedTokens) -> None:
+        index = todo[position]
+        text = tokenizer.decode(result.tokens, skip_special_tokens=True)
+        response = TeacherResponse(strip_continuation(text).strip(), result.finish_reason)
+        done[index] = response
+        append_jsonl(
+            directory / "responses.jsonl",
+            {"index": index, "response": response.text, "finish_reason": response.finish_reason},
+        )
+        maybe_fault("seqkd_output")
+        progress.update(1)
+
+    was_training = teacher.training
+    teacher.eval()
     try:
-        for start in tqdm(
-            range(0, len(order), settings.seqkd_batch_size), desc="seqKD teacher", unit="batch"
-        ):
-            chunk = order[start : start + settings.seqkd_batch_size]
-            encoded = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(
-                device
+        with torch.no_grad():
+            generate_tokens(
+                teacher,
+                prompts,
+                max_new_tokens=[
+                    max(1, min(generation.max_new_tokens, cutoff_len - len(prompt)))
+                    for prompt in prompts
+                ],
+                eos_token_ids=[] if eos is None else [int(eos)],
+                sampling=sampling,
+                stop=StopTexts(tokenizer, STOP_TEXTS),
+                seeds=[derive_seed(index) for index in todo],
+                batch_size=settings.seqkd_batch_size,
+                pad_token_id=tokenizer.pad_token_id,
+                on_result=write,
             )
-            budget = max(
-                1, min(generation.max_new_tokens, cutoff_len - encoded["input_ids"].shape[1])
-            )
-            with torch.no_grad():
-                output = teacher.generate(
-                    **encoded,
-                    do_sample=not settings.seqkd_greedy,
-                    temperature=None if settings.seqkd_greedy else generation.temperature,
-                    top_k=None if settings.seqkd_greedy else generation.top_k,
-                    top_p=None if settings.seqkd_greedy else generation.top_p,
-                    max_new_tokens=budget,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
-            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            for index, tokens, text in zip(chunk, new_tokens, texts):
-                reason = _finish_reason(tokens, text, eos_ids)
-                response = TeacherResponse(strip_continuation(text).strip(), reason)
-                done[index] = response
-                append_jsonl(
-                    directory / "responses.jsonl",
-                    {"index": index, "response": response.text, "finish_reason": reason},
-                )
-                maybe_fault("seqkd_output")
     finally:
-        tokenizer.padding_side = previous_side
+        progress.close()
+        if was_training:
+            teacher.train()
