@@ -228,6 +228,22 @@ def test_aligned_kl_equals_forward_kl_exactly_for_the_same_tokenizer(
     assert torch.equal(aligned, forward)
     for got, want in zip(grads(student), grads(reference), strict=True):
         assert torch.equal(got, want)
+    # Both default chunk sizes agree too.
+    defaults = [
+        run_loss("aligned_kl", case, case["student"], spec),
+        chunked_distillation_loss(
+            case["student"].hidden,
+            case["student"].weight,
+            teacher.hidden,
+            teacher.weight,
+            case["alignment"].student_mask,
+            temperature=temperature,
+            reduction=reduction,
+            student_lm_head_bias=case["student"].bias,
+            teacher_lm_head_bias=teacher.bias,
+        ),
+    ]
+    assert torch.equal(*defaults)
 
 
 def test_aligned_kl_with_permuted_ids_equals_forward_kl() -> None:

@@ -192,9 +192,10 @@ class SharedVocabulary:
 def default_cross_tokenizer_chunk_size(
     student_vocab_size: int, teacher_vocab_size: int, device: torch.device | str = "cpu"
 ) -> int:
-    """Rows per chunk when ``chunk_size`` is None: half of
+    """Rows per chunk when ``chunk_size`` is None and a ULD term is computed: half of
     :func:`kdlab.losses.default_chunk_size` for the wider vocabulary (the sort keeps int64
-    indices, about two float32 tensors' worth per sorted ``[rows, vocab]``)."""
+    indices, about two float32 tensors' worth per sorted ``[rows, vocab]``). Without a ULD
+    term (the same tokenizer) the loss uses ``default_chunk_size`` itself."""
     return max(1, default_chunk_size(max(student_vocab_size, teacher_vocab_size), device) // 2)
 
 
@@ -408,10 +409,6 @@ def _cross_tokenizer_loss(
     student_size, teacher_size = sizes
     student_head = _trim(student, student_size, "student")
     teacher_head = _trim(teacher, teacher_size, "teacher")
-    if chunk_size is None:
-        chunk_size = default_cross_tokenizer_chunk_size(
-            student_size, teacher_size, student.hidden.device
-        )
 
     weights = reduction_weights(student_mask, spec.reduction)  # [N]
     student_rows = student.hidden[student_mask]  # [N, hidden_S]
@@ -428,6 +425,14 @@ def _cross_tokenizer_loss(
         else:
             parts = [(matched_fn, matched_rows), (uld_divergence, ~matched_rows)]
 
+    if chunk_size is None:
+        if all(divergence_fn is forward_kl for divergence_fn, _ in parts):
+            # Same tokenizer: no sort, so forward KL's own chunks (and bit-identical sums).
+            chunk_size = default_chunk_size(max(student_size, teacher_size), student.hidden.device)
+        else:
+            chunk_size = default_cross_tokenizer_chunk_size(
+                student_size, teacher_size, student.hidden.device
+            )
     loss: Tensor | None = None
     for divergence_fn, rows in parts:
         part = _chunked_sum(
@@ -490,8 +495,9 @@ def aligned_kl_loss(
     ULD alone at unmatched pairs (module docstring for the exact formula).
 
     Equals :func:`kdlab.losses.chunked_distillation_loss` with ``divergence="forward_kl"``
-    exactly (value and gradient) when ``vocabulary`` is the identity and every pair is
-    matched, i.e. when both tokenizers are the same.
+    exactly (value and gradient, for the same ``chunk_size``, and for both defaults) when
+    ``vocabulary`` is the identity and every pair is matched, i.e. when both tokenizers are
+    the same.
 
     Args:
         student, teacher, alignment, spec, chunk_size: as in :func:`uld_loss`.
