@@ -17,7 +17,7 @@ as :class:`kdlab.data.alignment.CrossTokenizerCollator` produces), ``--matched-s
 pairs matched, and ``--shared-share`` of the smaller vocabulary shared (random id pairs).
 
 A step: the teacher's decoder under ``torch.inference_mode``
-(:func:`kdlab.training.objectives.teacher_hidden_states`), the student's final hidden states,
+(:func:`kdlab.training.forward.teacher_hidden_states`), the student's final hidden states,
 the KD loss from hidden states and lm_heads (chunked), backward, and an AdamW step on every
 student parameter (full fine-tuning, so the student's lm_head weight gets its gradient
 through the chunked loss too). T = 1, ``reduction="sequence"``, no CE term.
@@ -53,18 +53,18 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kdlab.losses import chunked_distillation_loss
-from kdlab.losses.cross_tokenizer import (
-    CROSS_TOKENIZER_LOSSES,
+from kdlab.losses import (
     HiddenStates,
+    KDLossSpec,
     SharedVocabulary,
     TokenAlignment,
+    chunked_distillation_loss,
+    cross_tokenizer_loss,
 )
-from kdlab.losses.spec import KDLossSpec
-from kdlab.training.common import response_mask
-from kdlab.training.objectives import (
+from kdlab.training.forward import (
     final_hidden_states,
     output_projection,
+    response_mask,
     teacher_hidden_states,
 )
 from loss_memory import _PeakMeter
@@ -139,7 +139,6 @@ def run_child(args: argparse.Namespace) -> dict:
     teacher.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     generator = torch.Generator().manual_seed(0)
-    spec = KDLossSpec(reduction="sequence")
 
     def make_step_inputs() -> dict:
         student_batch = random_batch(args.batch, args.seq, args.student_vocab, generator)
@@ -176,12 +175,10 @@ def run_child(args: argparse.Namespace) -> dict:
         if variant == "forward_kl":
             mask = inputs["mask"].to(device)
             loss = chunked_distillation_loss(
-                student_hidden,
-                weight,
-                teacher_hidden,
-                teacher_weight,
+                HiddenStates(student_hidden, weight, bias),
+                HiddenStates(teacher_hidden, teacher_weight, teacher_bias),
                 mask,
-                reduction=spec.reduction,
+                KDLossSpec("forward_kl", reduction="sequence"),
                 chunk_size=args.chunk_size,
             )
             rows = int(mask.sum())
@@ -197,12 +194,12 @@ def run_child(args: argparse.Namespace) -> dict:
                     )
                 )
             )
-            loss = CROSS_TOKENIZER_LOSSES[variant](
+            loss = cross_tokenizer_loss(
                 HiddenStates(student_hidden, weight, bias),
                 HiddenStates(teacher_hidden, teacher_weight, teacher_bias),
                 alignment,
                 vocabulary,
-                spec,
+                KDLossSpec(variant, reduction="sequence"),
                 chunk_size=args.chunk_size,
             )
             rows = int(alignment.student_mask.sum())

@@ -19,10 +19,10 @@ from kdlab.data.alignment import (
     tokenize_record_pair,
 )
 from kdlab.data.tokenize import tokenize_record
-from kdlab.losses import chunked_distillation_loss
-from kdlab.losses.cross_tokenizer import HiddenStates, aligned_kl_loss, uld_loss
+from kdlab.losses import HiddenStates, chunked_distillation_loss
+from kdlab.losses.cross_tokenizer import aligned_kl_loss, uld_loss
 from kdlab.losses.spec import KDLossSpec
-from kdlab.training.common import response_mask
+from kdlab.training.forward import response_mask
 from kdlab_testing import save_tiny_model, save_tiny_model_other_tokenizer
 
 
@@ -434,13 +434,7 @@ def test_losses_on_real_models_and_batches(model_dirs, tokenizers) -> None:
         student, teacher, batch_alignment(same), vocabulary, spec, chunk_size=16
     )
     forward = chunked_distillation_loss(
-        student.hidden,
-        student.weight,
-        teacher.hidden,
-        teacher.weight,
-        response_mask(same["labels"]),
-        temperature=2.0,
-        chunk_size=16,
+        student, teacher, response_mask(same["labels"]), spec, chunk_size=16
     )
     assert forward.item() > 0.01
     assert torch.equal(aligned, forward)

@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlab.losses import chunked_distillation_loss
+from kdlab.losses import HiddenStates, chunked_distillation_loss
 from kdlab.losses.cross_tokenizer import (
     CROSS_TOKENIZER_LOSSES,
-    HiddenStates,
     SharedVocabulary,
     TokenAlignment,
     aligned_kl_divergence,
@@ -211,17 +210,11 @@ def test_aligned_kl_equals_forward_kl_exactly_for_the_same_tokenizer(
     reference = leaf(case["student"])
     teacher = case["teacher"]
     forward = chunked_distillation_loss(
-        reference.hidden,
-        reference.weight,
-        teacher.hidden,
-        teacher.weight,
+        reference,
+        teacher,
         case["alignment"].student_mask,
-        divergence="forward_kl",
-        temperature=temperature,
-        reduction=reduction,
+        KDLossSpec("forward_kl", temperature=temperature, reduction=reduction),
         chunk_size=4,
-        student_lm_head_bias=reference.bias,
-        teacher_lm_head_bias=teacher.bias,
     )
     forward.backward()
     assert forward.item() > 0.1
@@ -232,15 +225,10 @@ def test_aligned_kl_equals_forward_kl_exactly_for_the_same_tokenizer(
     defaults = [
         run_loss("aligned_kl", case, case["student"], spec),
         chunked_distillation_loss(
-            case["student"].hidden,
-            case["student"].weight,
-            teacher.hidden,
-            teacher.weight,
+            case["student"],
+            teacher,
             case["alignment"].student_mask,
-            temperature=temperature,
-            reduction=reduction,
-            student_lm_head_bias=case["student"].bias,
-            teacher_lm_head_bias=teacher.bias,
+            KDLossSpec("forward_kl", temperature=temperature, reduction=reduction),
         ),
     ]
     assert torch.equal(*defaults)
@@ -421,7 +409,8 @@ def test_bad_arguments_raise() -> None:
         (dict(vocabulary=too_big), "exceeds"),
         (dict(spec={"temperature": 1.0}), "KDLossSpec"),
         (dict(chunk_size=0), "chunk_size"),
-        (dict(teacher=HiddenStates(teacher.hidden, teacher.weight[:, 1:])), "teacher.weight"),
+        (dict(teacher=HiddenStates(teacher.hidden[0], teacher.weight)), r"teacher.hidden"),
+        (dict(teacher=(teacher.hidden, teacher.weight)), "teacher must be a HiddenStates"),
     ]
     for overrides, message in cases:
         arguments = dict(

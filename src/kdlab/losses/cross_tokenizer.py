@@ -78,47 +78,26 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from kdlab.losses._common import check_float_tensor, check_loss_mask, reduction_weights
-from kdlab.losses.chunked import (
-    _INPUT_NAMES,
-    _check_bias,
-    _check_linear,
-    _ChunkedDistillation,
-    _ChunkSettings,
-    _run_chunks,
-    default_chunk_size,
-)
-from kdlab.losses.divergences import DivergenceFn, forward_kl
+from kdlab.losses._common import check_loss_mask, reduction_weights, scale_loss
+from kdlab.losses.chunked import chunked_row_sum, default_chunk_size
+from kdlab.losses.divergences import forward_kl
+from kdlab.losses.inputs import HiddenStates
 from kdlab.losses.spec import KDLossSpec
 
 __all__ = [
     "CROSS_TOKENIZER_LOSSES",
-    "HiddenStates",
     "SharedVocabulary",
     "TokenAlignment",
     "aligned_kl_divergence",
     "aligned_kl_loss",
+    "cross_tokenizer_loss",
     "default_cross_tokenizer_chunk_size",
     "uld_divergence",
     "uld_loss",
 ]
 
-
-@dataclass(frozen=True)
-class HiddenStates:
-    """A model's final hidden states and its output projection (logits = hidden @ weight.T + bias).
-
-    Same fields as the live-teacher type of the loss API (issue 14); reconciled at merge.
-
-    Attributes:
-        hidden: ``[batch, seq, hidden]`` after the final norm; position t predicts token t + 1.
-        weight: ``[vocab, hidden]`` lm_head weight, same dtype as ``hidden``.
-        bias: optional ``[vocab]`` lm_head bias.
-    """
-
-    hidden: Tensor
-    weight: Tensor
-    bias: Tensor | None = None
+#: ``(student_logprobs [n, V_S], teacher_logprobs [n, V_T]) -> [n]``: one value per pair.
+PerPosition = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -217,16 +196,12 @@ def _sorted_l1(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
     return distance
 
 
-def uld_divergence(
-    student_logprobs: Tensor, teacher_logprobs: Tensor, *, beta: float = 0.5, skew: float = 0.1
-) -> Tensor:
+def uld_divergence(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
     """ULD per position: ``Σ_i |q↓_i − p↓_i|`` (module docstring), in ``[0, 2]``.
 
     Shapes: ``[n, V_S]`` and ``[n, V_T]`` log-probabilities (the widths may differ), ``[n]``
-    out. ``beta``/``skew`` unused (the :class:`~kdlab.losses.divergences.DivergenceFn`
-    signature). Gradients flow through the sort (to whichever token holds each rank).
+    out. Gradients flow through the sort (to whichever token holds each rank).
     """
-    del beta, skew
     return _sorted_l1(student_logprobs.exp(), teacher_logprobs.exp())
 
 
@@ -237,7 +212,7 @@ def _complement(ids: Tensor, size: int) -> Tensor:
     return keep.nonzero().squeeze(-1)
 
 
-def aligned_kl_divergence(vocabulary: SharedVocabulary, device: torch.device) -> DivergenceFn:
+def aligned_kl_divergence(vocabulary: SharedVocabulary, device: torch.device) -> PerPosition:
     """The matched-pair term of ``aligned_kl`` as a per-position divergence function.
 
     Returns ``fn(student_logprobs [n, V_S], teacher_logprobs [n, V_T]) -> [n]`` computing
@@ -253,14 +228,7 @@ def aligned_kl_divergence(vocabulary: SharedVocabulary, device: torch.device) ->
     student_unmapped = _complement(student_shared, vocabulary.student_size)
     has_unmapped = bool(teacher_unmapped.numel() or student_unmapped.numel())
 
-    def divergence(
-        student_logprobs: Tensor,
-        teacher_logprobs: Tensor,
-        *,
-        beta: float = 0.5,
-        skew: float = 0.1,
-    ) -> Tensor:
-        del beta, skew
+    def divergence(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         # Forward KL restricted to the shared tokens: Σ p_a (log p_a − log q_m(a)), unnormalised.
         value = forward_kl(
             student_logprobs.index_select(-1, student_shared),
@@ -280,6 +248,8 @@ def _check_alignment(
     alignment: TokenAlignment, student: HiddenStates, teacher: HiddenStates
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Validate the masks against the hidden states; return them on the hidden's devices."""
+    if not isinstance(alignment, TokenAlignment):
+        raise ValueError(f"alignment must be a TokenAlignment, got {type(alignment).__name__}")
     check_loss_mask(alignment.student_mask, tuple(student.hidden.shape[:2]), "student.hidden")
     check_loss_mask(alignment.teacher_mask, tuple(teacher.hidden.shape[:2]), "teacher.hidden")
     check_loss_mask(alignment.matched, tuple(student.hidden.shape[:2]), "student.hidden")
@@ -304,11 +274,16 @@ def _check_alignment(
 
 
 def _check_models(student: HiddenStates, teacher: HiddenStates) -> None:
+    """Both sides are :class:`~kdlab.losses.HiddenStates` (which check their own fields) of
+    ``[batch, seq, hidden]`` on one device."""
     for name, states in (("student", student), ("teacher", teacher)):
-        check_float_tensor(f"{name}.hidden", states.hidden, ndim=3)
-        batch_seq = (states.hidden.shape[0], states.hidden.shape[1])
-        _check_linear(f"{name}.hidden", states.hidden, f"{name}.weight", states.weight, batch_seq)
-        _check_bias(f"{name}.bias", states.bias, states.weight)
+        if not isinstance(states, HiddenStates):
+            raise ValueError(f"{name} must be a HiddenStates, got {type(states).__name__}")
+        if states.hidden.dim() != 3:
+            raise ValueError(
+                f"{name}.hidden must have shape [batch, seq, hidden] (the alignment masks "
+                f"index it), got {list(states.hidden.shape)}"
+            )
     if student.hidden.device != teacher.hidden.device:
         raise ValueError(
             f"student and teacher hidden states must be on one device, got "
@@ -318,7 +293,7 @@ def _check_models(student: HiddenStates, teacher: HiddenStates) -> None:
 
 def _trim(states: HiddenStates, size: int, name: str) -> tuple[Tensor, Tensor | None]:
     """The lm_head weight and bias cut to the first ``size`` rows (the real tokens)."""
-    width = states.weight.shape[0]
+    width = states.vocab_size
     if size > width:
         raise ValueError(
             f"{name} vocabulary size {size} exceeds its lm_head's {width} rows "
@@ -340,60 +315,13 @@ def _check_chunk_size(chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _chunked_sum(
-    divergence_fn: DivergenceFn,
-    row_weights: Tensor,
-    student_rows: Tensor,
-    teacher_rows: Tensor,
-    student_head: tuple[Tensor, Tensor | None],
-    teacher_head: tuple[Tensor, Tensor | None],
-    temperature: float,
-    chunk_size: int,
-) -> Tensor:
-    """``Σ_r w_r · D_r`` over the rows through :mod:`kdlab.losses.chunked`'s chunk loop.
-
-    The chunk loop computes each side's logits from its rows and lm_head, takes
-    ``log_softmax(· / T)`` in float32 and calls ``divergence_fn`` on the two (their widths
-    may differ); gradients are taken chunk by chunk in the forward, as for every chunked loss.
-    """
-    settings = _ChunkSettings(
-        divergence_fn=divergence_fn,
-        temperature=float(temperature),
-        beta=0.5,
-        skew=0.1,
-        chunk_size=chunk_size,
-        noise_std=0.0,
-        noise_generator=None,
-    )
-    inputs: dict[str, Tensor | None] = {
-        "row_weights": row_weights,
-        "student_rows": student_rows,
-        "teacher_rows": teacher_rows,
-        "teacher_dense_rows": None,
-        "teacher_topk_logprobs": None,
-        "teacher_topk_ids": None,
-        "teacher_tail_mass": None,
-        "student_weight": student_head[0],
-        "student_bias": student_head[1],
-        "teacher_weight": teacher_head[0],
-        "teacher_bias": teacher_head[1],
-    }
-    needs_autograd = torch.is_grad_enabled() and any(
-        tensor is not None and tensor.requires_grad for tensor in inputs.values()
-    )
-    if needs_autograd:
-        return _ChunkedDistillation.apply(settings, *(inputs[name] for name in _INPUT_NAMES))
-    total, _ = _run_chunks(inputs, settings, compute_grads=False)
-    return total
-
-
 def _cross_tokenizer_loss(
     student: HiddenStates,
     teacher: HiddenStates,
     alignment: TokenAlignment,
     spec: KDLossSpec,
     sizes: tuple[int, int],
-    matched_fn: DivergenceFn | None,
+    matched_fn: PerPosition | None,
     chunk_size: int | None,
 ) -> Tensor:
     """Shared body of :func:`uld_loss` and :func:`aligned_kl_loss`.
@@ -411,9 +339,10 @@ def _cross_tokenizer_loss(
     teacher_head = _trim(teacher, teacher_size, "teacher")
 
     weights = reduction_weights(student_mask, spec.reduction)  # [N]
-    student_rows = student.hidden[student_mask]  # [N, hidden_S]
+    student_rows = student.rows("student", student_mask)  # [N, hidden_S]
     # Trap: teacher.hidden may be an inference tensor; selecting rows makes a normal one.
-    teacher_rows = teacher.hidden[teacher_mask]  # [N, hidden_T]
+    teacher_rows = teacher.rows("teacher", teacher_mask)  # [N, hidden_T]
+    parts: list[tuple[PerPosition, Tensor | None]]
     if matched_fn is None:
         parts = [(uld_divergence, None)]
     else:
@@ -435,21 +364,19 @@ def _cross_tokenizer_loss(
             )
     loss: Tensor | None = None
     for divergence_fn, rows in parts:
-        part = _chunked_sum(
-            divergence_fn,
-            weights if rows is None else weights[rows],
-            student_rows if rows is None else student_rows[rows],
-            teacher_rows if rows is None else teacher_rows[rows],
-            student_head,
-            teacher_head,
-            spec.temperature,
-            chunk_size,
+        part = chunked_row_sum(
+            row_weights=weights if rows is None else weights[rows],
+            student_rows=student_rows if rows is None else student_rows[rows],
+            student_head=student_head,
+            teacher_rows=teacher_rows if rows is None else teacher_rows[rows],
+            teacher_head=teacher_head,
+            spec=spec,
+            chunk_size=chunk_size,
+            per_position=divergence_fn,
         )
         loss = part if loss is None else loss + part
     assert loss is not None
-    if spec.scale_by_t2:
-        loss = loss * (spec.temperature**2)
-    return loss
+    return scale_loss(loss, spec)
 
 
 def uld_loss(
@@ -507,13 +434,43 @@ def aligned_kl_loss(
         Scalar float32; 0.0 (with zero gradients) when nothing is aligned.
     """
     _check_vocabulary(vocabulary)
+    _check_models(student, teacher)
     matched_fn = aligned_kl_divergence(vocabulary, student.hidden.device)
     sizes = (vocabulary.student_size, vocabulary.teacher_size)
     return _cross_tokenizer_loss(student, teacher, alignment, spec, sizes, matched_fn, chunk_size)
 
 
-#: Method name → loss; both take ``(student, teacher, alignment, vocabulary, spec, *, chunk_size)``.
+#: Cross-tokenizer divergence name → loss, both called as ``(student, teacher, alignment,
+#: vocabulary, spec, *, chunk_size)``. Each name is also a ``KDLossSpec.divergence`` and a
+#: method of :mod:`kdlab.config.methods` (which derives its cross-tokenizer entries from here).
 CROSS_TOKENIZER_LOSSES: dict[str, Callable[..., Tensor]] = {
     "uld": uld_loss,
     "aligned_kl": aligned_kl_loss,
 }
+
+
+def cross_tokenizer_loss(
+    student: HiddenStates,
+    teacher: HiddenStates,
+    alignment: TokenAlignment,
+    vocabulary: SharedVocabulary,
+    spec: KDLossSpec,
+    *,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """The cross-tokenizer loss ``spec.divergence`` names (a key of
+    :data:`CROSS_TOKENIZER_LOSSES`), with the arguments of :func:`uld_loss`.
+
+    Raises:
+        ValueError: ``spec.divergence`` compares one vocabulary (use
+            :func:`kdlab.losses.chunked_distillation_loss`).
+    """
+    if not isinstance(spec, KDLossSpec):
+        raise ValueError(f"spec must be a KDLossSpec, got {type(spec).__name__}")
+    loss = CROSS_TOKENIZER_LOSSES.get(spec.divergence)
+    if loss is None:
+        raise ValueError(
+            f"divergence {spec.divergence!r} compares distributions over one vocabulary; "
+            f"cross-tokenizer divergences: {', '.join(CROSS_TOKENIZER_LOSSES)}"
+        )
+    return loss(student, teacher, alignment, vocabulary, spec, chunk_size=chunk_size)
