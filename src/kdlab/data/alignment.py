@@ -60,6 +60,7 @@ BOS and UNK roles pair with each other first (``</s>`` ↔ ``<|endoftext|>``).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ from typing import Any
 
 import torch
 
-from kdlab.data.tokenize import Collator, TokenizedRecord, tokenize_record
+from kdlab.data.tokenize import IGNORE_INDEX, Collator, TokenizedRecord, tokenize_record
 from kdlab.losses.cross_tokenizer import SharedVocabulary, TokenAlignment
 
 __all__ = [
@@ -79,13 +80,18 @@ __all__ = [
     "VocabularyMap",
     "align_offsets",
     "align_response",
+    "align_sampled_response",
     "batch_alignment",
     "build_vocabulary_map",
     "encode_with_offsets",
+    "pair_sampled_record",
     "to_byte_offsets",
     "token_byte_keys",
     "tokenize_record_pair",
+    "tokenize_record_pairs",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- offsets
@@ -432,14 +438,34 @@ def align_response(
         to_byte_offsets(text, student_offsets, _token_pieces(student_tokenizer, student_ids)),
         to_byte_offsets(text, teacher_offsets, _token_pieces(teacher_tokenizer, teacher_ids)),
     )
-    student_eos = student_tokenizer.eos_token_id
-    teacher_eos = teacher_tokenizer.eos_token_id
-    if add_eos and student_eos is not None:
+    return _with_eos(
+        student_ids,
+        teacher_ids,
+        groups,
+        vocabulary,
+        student_eos=student_tokenizer.eos_token_id if add_eos else None,
+        teacher_eos=teacher_tokenizer.eos_token_id if add_eos else None,
+        end=len(text.encode("utf-8")),
+    )
+
+
+def _with_eos(
+    student_ids: list[int],
+    teacher_ids: list[int],
+    groups: list[AlignedGroup],
+    vocabulary: VocabularyMap,
+    *,
+    student_eos: int | None,
+    teacher_eos: int | None,
+    end: int,
+) -> ResponseAlignment:
+    """Append each side's EOS (when given) and, when both are, their group; flag the matched
+    groups (first teacher token maps to first student token)."""
+    if student_eos is not None:
         student_ids.append(int(student_eos))
-    if add_eos and teacher_eos is not None:
+    if teacher_eos is not None:
         teacher_ids.append(int(teacher_eos))
-    if add_eos and student_eos is not None and teacher_eos is not None:
-        end = len(text.encode("utf-8"))
+    if student_eos is not None and teacher_eos is not None:
         groups.append(
             AlignedGroup(
                 student=range(len(student_ids) - 1, len(student_ids)),
@@ -454,6 +480,65 @@ def align_response(
     ]
     return ResponseAlignment(
         student_ids=student_ids, teacher_ids=teacher_ids, groups=groups, matched=matched
+    )
+
+
+def align_sampled_response(
+    sampled_ids: Sequence[int],
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+    vocabulary: VocabularyMap,
+) -> ResponseAlignment:
+    """Align a response the *student* sampled (on-policy GKD) with its re-tokenization.
+
+    The student's ids are kept as sampled (they are what it is trained on), with byte spans
+    from their own bytes (:func:`token_byte_keys`); the text they decode to is tokenized
+    for the teacher (:func:`encode_with_offsets`). A final student EOS ends the text; the
+    teacher then gets its own EOS and the two form the last group.
+
+    Trap: sampled tokens need not decode to valid UTF-8 (a byte-level model can sample half
+    of a character). The decoded text then differs from the student's bytes after the first
+    bad byte; only tokens that end inside the common byte prefix are aligned (and no EOS
+    group is formed), so nothing is compared at positions whose texts differ.
+    """
+    student_ids = [int(index) for index in sampled_ids]
+    student_eos = student_tokenizer.eos_token_id
+    ends_with_eos = bool(student_ids) and student_eos is not None and student_ids[-1] == student_eos
+    body = student_ids[:-1] if ends_with_eos else student_ids
+    pieces = _token_pieces(student_tokenizer, body)
+    student_spans = []
+    cursor = 0
+    for piece in pieces:
+        student_spans.append((cursor, cursor + len(piece)))
+        cursor += len(piece)
+    text = student_tokenizer.decode(
+        body, skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    teacher_ids, teacher_offsets = encode_with_offsets(teacher_tokenizer, text)
+    teacher_spans = to_byte_offsets(
+        text, teacher_offsets, _token_pieces(teacher_tokenizer, teacher_ids)
+    )
+    student_bytes, text_bytes = b"".join(pieces), text.encode("utf-8")
+    intact = student_bytes == text_bytes
+    if not intact:
+        prefix = 0
+        while (
+            prefix < min(len(student_bytes), len(text_bytes))
+            and student_bytes[prefix] == text_bytes[prefix]
+        ):
+            prefix += 1
+        student_spans = [span for span in student_spans if span[1] <= prefix]
+        teacher_spans = [span for span in teacher_spans if span[1] <= prefix]
+    groups = align_offsets(student_spans, teacher_spans)
+    return _with_eos(
+        body,
+        teacher_ids,
+        groups,
+        vocabulary,
+        student_eos=student_eos if ends_with_eos else None,
+        # Not intact: the student's EOS stays in its ids, but the texts before it differ.
+        teacher_eos=teacher_tokenizer.eos_token_id if ends_with_eos and intact else None,
+        end=len(text_bytes),
     )
 
 
@@ -525,12 +610,20 @@ def tokenize_record_pair(
     alignment = align_response(
         text, student_tokenizer, teacher_tokenizer, vocabulary, add_eos=add_eos
     )
-    student_positions: list[int] = []
-    teacher_positions: list[int] = []
-    matched: list[bool] = []
     student, teacher = sides["student"], sides["teacher"]
     _check_response(student, alignment.student_ids, "student")
     _check_response(teacher, alignment.teacher_ids, "teacher")
+    return _paired_record(student, teacher, alignment)
+
+
+def _paired_record(
+    student: TokenizedRecord, teacher: TokenizedRecord, alignment: ResponseAlignment
+) -> CrossTokenizedRecord:
+    """The two records and the positions of the groups that survived truncation on both
+    sides (the group's first token inside both sequences, after a prompt of >= 1 token)."""
+    student_positions: list[int] = []
+    teacher_positions: list[int] = []
+    matched: list[bool] = []
     for group, is_matched in zip(alignment.groups, alignment.matched, strict=True):
         # The group's first token; its predicting position is one earlier. A prompt that
         # fills cutoff_len leaves prompt_length == len(input_ids): every group is dropped.
@@ -549,6 +642,97 @@ def tokenize_record_pair(
         teacher_positions=teacher_positions,
         matched=matched,
     )
+
+
+def _prompt_and_response(prompt_ids: list[int], response_ids: list[int], cutoff_len: int):
+    """A :class:`TokenizedRecord` of ``prompt + response`` (labels on the response), cut at
+    ``cutoff_len`` like :func:`~kdlab.data.tokenize.tokenize_record`."""
+    input_ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)
+    return TokenizedRecord(
+        input_ids=input_ids[:cutoff_len],
+        labels=labels[:cutoff_len],
+        prompt_length=min(len(prompt_ids), cutoff_len),
+        truncated=len(input_ids) > cutoff_len,
+    )
+
+
+def pair_sampled_record(
+    student_prompt_ids: Sequence[int],
+    sampled_ids: Sequence[int],
+    teacher_prompt_ids: Sequence[int],
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+    vocabulary: VocabularyMap,
+    *,
+    cutoff_len: int,
+) -> CrossTokenizedRecord:
+    """An on-policy example for both sides: the student's prompt and its own sampled
+    response, and the teacher's prompt with that response re-tokenized
+    (:func:`align_sampled_response`). The student side is kept whole (its sampling budget
+    already fits ``cutoff_len``); the teacher side is cut at ``cutoff_len``."""
+    alignment = align_sampled_response(
+        sampled_ids, student_tokenizer, teacher_tokenizer, vocabulary
+    )
+    student_prompt = [int(index) for index in student_prompt_ids]
+    student = _prompt_and_response(
+        student_prompt, alignment.student_ids, len(student_prompt) + len(alignment.student_ids)
+    )
+    teacher = _prompt_and_response(
+        [int(index) for index in teacher_prompt_ids], alignment.teacher_ids, cutoff_len
+    )
+    return _paired_record(student, teacher, alignment)
+
+
+def tokenize_record_pairs(
+    records: Sequence[dict[str, Any]],
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+    vocabulary: VocabularyMap,
+    *,
+    template: str = "alpaca",
+    cutoff_len: int = 256,
+    train_on_inputs: bool = False,
+    add_eos: bool = True,
+    responses: Sequence[str] | None = None,
+    complete: Sequence[bool] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`~kdlab.data.tokenize.tokenize_records` for a cross-tokenizer run: one
+    :meth:`CrossTokenizedRecord.as_dict` example per record (with its ``index``), the
+    same arguments. Logs how many records were truncated on either side and how many keep
+    no aligned position."""
+    examples: list[dict[str, Any]] = []
+    truncated = unaligned = 0
+    for index, record in enumerate(records):
+        pair = tokenize_record_pair(
+            record,
+            student_tokenizer,
+            teacher_tokenizer,
+            vocabulary,
+            template=template,
+            cutoff_len=cutoff_len,
+            train_on_inputs=train_on_inputs,
+            add_eos=add_eos and (complete is None or complete[index]),
+            response=None if responses is None else responses[index],
+        )
+        truncated += pair.student.truncated or pair.teacher.truncated
+        unaligned += not pair.student_positions
+        example = pair.as_dict()
+        example["index"] = index
+        examples.append(example)
+    if truncated:
+        logger.warning(
+            "%d of %d records truncated at cutoff_len=%d (student or teacher tokens)",
+            truncated,
+            len(records),
+            cutoff_len,
+        )
+    if unaligned:
+        logger.warning(
+            "%d records keep no aligned response position after truncation: no KD term there",
+            unaligned,
+        )
+    return examples
 
 
 def _check_response(record: TokenizedRecord, response_ids: list[int], side: str) -> None:

@@ -388,7 +388,9 @@ def uld_loss(
     *,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Universal Logit Distillation at the aligned positions (module docstring).
+    """ULD (Boizard et al. 2024): L1 between sorted teacher and student probabilities.
+
+    At the aligned positions; the shorter sorted vector zero-padded (module docstring).
 
     Args:
         student: the student's hidden states and lm_head (gradients reach ``hidden`` and,
@@ -418,8 +420,10 @@ def aligned_kl_loss(
     *,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Forward KL over the shared vocabulary at matched pairs plus ULD on the unmapped mass;
-    ULD alone at unmatched pairs (module docstring for the exact formula).
+    """Forward KL on shared tokens where the next tokens match, ULD elsewhere (TRL's GOLD).
+
+    At matched pairs: forward KL over the shared vocabulary plus ULD on the unmapped mass;
+    at unmatched pairs ULD alone (module docstring for the exact formula).
 
     Equals :func:`kdlab.losses.chunked_distillation_loss` with ``divergence="forward_kl"``
     exactly (value and gradient, for the same ``chunk_size``, and for both defaults) when
