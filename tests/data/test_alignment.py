@@ -12,11 +12,14 @@ from kdlab.data.alignment import (
     CrossTokenizerCollator,
     align_offsets,
     align_response,
+    align_sampled_response,
     batch_alignment,
     build_vocabulary_map,
+    pair_sampled_record,
     to_byte_offsets,
     token_byte_keys,
     tokenize_record_pair,
+    tokenize_record_pairs,
 )
 from kdlab.data.tokenize import tokenize_record
 from kdlab.losses import HiddenStates, chunked_distillation_loss
@@ -438,3 +441,86 @@ def test_losses_on_real_models_and_batches(model_dirs, tokenizers) -> None:
     )
     assert forward.item() > 0.01
     assert torch.equal(aligned, forward)
+
+
+# ------------------------------------------------------------------ on-policy samples
+
+
+@pytest.mark.parametrize("text", TEXTS[:4])
+@pytest.mark.parametrize("eos", [True, False])
+def test_a_valid_sample_aligns_like_its_text(tokenizers, text: str, eos: bool) -> None:
+    """Sampled ids that spell valid UTF-8: the student keeps its ids, the teacher gets the
+    same tokens and groups as the gold-text alignment of that text."""
+    student_tokenizer, teacher_tokenizer = tokenizers
+    vocabulary = build_vocabulary_map(student_tokenizer, teacher_tokenizer)
+    gold = align_response(text, student_tokenizer, teacher_tokenizer, vocabulary, add_eos=eos)
+    sampled = align_sampled_response(
+        gold.student_ids, student_tokenizer, teacher_tokenizer, vocabulary
+    )
+    assert sampled.student_ids == gold.student_ids
+    assert sampled.teacher_ids == gold.teacher_ids
+    assert as_tuples(sampled.groups) == as_tuples(gold.groups)
+    assert sampled.matched == gold.matched
+
+
+def test_invalid_utf8_samples_align_in_characters(tokenizers) -> None:
+    """A lone continuation byte and a truncated character: the teacher reads U+FFFD there,
+    and each bad run is one group against U+FFFD's tokens; the rest aligns as text."""
+    student_tokenizer, teacher_tokenizer = tokenizers
+    vocabulary = build_vocabulary_map(student_tokenizer, teacher_tokenizer)
+    keys = token_byte_keys(student_tokenizer)
+    by_bytes = {value[1]: index for index, value in keys.items() if value[0] == "text"}
+    good = student_tokenizer(" apples", add_special_tokens=False)["input_ids"]
+    lone, lead = by_bytes[b"\xa9"], by_bytes[b"\xc3"]  # "©" alone; half of "é"
+    ids = [*good, lone, *good, lead, student_tokenizer.eos_token_id]
+    alignment = align_sampled_response(ids, student_tokenizer, teacher_tokenizer, vocabulary)
+    assert alignment.student_ids == ids
+    text = teacher_tokenizer.decode(alignment.teacher_ids, skip_special_tokens=True)
+    assert text == " apples\ufffd apples\ufffd"
+    assert alignment.teacher_ids[-1] == teacher_tokenizer.eos_token_id
+    groups = [
+        (
+            [alignment.student_ids[i] for i in group.student],
+            teacher_tokenizer.decode([alignment.teacher_ids[i] for i in group.teacher]),
+        )
+        for group in alignment.groups
+    ]
+    assert ([lone], "\ufffd") in groups and ([lead], "\ufffd") in groups
+    assert groups[-1] == ([student_tokenizer.eos_token_id], teacher_tokenizer.eos_token)
+    assert [i for g in alignment.groups for i in g.student] == list(range(len(ids)))
+    assert [i for g in alignment.groups for i in g.teacher] == list(
+        range(len(alignment.teacher_ids))
+    )
+
+
+def test_a_sampled_record_pairs_positions_after_each_sides_prompt(tokenizers) -> None:
+    student_tokenizer, teacher_tokenizer = tokenizers
+    vocabulary = build_vocabulary_map(student_tokenizer, teacher_tokenizer)
+    text = "The café. The answer is 19"
+    response = [
+        *student_tokenizer(text, add_special_tokens=False)["input_ids"],
+        student_tokenizer.eos_token_id,
+    ]
+    student_prompt, teacher_prompt = [1, 5, 6], [1, 7, 8, 9]
+    pair = pair_sampled_record(
+        student_prompt, response, teacher_prompt, student_tokenizer, teacher_tokenizer,
+        vocabulary, cutoff_len=12,
+    )  # fmt: skip
+    assert pair.student.input_ids == student_prompt + response  # never cut
+    assert pair.teacher.input_ids[:4] == teacher_prompt and len(pair.teacher.input_ids) == 12
+    alignment = align_sampled_response(response, student_tokenizer, teacher_tokenizer, vocabulary)
+    kept = [g for g in alignment.groups if 4 + g.teacher.start < 12]
+    assert pair.student_positions == [3 + g.student.start - 1 for g in kept]
+    assert pair.teacher_positions == [4 + g.teacher.start - 1 for g in kept]
+    assert pair.matched == alignment.matched[: len(kept)]
+
+
+def test_tokenize_record_pairs_indexes_every_record(tokenizers) -> None:
+    student_tokenizer, teacher_tokenizer = tokenizers
+    vocabulary = build_vocabulary_map(student_tokenizer, teacher_tokenizer)
+    records = [record(index, text) for index, text in enumerate(TEXTS[:3])]
+    examples = tokenize_record_pairs(records, student_tokenizer, teacher_tokenizer, vocabulary)
+    assert [example["index"] for example in examples] == [0, 1, 2]
+    for example, item in zip(examples, records, strict=True):
+        single = tokenize_record_pair(item, student_tokenizer, teacher_tokenizer, vocabulary)
+        assert example == {**single.as_dict(), "index": example["index"]}

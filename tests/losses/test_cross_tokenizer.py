@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlab.losses import HiddenStates, chunked_distillation_loss
+from kdlab.losses import HiddenStates, LossSpecError, chunked_distillation_loss
 from kdlab.losses.cross_tokenizer import (
     CROSS_TOKENIZER_LOSSES,
     SharedVocabulary,
     TokenAlignment,
     aligned_kl_divergence,
     aligned_kl_loss,
+    cross_tokenizer_loss,
     uld_divergence,
     uld_loss,
 )
@@ -452,3 +453,41 @@ def test_cuda_equals_cpu(method: str) -> None:
     torch.testing.assert_close(cuda_loss.cpu(), cpu_loss, rtol=0, atol=1e-5)
     for got, want in zip(grads(cuda_student), grads(cpu_student), strict=True):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["uld", "aligned_kl"])
+def test_cross_tokenizer_loss_dispatches_on_the_specs_divergence(method: str) -> None:
+    case = make_case(12)
+    spec = KDLossSpec(method, temperature=1.3)
+    via_spec = cross_tokenizer_loss(
+        case["student"], case["teacher"], case["alignment"], case["vocabulary"], spec
+    )
+    direct = CROSS_TOKENIZER_LOSSES[method](
+        case["student"], case["teacher"], case["alignment"], case["vocabulary"], spec
+    )
+    assert torch.equal(via_spec, direct) and via_spec.item() > 0
+    other = "aligned_kl" if method == "uld" else "uld"
+    assert not torch.equal(
+        via_spec,
+        cross_tokenizer_loss(
+            case["student"],
+            case["teacher"],
+            case["alignment"],
+            case["vocabulary"],
+            KDLossSpec(other, temperature=1.3),
+        ),
+    )
+
+
+def test_one_and_two_vocabulary_losses_refuse_each_others_divergences() -> None:
+    case = make_case(13)
+    with pytest.raises(ValueError, match="one vocabulary"):
+        cross_tokenizer_loss(
+            case["student"], case["teacher"], case["alignment"], case["vocabulary"], KDLossSpec()
+        )
+    student = case["student"]
+    mask = case["alignment"].student_mask
+    with pytest.raises(ValueError, match="two vocabularies"):
+        chunked_distillation_loss(student, student, mask, KDLossSpec("uld"))
+    with pytest.raises(LossSpecError, match="aligned_kl"):
+        KDLossSpec("aligned_k")

@@ -60,6 +60,7 @@ BOS and UNK roles pair with each other first (``</s>`` ↔ ``<|endoftext|>``).
 
 from __future__ import annotations
 
+import codecs
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -483,6 +484,29 @@ def _with_eos(
     )
 
 
+def _decoded_spans(pieces: Sequence[bytes]) -> tuple[str, list[tuple[int, int]]]:
+    """Decode token bytes that are not valid UTF-8 (``errors="replace"``, as Python's and
+    the tokenizers' decoders do) and give each token its span in *characters* of the text.
+
+    A token that leaves an incomplete character pending ends after that character (the
+    character, or the U+FFFD replacing it, is partly its own), so the pieces of one
+    character share one end and are never split by the alignment.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    parts: list[str] = []
+    emitted = 0
+    spans: list[tuple[int, int]] = []
+    for piece in pieces:
+        output = decoder.decode(piece)
+        parts.append(output)
+        emitted += len(output)
+        pending = bool(decoder.getstate()[0])
+        end = emitted + (1 if pending else 0)
+        spans.append((spans[-1][1] if spans else 0, end))
+    parts.append(decoder.decode(b"", final=True))
+    return "".join(parts), spans
+
+
 def align_sampled_response(
     sampled_ids: Sequence[int],
     student_tokenizer: Any,
@@ -491,44 +515,38 @@ def align_sampled_response(
 ) -> ResponseAlignment:
     """Align a response the *student* sampled (on-policy GKD) with its re-tokenization.
 
-    The student's ids are kept as sampled (they are what it is trained on), with byte spans
-    from their own bytes (:func:`token_byte_keys`); the text they decode to is tokenized
-    for the teacher (:func:`encode_with_offsets`). A final student EOS ends the text; the
-    teacher then gets its own EOS and the two form the last group.
+    The student's ids are kept as sampled (they are what it is trained on); the text is the
+    concatenation of their bytes (:func:`token_byte_keys`), tokenized for the teacher
+    (:func:`encode_with_offsets`). The student's spans come from its tokens' own bytes, the
+    teacher's from its offsets, and the two are cut into groups by :func:`align_offsets`.
+    A final student EOS ends the text; the teacher then gets its own EOS, and the two form
+    the last group.
 
-    Trap: sampled tokens need not decode to valid UTF-8 (a byte-level model can sample half
-    of a character). The decoded text then differs from the student's bytes after the first
-    bad byte; only tokens that end inside the common byte prefix are aligned (and no EOS
-    group is formed), so nothing is compared at positions whose texts differ.
+    Trap: sampled tokens need not be valid UTF-8 (a byte-level model can sample half of a
+    character, or a lone continuation byte). The text then holds U+FFFD where the bytes
+    were invalid, and both sides are aligned in characters of that text instead of bytes
+    (:func:`_decoded_spans`): a replaced byte run is one unit on the student's side and
+    U+FFFD's tokens on the teacher's.
     """
     student_ids = [int(index) for index in sampled_ids]
     student_eos = student_tokenizer.eos_token_id
     ends_with_eos = bool(student_ids) and student_eos is not None and student_ids[-1] == student_eos
     body = student_ids[:-1] if ends_with_eos else student_ids
     pieces = _token_pieces(student_tokenizer, body)
-    student_spans = []
-    cursor = 0
-    for piece in pieces:
-        student_spans.append((cursor, cursor + len(piece)))
-        cursor += len(piece)
-    text = student_tokenizer.decode(
-        body, skip_special_tokens=False, clean_up_tokenization_spaces=False
-    )
-    teacher_ids, teacher_offsets = encode_with_offsets(teacher_tokenizer, text)
-    teacher_spans = to_byte_offsets(
-        text, teacher_offsets, _token_pieces(teacher_tokenizer, teacher_ids)
-    )
-    student_bytes, text_bytes = b"".join(pieces), text.encode("utf-8")
-    intact = student_bytes == text_bytes
-    if not intact:
-        prefix = 0
-        while (
-            prefix < min(len(student_bytes), len(text_bytes))
-            and student_bytes[prefix] == text_bytes[prefix]
-        ):
-            prefix += 1
-        student_spans = [span for span in student_spans if span[1] <= prefix]
-        teacher_spans = [span for span in teacher_spans if span[1] <= prefix]
+    try:
+        text = b"".join(pieces).decode("utf-8")
+    except UnicodeDecodeError:
+        text, student_spans = _decoded_spans(pieces)
+        teacher_ids, teacher_spans = encode_with_offsets(teacher_tokenizer, text)
+    else:
+        student_spans = []
+        for piece in pieces:
+            start = student_spans[-1][1] if student_spans else 0
+            student_spans.append((start, start + len(piece)))
+        teacher_ids, teacher_offsets = encode_with_offsets(teacher_tokenizer, text)
+        teacher_spans = to_byte_offsets(
+            text, teacher_offsets, _token_pieces(teacher_tokenizer, teacher_ids)
+        )
     groups = align_offsets(student_spans, teacher_spans)
     return _with_eos(
         body,
@@ -536,9 +554,8 @@ def align_sampled_response(
         groups,
         vocabulary,
         student_eos=student_eos if ends_with_eos else None,
-        # Not intact: the student's EOS stays in its ids, but the texts before it differ.
-        teacher_eos=teacher_tokenizer.eos_token_id if ends_with_eos and intact else None,
-        end=len(text_bytes),
+        teacher_eos=teacher_tokenizer.eos_token_id if ends_with_eos else None,
+        end=student_spans[-1][1] if student_spans else 0,
     )
 
 
