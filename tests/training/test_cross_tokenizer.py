@@ -23,6 +23,7 @@ from kdlab.data.tokenize import Collator, tokenize_records
 from kdlab.models.loading import load_model_and_tokenizer
 from kdlab.training.objectives import CrossTokenizerObjective, DistillationObjective
 from kdlab_testing import (
+    REPO_ROOT,
     build_tiny_model,
     build_tiny_tokenizer,
     distill_overrides,
@@ -89,6 +90,43 @@ def test_padded_logit_widths_of_one_tokenizer_still_train(
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["final_validation"]["val_kd"] > 0
     assert "cross_tokenizer" not in summary
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_the_example_config_loads_as_a_user_would_run_it(tmp_path: Path) -> None:
+    done = kdlab(
+        "distill", str(REPO_ROOT / "configs" / "examples" / "cross_tokenizer.yaml"),
+        "--print-config", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    printed = yaml.safe_load(done.stdout)
+    assert printed["teacher"]["model"]["name_or_path"].startswith("meta-llama/")
+    assert printed["student"]["name_or_path"].startswith("Qwen/")
+    settings = DistillSettings(**{k: v for k, v in printed["distill"].items() if k != "generation"})
+    assert settings.spec.cross_tokenizer(settings)
+
+
+def test_the_cross_family_grid_plans_cross_tokenizer_runs_on_the_live_teacher() -> None:
+    from kdlab.config.sweep import load_sweep_config
+    from kdlab.sweep.grid import plan_sweep
+
+    grid = REPO_ROOT / "configs" / "paper" / "cross_family_math.yaml"
+    plan = plan_sweep(load_sweep_config(grid, ["out_dir=/nonexistent/paper"]))
+    kd = [run for run in plan.training if run.kind == "kd"]
+    assert len(kd) == 20
+    pairs = {(run.params["teacher"], run.params["student"]) for run in kd}
+    assert all(teacher.split("-")[0] != student.split("-")[0] for teacher, student in pairs)
+    for run in kd:
+        settings = run.config.distill
+        assert settings.spec.cross_tokenizer(settings), run.name
+        assert settings.teacher_cache is None, run.name  # refused: sweeps leave it off
+    # The paper's same-family grid still turns the cache on where it serves the run.
+    same = plan_sweep(
+        load_sweep_config(REPO_ROOT / "configs" / "paper" / "qwen_math.yaml", ["out_dir=/x"])
+    )
+    assert any(run.config.distill.teacher_cache == "auto" for run in same.stage("distill"))
 
 
 # --------------------------------------------------------------------------- the objective
