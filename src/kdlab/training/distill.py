@@ -228,7 +228,7 @@ def run_distill(
     student_parameters = count_parameters(student)[1]
     vocab = None
     if cross is not None:
-        assert teacher is not None
+        assert teacher is not None and source is not None
         cross.check_widths(teacher, student, source)
     elif teacher_width is not None:
         # The loaded teacher's own lm_head when there is one; else its config's width (the
@@ -387,7 +387,6 @@ class _CrossTokenizer:
 
     teacher_tokenizer: Any
     vocabulary: VocabularyMap
-    student_tokenizer: Any
 
     @classmethod
     def of(
@@ -405,7 +404,7 @@ class _CrossTokenizer:
             vocabulary.teacher_size,
             vocabulary.num_shared,
         )
-        return cls(teacher_tokenizer, vocabulary, student_tokenizer)
+        return cls(teacher_tokenizer, vocabulary)
 
     def tokenize(self, records: list[dict[str, Any]], tokenizer: Any, **kwargs: Any) -> list:
         """:func:`~kdlab.data.alignment.tokenize_record_pairs` with ``tokenize_records``'
