@@ -19,6 +19,7 @@ from kdlab.config.methods import (
     MethodSpec,
     get_method,
     method_choices,
+    unread_message,
     unread_settings,
 )
 from kdlab.losses.spec import KDLossSpec, LossSpecError
@@ -343,14 +344,7 @@ class DistillSettings:
         except LossSpecError as error:
             raise FieldError(error.field, error.message) from None
         for key, value in unread_settings(self):
-            divergence = self.resolved_divergence
-            raise FieldError(
-                key,
-                f"has no effect with distill.method = {self.method}"
-                + (f" (divergence {divergence})" if divergence else " (no KD divergence)")
-                + "; remove it (kdlab refuses settings a run would ignore)",
-                value=value,
-            )
+            raise FieldError(key, unread_message(self, key), value=value)
 
     @property
     def spec(self) -> MethodSpec:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,16 @@ def build_examples(
     train_on_inputs: bool | None = None,
     responses: list[str] | None = None,
     complete: list[bool] | None = None,
+    tokenize: Callable[..., list[dict[str, Any]]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Tokenize and split into (train, validation) examples by ``data.seed``.
 
-    Refuses (exit 2) data where no record keeps a response token within
-    ``data.cutoff_len``: such a run would train on nothing and still report success.
+    ``tokenize`` replaces :func:`~kdlab.data.tokenize.tokenize_records` (same arguments):
+    cross-tokenizer runs tokenize for both models. Refuses (exit 2) data where no record
+    keeps a response token within ``data.cutoff_len``: such a run would train on nothing
+    and still report success.
     """
-    examples = tokenize_records(
+    examples = (tokenize or tokenize_records)(
         records,
         tokenizer,
         template=data.template,
