@@ -55,7 +55,8 @@ from kdlab.models.vocab import (
 )
 from kdlab.training.common import (
     build_examples,
-    forward_to_trackers,
+    check_trackers,
+    finish_trackers,
     init_trackers,
     load_training_records,
     make_accelerator,
@@ -166,6 +167,7 @@ def run_distill(
 ) -> dict[str, Any]:
     """Run one distillation; returns the training summary."""
     validate_config(config)
+    check_trackers(config.train)
     settings = config.distill
     method = settings.spec
     source = resolve_teacher(config) if method.needs_teacher else None
@@ -298,7 +300,7 @@ def run_distill(
         unwrap=accelerator.unwrap_model,
         teacher_cache=cache,
     )
-    tracker = init_trackers(config.train, run_dir) if accelerator.is_main_process else None
+    init_trackers(accelerator, config.train, run_dir)
     loop = TrainingLoop(
         config=config.train,
         model=student,
@@ -336,8 +338,7 @@ def run_distill(
         summary=summary,
         sliced=bool(config.student.slice_layers),
     )
-    if accelerator.is_main_process:
-        forward_to_trackers(tracker, run_dir)
+    finish_trackers(accelerator)
     return summary
 
 
