@@ -20,11 +20,29 @@ from kdlab.utils.io import atomic_directory, atomic_write_json, mark_done
 logger = logging.getLogger(__name__)
 
 
+def training_record_format(data: DataConfig) -> Any:
+    """The :class:`~kdlab.data.records.RecordFormat` of ``data``: its column map, and
+    conversational records refused unless ``data.template`` is ``chat``."""
+    from kdlab.data.records import RecordFormat
+
+    return RecordFormat(
+        columns=dict(data.columns),
+        columns_key="data.columns",
+        refuse_conversational=None
+        if data.template == "chat"
+        else f"data.template is {data.template!r}: set data.template: chat",
+    )
+
+
 def load_training_records(data: DataConfig) -> list[dict[str, Any]]:
+    """The training records of ``data`` (sources mixed, column map and formats applied)."""
     from kdlab.data.records import load_mixture
 
     records = load_mixture(
-        list(data.train_files), seed=data.seed, required_fields=("instruction", "output")
+        list(data.train_files),
+        seed=data.seed,
+        required_fields=("instruction", "output"),
+        record_format=training_record_format(data),
     )
     if data.max_records is not None:
         records = records[: data.max_records]
@@ -123,9 +141,7 @@ def make_accelerator(train: TrainConfig) -> Any:
         project = ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / "trackers")
         )
-    return Accelerator(
-        mixed_precision=precision, log_with=trackers or None, project_config=project
-    )
+    return Accelerator(mixed_precision=precision, log_with=trackers or None, project_config=project)
 
 
 def tracker_config(run_dir: Path) -> dict[str, Any]:
@@ -164,9 +180,7 @@ def init_trackers(accelerator: Any, train: TrainConfig, run_dir: Path) -> None:
     """
     if not accelerator.log_with:
         return
-    init_kwargs = {
-        name: {keyword: run_dir.name} for name, keyword in _TRACKER_RUN_NAME.items()
-    }
+    init_kwargs = {name: {keyword: run_dir.name} for name, keyword in _TRACKER_RUN_NAME.items()}
     init_kwargs["wandb"]["dir"] = str(run_dir)
     accelerator.init_trackers(
         train.tracker_project, config=tracker_config(run_dir), init_kwargs=init_kwargs

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kdlab.config.schema import DistillSettings
-from kdlab.data.templates import build_prompt, strip_continuation
+from kdlab.data.templates import record_prompt, strip_continuation
 from kdlab.errors import DataError
 from kdlab.models.fingerprint import fingerprint_key
 from kdlab.models.loading import cache_root
@@ -76,8 +76,19 @@ def seqkd_fingerprint(
         "top_k": None if settings.seqkd_greedy else generation.top_k,
         "top_p": None if settings.seqkd_greedy else generation.top_p,
         "batch_size": settings.seqkd_batch_size,
+        # A TRL-format record's prompt (system turns, a verbatim string) is part of what the
+        # teacher answers; instruction records hash as before, so their caches stay valid.
         "records": hashlib.sha256(
-            json.dumps([[r["instruction"], r.get("input", "")] for r in records]).encode()
+            json.dumps(
+                [
+                    [
+                        r["instruction"],
+                        r.get("input", ""),
+                        *([r["prompt"]] if "prompt" in r else []),
+                    ]
+                    for r in records
+                ]
+            ).encode()
         ).hexdigest()[:16],
         "num_records": len(records),
     }
@@ -189,15 +200,7 @@ def _generate(
     generation = settings.generation
     eos_ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
     # Longest prompts first: the first batch shows the worst-case memory.
-    prompts = {
-        i: build_prompt(
-            records[i]["instruction"],
-            records[i].get("input", ""),
-            template=template,
-            tokenizer=tokenizer,
-        )
-        for i in todo
-    }
+    prompts = {i: record_prompt(records[i], template=template, tokenizer=tokenizer) for i in todo}
     order = sorted(todo, key=lambda i: -len(prompts[i]))
     try:
         for start in tqdm(
