@@ -306,9 +306,9 @@ def render_run_card(
     if alias is not None:
         lines += [f"Base model: `{alias.hub_id}`. {alias.note}", ""]
     elif hub_id is None:
+        tail = ": load the adapter onto your copy of it" if kind == "adapter" else ""
         lines += [
-            f"Base model: the local model `{model_config.name_or_path}` (not a hub id: load "
-            "the adapter onto your copy of it).",
+            f"Base model: the local model `{model_config.name_or_path}` (not a hub id{tail}).",
             "",
         ]
     if note:

@@ -257,7 +257,7 @@ def push_folder(
         message = " ".join(str(error).split()) or type(error).__name__
         raise KdlabError(
             f"push to hub {repo_id}: {type(error).__name__}: {message} (the export in "
-            f"{folder} is complete; push it again with huggingface-cli upload)"
+            f"{folder} is complete; upload it with `hf upload {repo_id} {folder}`)"
         ) from None
     logger.info("pushed %d files to %s", len(operations), repo)
     return str(repo), getattr(commit, "commit_url", None)
