@@ -117,6 +117,7 @@ def _eval(run: Path, out: Path | None, task_file: Path, *extra: str) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_an_evaluation_adds_its_results_to_the_run_card(adapter_run: Path, tmp_path: Path) -> None:
     from kdlab.models.card import card_eval_results
 
@@ -143,6 +144,7 @@ def test_an_evaluation_adds_its_results_to_the_run_card(adapter_run: Path, tmp_p
     assert (adapter_run / "adapter" / "adapter_model.safetensors").read_bytes() == weights
 
 
+@pytest.mark.slow
 def test_export_merge_loads_in_plain_transformers_with_kdlab_logits(
     adapter_run: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -167,6 +169,7 @@ def test_export_merge_loads_in_plain_transformers_with_kdlab_logits(
     assert "the adapter is merged into its base model" in card.text
 
 
+@pytest.mark.slow
 def test_export_of_an_adapter_and_of_a_sliced_model(
     adapter_run: Path, sliced_run: Path, tmp_path: Path
 ) -> None:
@@ -195,26 +198,36 @@ def test_export_of_an_adapter_and_of_a_sliced_model(
     assert not (tmp_path / "x").exists()
 
 
-def test_export_never_replaces_what_it_did_not_write(adapter_run: Path, tmp_path: Path) -> None:
+def test_export_never_replaces_what_it_did_not_write(
+    adapter_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kdlab.cli import main
+
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    for flags in ([], ["--overwrite"]):
-        result = _kdlab("export", str(adapter_run), "--out", str(out), *flags, cwd=tmp_path)
-        assert result.returncode == 2
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    result = _kdlab("export", str(adapter_run), "--out", str(out), "--overwrite", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"kdlab export: error: export out_dir {out} holds files kdlab export did not write "
+        "(no kdlab-export.json): refusing to replace it; choose another folder"
+    ]
+    assert main(["export", str(adapter_run), "--out", str(out)]) == 2
     assert (out / "notes.txt").read_text() == "keep me"
     again = tmp_path / "again"
-    assert _kdlab("export", str(adapter_run), "--out", str(again), cwd=tmp_path).returncode == 0
-    assert _kdlab("export", str(adapter_run), "--out", str(again), cwd=tmp_path).returncode == 2
-    replaced = _kdlab("export", str(adapter_run), "--out", str(again), "--overwrite", cwd=tmp_path)
-    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert main(["export", str(adapter_run), "--out", str(again)]) == 0
+    assert main(["export", str(adapter_run), "--out", str(again)]) == 2
+    assert "pass --overwrite to replace an earlier export" in capsys.readouterr().err
+    (again / "README.md").write_text("stale")
+    assert main(["export", str(adapter_run), "--out", str(again), "--overwrite"]) == 0
+    assert (again / "README.md").read_text().startswith("---\n")
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     for name in ("config.yaml", "run.json"):
         (unfinished / name).write_bytes((adapter_run / name).read_bytes())
-    missing = _kdlab("export", str(unfinished), "--out", str(tmp_path / "u"), cwd=tmp_path)
-    assert missing.returncode == 2 and "neither adapter/ nor model/" in missing.stderr
+    assert main(["export", str(unfinished), "--out", str(tmp_path / "u")]) == 2
+    assert "neither adapter/ nor model/" in capsys.readouterr().err
+    assert not (tmp_path / "u").exists()
 
 
 #: Runs ``kdlab export`` with huggingface_hub's two network calls replaced: every call and
@@ -258,6 +271,7 @@ _PUSH_DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_push_to_hub_commits_the_exported_folder(adapter_run: Path, tmp_path: Path) -> None:
     driver = tmp_path / "driver.py"
     driver.write_text(_PUSH_DRIVER)
