@@ -99,7 +99,7 @@ def test_sliced_student_card_names_method_divergence_teacher(
     first = card.text.split("\n\n")[1]
     assert first == (
         f"A merged model from `{tiny_teacher_dir}`, sliced to 2 decoder layers: a student "
-        f"distilled by forward_kl (forward_kl, temperature 2) from {tiny_teacher_dir}."
+        f"distilled by forward_kl (temperature 2) from {tiny_teacher_dir}."
     )
     assert "| Temperature | 2.0 |" in card.text and "| Decoder layers kept | 2 |" in card.text
 

@@ -44,6 +44,8 @@ def test_report_to_takes_a_name_or_a_list_and_refuses_unknown_names() -> None:
         load_config(FinetuneConfig, None, ["train.report_to=tensorbord"])
     with pytest.raises(ConfigError, match="none and all stand alone"):
         load_config(FinetuneConfig, None, ["train.report_to=[none, wandb]"])
+    with pytest.raises(ConfigError, match=r"tracker_project.*has no effect without a tracker"):
+        load_config(FinetuneConfig, None, ["train.tracker_project=mine"])
 
 
 def test_a_missing_tracker_package_exits_2_before_the_run_starts(
@@ -74,7 +76,7 @@ def _scalars(run_dir: Path) -> dict[tuple[str, int], float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     values: dict[tuple[str, int], float] = {}
-    for events in (run_dir / "trackers" / "kdlab").glob("events.out.tfevents.*"):
+    for events in (run_dir / "trackers" / "proj").glob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events))
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
@@ -93,6 +95,7 @@ def test_tensorboard_receives_exactly_the_metrics_jsonl_values(
         "finetune",
         *finetune_overrides(tiny_model_dir, out),
         "train.report_to=tensorboard",
+        "train.tracker_project=proj",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -110,7 +113,7 @@ def test_tensorboard_receives_exactly_the_metrics_jsonl_values(
     for key, value in expected.items():
         assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key  # float32 events
     # the run's identity and resolved config are the hyperparameters
-    (hparams,) = (out / "trackers" / "kdlab").glob("*/hparams.yml")
+    (hparams,) = (out / "trackers" / "proj").glob("*/hparams.yml")
     import yaml
 
     stored = yaml.safe_load(hparams.read_text())

@@ -277,6 +277,11 @@ class TrainConfig:
             "none and all stand alone; otherwise list tracker names",
         )
         check(bool(self.tracker_project.strip()), "tracker_project", "must not be empty")
+        check(
+            self.tracker_project == "kdlab" or bool(self.trackers),
+            "tracker_project",
+            "has no effect without a tracker (train.report_to is none)",
+        )
 
     @property
     def trackers(self) -> tuple[str, ...]:

