@@ -126,6 +126,17 @@ def test_column_map_renames_columns_and_names_absent_ones(tmp_path: Path) -> Non
     )
 
 
+def test_a_column_mapped_to_null_is_not_read(tmp_path: Path) -> None:
+    row = {"instruction": "Tom has 3.", "output": "3.", "prompt": "a system prompt"}
+    file = _jsonl(tmp_path / "stray.jsonl", [row])
+    with pytest.raises(DataError, match="has both 'prompt' and 'instruction'"):
+        load_records(file, required_fields=TRAIN_FIELDS)
+    fmt = RecordFormat(columns={"prompt": None})
+    (record,) = load_records(file, required_fields=TRAIN_FIELDS, record_format=fmt)
+    assert "prompt" not in record and record["instruction"] == "Tom has 3."
+    assert record_prompt(record, template="alpaca").endswith("Tom has 3.\n\n### Response:\n")
+
+
 def test_column_map_reaches_trl_fields(tmp_path: Path) -> None:
     file = _jsonl(tmp_path / "conv.jsonl", [{"conversations": CONVERSATION}])
     fmt = RecordFormat(columns={"messages": "conversations"})
@@ -210,6 +221,9 @@ def test_data_columns_config_refuses_unknown_fields() -> None:
         load_config(FinetuneConfig, None, ["data.columns={question: instruction}"])
     with pytest.raises(ConfigError, match=r"data.columns.output.*must name a column"):
         load_config(FinetuneConfig, None, ["data.columns={output: ''}"])
+    assert load_config(FinetuneConfig, None, ["data.columns={prompt: null}"]).data.columns == {
+        "prompt": None
+    }
     config = load_config(FinetuneConfig, None, ["data.columns={instruction: question}"])
     assert config.data.columns == {"instruction": "question"}
 

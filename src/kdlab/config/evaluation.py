@@ -138,7 +138,7 @@ class CustomTaskConfig:
     choices: list[str] | None = config_field(
         None, help="Option letters (letter) or keywords (keyword/commonsense)."
     )
-    columns: dict[str, str] = config_field(
+    columns: dict[str, str | None] = config_field(
         default_factory=dict,
         help="The data's column names for kdlab's record fields, e.g. {instruction: question, "
         "answer: label} (as data.columns of training; docs/data-formats.md).",

@@ -45,7 +45,8 @@ RECORD_COLUMNS = ("instruction", "input", "output", "answer", "messages", "promp
 
 
 def check_columns(columns: Any, field_name: str = "columns") -> None:
-    """``columns`` maps record fields (:data:`RECORD_COLUMNS`) to non-empty column names."""
+    """``columns`` maps record fields (:data:`RECORD_COLUMNS`) to non-empty column names, or
+    to null: the data's own column of that name is not read (e.g. a stray ``prompt``)."""
     for target, column in columns.items():
         check(
             target in RECORD_COLUMNS,
@@ -54,9 +55,9 @@ def check_columns(columns: Any, field_name: str = "columns") -> None:
             "(write columns: {FIELD: your_column})",
         )
         check(
-            isinstance(column, str) and bool(column.strip()),
+            column is None or (isinstance(column, str) and bool(column.strip())),
             f"{field_name}.{target}",
-            "must name a column of the data (a non-empty string)",
+            "must name a column of the data (a non-empty string), or be null (not read)",
         )
 
 
@@ -184,11 +185,12 @@ class DataConfig:
     val_set_size: int = config_field(500, help="Records held out for validation (0 = none).")
     max_records: int | None = config_field(None, help="Cap on training records after mixing.")
     seed: int = config_field(6, help="Seed for shuffling and the train/validation split.")
-    columns: dict[str, str] = config_field(
+    columns: dict[str, str | None] = config_field(
         default_factory=dict,
         help="Your data's column names for kdlab's record fields, e.g. {instruction: "
         "question, output: answer}; fields: instruction, input, output, answer, messages, "
-        "prompt, completion (docs/data-formats.md). Every record must have each named column.",
+        "prompt, completion (docs/data-formats.md). Every record must have each named column; "
+        "null = the data's own column of that name is not read.",
     )
 
     def __post_init__(self) -> None:

@@ -86,12 +86,15 @@ class RecordFormat:
     Attributes:
         columns: record field → the data's column holding it (``{"instruction":
             "question", "output": "answer"}``); every record must have each named column.
+            A field mapped to None is dropped first: the data's own column of that name is
+            not read (``{"prompt": None}`` keeps a stray ``prompt`` column from making the
+            record a prompt-completion record).
         columns_key: how error messages name the column map (``data.columns``).
         refuse_conversational: None to accept conversational records; else the fix the
             error names (the prompts will not be built with a chat template).
     """
 
-    columns: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    columns: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
     columns_key: str = "data.columns"
     refuse_conversational: str | None = None
 
@@ -102,6 +105,9 @@ _PLAIN_FORMAT = RecordFormat()
 def _apply_columns(record: dict[str, Any], fmt: RecordFormat, where: str) -> dict[str, Any]:
     result = dict(record)
     for target, column in fmt.columns.items():
+        if column is None:
+            result.pop(target, None)
+            continue
         if column not in record:
             raise DataError(
                 f"{where}: field {column!r} is missing ({fmt.columns_key}.{target} names it)"
@@ -211,7 +217,7 @@ def _from_trl(
         if name in derived and name in record and name != kind and record[name] != derived[name]:
             raise DataError(
                 f"{where}: has both {kind!r} and {name!r}: one format per record "
-                f"({fmt.columns_key} can pick the columns to read)"
+                f"({fmt.columns_key}: {{{kind}: null}} or {{{name}: null}} leaves one unread)"
             )
     result.update(derived)
     return result

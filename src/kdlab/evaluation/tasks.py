@@ -74,7 +74,7 @@ class Task:
     """The paper scripts' rule for the same answers (``accuracy_paper_rule``)."""
     choices: MultipleChoice | None = field(default=None, repr=False)
     """How the options are scored by log-likelihood; ``None``: generative scoring only."""
-    columns: tuple[tuple[str, str], ...] = ()
+    columns: tuple[tuple[str, str | None], ...] = ()
     """The data's column for each record field (a custom task's ``columns``), as pairs."""
 
     def extract(self, text: str) -> str | None:
@@ -137,7 +137,7 @@ def load_task_records(
     source: str,
     *,
     name: str,
-    columns: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+    columns: Mapping[str, str | None] | Iterable[tuple[str, str | None]] = (),
     template: str | None = None,
 ) -> list[dict[str, Any]]:
     """The records of task ``name`` in ``source``: its ``columns`` map the file's own column
@@ -349,7 +349,7 @@ def custom_task(
     *,
     choices: Sequence[str] | None = None,
     golds: Sequence[str] | None = None,
-    columns: Mapping[str, str] | None = None,
+    columns: Mapping[str, str | None] | None = None,
 ) -> Task:
     """A task for a file in the LLM-Adapters format, scored with an extractor family.
 
