@@ -181,6 +181,7 @@ def _from_trl(
                 raise DataError(f"{where}: field 'prompt' is empty")
         else:
             prompt = _messages(raw_prompt, where=where, name="prompt")
+        _check_agrees(record, "instruction", prompt, kind=kind, where=where, fmt=fmt)
         raw_completion = record.get("completion")
         if raw_completion is None:
             if needs_completion:
@@ -221,6 +222,24 @@ def _from_trl(
             )
     result.update(derived)
     return result
+
+
+def _check_agrees(
+    record: Mapping[str, Any],
+    name: str,
+    prompt: str | list[dict[str, str]],
+    *,
+    kind: str,
+    where: str,
+    fmt: RecordFormat,
+) -> None:
+    """A record's own ``instruction`` must be the one its prompt gives (one format)."""
+    derived = prompt if isinstance(prompt, str) else _last_user_content(prompt)
+    if name in record and record[name] != derived:
+        raise DataError(
+            f"{where}: has both {kind!r} and {name!r}: one format per record "
+            f"({fmt.columns_key}: {{{kind}: null}} or {{{name}: null}} leaves one unread)"
+        )
 
 
 def is_conversational(record: Mapping[str, Any]) -> bool:
