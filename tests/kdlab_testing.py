@@ -192,3 +192,27 @@ def save_tiny_model_other_tokenizer(
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+#: A ChatML-like chat template for the tiny tokenizer: each turn is ``<s>ROLE\nTEXT</s>\n``;
+#: the generation prompt opens an assistant turn.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n"
+    "{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def build_tiny_chat_tokenizer():
+    """The tiny tokenizer with :data:`TINY_CHAT_TEMPLATE` (eos ``</s>`` ends each turn)."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_chat_model(directory: Path, *, layers: int = 2, hidden: int = 16) -> Path:
+    """:func:`save_tiny_model` whose tokenizer has a chat template (an "instruct" model)."""
+    tokenizer = build_tiny_chat_tokenizer()
+    model = build_tiny_model(len(tokenizer), layers=layers, hidden=hidden)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory

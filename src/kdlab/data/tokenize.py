@@ -1,7 +1,9 @@
 """Tokenization with label masks, and batch collation.
 
-A record becomes ``prompt_ids + response_ids + [eos]``. The prompt and the response are
-tokenized separately and concatenated, so the prompt tokens are exactly the tokens that
+A record becomes ``prompt_ids + response_ids + [eos]`` (the prompt:
+:func:`kdlab.data.templates.record_prompt`; a conversational completion is the chat
+template's rendering of the assistant turn, which ends the turn itself: no EOS follows
+it). The prompt and the response are tokenized separately and concatenated, so the prompt tokens are exactly the tokens that
 generation sees (tokenizing the joined string can merge tokens across the boundary and
 shift the mask by one). Labels are -100 on prompt tokens unless ``train_on_inputs``.
 
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kdlab.data.templates import build_prompt
+from kdlab.data.templates import chat_completion, record_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +60,14 @@ def tokenize_record(
     add_eos: bool = True,
     response: str | None = None,
 ) -> TokenizedRecord:
-    """Tokenize one LLM-Adapters record (``response`` overrides its ``output``)."""
-    prompt = build_prompt(
-        record["instruction"], record.get("input", ""), template=template, tokenizer=tokenizer
-    )
+    """Tokenize one normalised record (``response`` overrides its completion)."""
+    prompt = record_prompt(record, template=template, tokenizer=tokenizer)
     prompt_ids = encode_prompt(tokenizer, prompt)
-    text = record.get("output", "") if response is None else response
+    rendered = chat_completion(record, tokenizer) if response is None else None
+    if rendered is not None:
+        text, add_eos = rendered, False  # the chat template ends the assistant turn
+    else:
+        text = record.get("output", "") if response is None else response
     response_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if add_eos and tokenizer.eos_token_id is not None:
         response_ids.append(int(tokenizer.eos_token_id))

@@ -13,6 +13,7 @@ Output (``docs/run-layout.md``)::
     <out>/summary.csv, summary.md    one row per model: task columns + Average (+ intervals)
     <out>/run.json                   the evaluated model's identity
     <out>/DONE                       written last
+    <run_dir>/{adapter,model}/README.md   an evaluated run's model card gets these results
 
 Items keep the index they have in their test file. ``decontaminate_against`` removes test
 items whose question occurs in the training file(s) before ``limit`` takes the first N of
@@ -157,16 +158,22 @@ def resolve_tasks(config: EvalConfig) -> list[Task]:
 
 def _custom_task(entry: CustomTaskConfig, data_dir: str | None) -> Task:
     if entry.type is None:
-        return get_task(entry.name) if entry.path is None else custom_task(entry.name, entry.path)
+        if entry.path is None and not entry.columns:
+            return get_task(entry.name)
+        path = entry.path or default_data_source(entry.name, data_dir)
+        return custom_task(entry.name, path, columns=entry.columns)
     path = entry.path or default_data_source(entry.name, data_dir)
     golds: list[str] = []
     if entry.type.lower() == "commonsense" and not entry.choices:
-        from kdlab.data.records import load_records
+        from kdlab.evaluation.tasks import load_task_records
 
         if not path.startswith("hf:") and not Path(path).exists():
             raise DataError(f"task {entry.name}: data file {path} not found")
-        golds = [record["answer"] for record in load_records(path)]
-    return custom_task(entry.name, path, entry.type, choices=entry.choices, golds=golds)
+        records = load_task_records(path, name=entry.name, columns=entry.columns)
+        golds = [record["answer"] for record in records]
+    return custom_task(
+        entry.name, path, entry.type, choices=entry.choices, golds=golds, columns=entry.columns
+    )
 
 
 def plan_tasks(config: EvalConfig, tasks: Sequence[Task] | None = None) -> list[TaskPlan]:
@@ -335,9 +342,9 @@ GeneratorFactory = Callable[[], Generator]
 
 def _prompt(task: Task, item: dict[str, Any], tokenizer: Any) -> str:
     """The rendered prompt of one item (``task.template`` is the evaluation's template)."""
-    from kdlab.evaluation.prompts import render_prompt
+    from kdlab.evaluation.prompts import render_record_prompt
 
-    return render_prompt(task.template, item["instruction"], item.get("input", ""), tokenizer)
+    return render_record_prompt(task.template, item, tokenizer)
 
 
 def _load_done(path: Path, plan: TaskPlan) -> dict[int, dict[str, Any]]:
@@ -1043,7 +1050,23 @@ def evaluate(
             "backend": backend,
         },
     )
+    if identity.run_dir is not None:
+        _update_run_card(identity.run_dir, out_dir, results)
     return report
+
+
+def _update_run_card(run_dir: str, out_dir: Path, results: Sequence[TaskResult]) -> None:
+    """Add this evaluation's results to the model card of the evaluated run's weights."""
+    from kdlab.errors import RunDirError
+    from kdlab.models.card import update_run_card_evaluation
+
+    try:
+        card = update_run_card_evaluation(run_dir, out_dir, [(r.task, r.metrics) for r in results])
+    except RunDirError as error:
+        logger.warning("model card of %s not updated: %s", run_dir, error)
+        return
+    if card is not None:
+        logger.info("model card updated with these results: %s", card)
 
 
 def _build_generator(

@@ -62,7 +62,8 @@ from kdlab.models.vocab import (
 )
 from kdlab.training.common import (
     build_examples,
-    forward_to_trackers,
+    check_trackers,
+    finish_trackers,
     init_trackers,
     load_training_records,
     make_accelerator,
@@ -180,6 +181,7 @@ def run_distill(
 ) -> dict[str, Any]:
     """Run one distillation; returns the training summary."""
     validate_config(config)
+    check_trackers(config.train)
     settings = config.distill
     method = settings.spec
     source = resolve_teacher(config) if method.needs_teacher else None
@@ -336,7 +338,7 @@ def run_distill(
             teacher_cache=cache,
         )
         collate = Collator(tokenizer.pad_token_id)
-    tracker = init_trackers(config.train, run_dir) if accelerator.is_main_process else None
+    init_trackers(accelerator, config.train, run_dir)
     loop = TrainingLoop(
         config=config.train,
         model=student,
@@ -375,8 +377,7 @@ def run_distill(
         summary=summary,
         sliced=bool(config.student.slice_layers),
     )
-    if accelerator.is_main_process:
-        forward_to_trackers(tracker, run_dir)
+    finish_trackers(accelerator)
     return summary
 
 

@@ -25,7 +25,8 @@ from kdlab.models.peft_utils import apply_peft, build_peft_config, count_paramet
 from kdlab.models.quantization import check_quantization, quantization_identity
 from kdlab.training.common import (
     build_examples,
-    forward_to_trackers,
+    check_trackers,
+    finish_trackers,
     init_trackers,
     load_training_records,
     make_accelerator,
@@ -48,6 +49,7 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
     """Run one fine-tune; returns the training summary."""
     # Bad data, a model path, a PEFT method or data that trains on nothing fail before the
     # run dir is touched (--overwrite deletes it) and before a model is loaded.
+    check_trackers(config.train)
     records = load_training_records(config.data)
     resolve_model_source(config.model.name_or_path, config.model.gguf_file)
     build_peft_config(config.peft)
@@ -88,7 +90,7 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
     )
     if accelerator.is_main_process:
         write_run_files(run_dir, config, identity)
-    tracker = init_trackers(config.train, run_dir) if accelerator.is_main_process else None
+    init_trackers(accelerator, config.train, run_dir)
     loop = TrainingLoop(
         config=config.train,
         model=model,
@@ -120,8 +122,7 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
         summary=summary,
         sliced=bool(config.model.slice_layers),
     )
-    if accelerator.is_main_process:
-        forward_to_trackers(tracker, run_dir)
+    finish_trackers(accelerator)
     return summary
 
 

@@ -45,6 +45,7 @@ import torch
 
 from kdlab.config.schema import TrainConfig
 from kdlab.errors import KdlabError
+from kdlab.training.common import log_to_trackers
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import (
     append_jsonl,
@@ -354,6 +355,7 @@ class TrainingLoop:
     def _log(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
             append_jsonl(self.run_dir / "metrics.jsonl", record)
+            log_to_trackers(self.accelerator, record)  # train.report_to (training/common)
 
     def _reduce(self, values: list[float]) -> list[float]:
         """Sum ``values`` over every process (float64; a no-op with one process)."""

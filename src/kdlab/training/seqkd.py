@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kdlab.config.schema import DistillSettings
-from kdlab.data.templates import STOP_TEXTS, build_prompt, strip_continuation
+from kdlab.data.templates import STOP_TEXTS, record_prompt, strip_continuation
 from kdlab.data.tokenize import encode_prompt
 from kdlab.errors import DataError
 from kdlab.models.fingerprint import fingerprint_key
@@ -82,8 +82,19 @@ def seqkd_fingerprint(
         "top_k": None if settings.seqkd_greedy else generation.top_k,
         "top_p": None if settings.seqkd_greedy else generation.top_p,
         "batch_size": settings.seqkd_batch_size,
+        # A TRL-format record's prompt (system turns, a verbatim string) is part of what the
+        # teacher answers; instruction records hash as before, so their caches stay valid.
         "records": hashlib.sha256(
-            json.dumps([[r["instruction"], r.get("input", "")] for r in records]).encode()
+            json.dumps(
+                [
+                    [
+                        r["instruction"],
+                        r.get("input", ""),
+                        *([r["prompt"]] if "prompt" in r else []),
+                    ]
+                    for r in records
+                ]
+            ).encode()
         ).hexdigest()[:16],
         "num_records": len(records),
     }
@@ -199,15 +210,7 @@ def _generate(
     """
     generation = settings.generation
     prompts = [
-        encode_prompt(
-            tokenizer,
-            build_prompt(
-                records[i]["instruction"],
-                records[i].get("input", ""),
-                template=template,
-                tokenizer=tokenizer,
-            ),
-        )
+        encode_prompt(tokenizer, record_prompt(records[i], template=template, tokenizer=tokenizer))
         for i in todo
     ]
     sampling = (
