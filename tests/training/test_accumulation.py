@@ -28,8 +28,15 @@ from kdlab.training.finetune import run_finetune
 from kdlab.training.loop import DataStream
 from kdlab_testing import distill_overrides, finetune_overrides, write_partly_truncated_data
 
-#: deterministic runs (no dropout) that move the weights far enough to see a difference
-COMMON = ["peft.dropout=0", "train.learning_rate=1e-2", "train.max_steps=3", "train.batch_size=4"]
+#: deterministic runs (no dropout) that move the weights far enough to see a difference;
+#: length grouping (the default) spelled out: it must not change what a step covers
+COMMON = [
+    "peft.dropout=0",
+    "train.learning_rate=1e-2",
+    "train.max_steps=3",
+    "train.batch_size=4",
+    "train.group_by_length=true",
+]
 
 
 def write_uneven_data(path: Path) -> Path:
@@ -198,7 +205,7 @@ def test_two_processes_do_not_hang_when_one_rank_has_no_response_token(
         load_tokenizer(ModelConfig(str(tiny_model_dir))),
         config.data,
     )
-    stream = DataStream(train, 1, config.train.seed)
+    stream = DataStream.from_config(train, config.train)
     mixed = [
         step
         for step in range(4)

@@ -174,6 +174,80 @@ class Collator:
         return result
 
 
+#: Batch keys of a padded batch that are laid out ``[batch, seq]`` (packing rewrites them).
+_ROW_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def pack_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A right-padded batch (:class:`Collator`) → one row ``[1, T]``, its records back to back.
+
+    ``T`` is the batch's attended positions: no padding is left. The packed batch holds
+
+    - ``input_ids``, ``labels`` ``[1, T]``; a record's first label becomes ``IGNORE_INDEX``
+      (after the next-token shift it would be the previous record's target: the last token
+      of one record would learn to predict the first of the next; in a padded row position
+      0's label is never a target either, so every loss term is unchanged);
+    - ``position_ids`` ``[1, T]``: ``0 .. l−1`` for each record (its own rotary positions,
+      and what tells the attention kernel where records start: see
+      :func:`kdlab.training.forward.final_hidden_states`);
+    - ``attention_mask`` ``[1, T]``, all ones (token counts and loss masks read it; it is
+      *not* passed to the model, which would then attend across records);
+    - the per-record keys (``prompt_lengths``, ``index``) unchanged, one entry per record,
+      in row-major order: record ``i`` of the batch is the ``i``-th record of the row.
+    """
+    attended = batch["attention_mask"].bool()
+    labels = batch["labels"].clone()
+    labels[:, 0] = IGNORE_INDEX
+    packed = {
+        "input_ids": batch["input_ids"][attended].unsqueeze(0),
+        "attention_mask": torch.ones(
+            (1, int(attended.sum())), dtype=torch.long, device=attended.device
+        ),
+        "labels": labels[attended].unsqueeze(0),
+        "position_ids": (attended.long().cumsum(dim=1) - 1)[attended].unsqueeze(0),
+    }
+    for key, value in batch.items():
+        if key not in _ROW_KEYS:
+            packed[key] = value
+    return packed
+
+
+def record_spans(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(row, start, length)`` of every record of a packed ``[rows, T]`` position tensor,
+    in row-major order (a record starts where its position is 0)."""
+    spans = []
+    for row, positions in enumerate(position_ids.tolist()):
+        starts = [index for index, position in enumerate(positions) if position == 0]
+        for number, start in enumerate(starts):
+            end = starts[number + 1] if number + 1 < len(starts) else len(positions)
+            spans.append((row, start, end - start))
+    return spans
+
+
+def unpack_batch(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The right-padded batch of a packed one (:func:`pack_batch`); a padded batch as is.
+
+    Labels keep the packed batch's ``IGNORE_INDEX`` at position 0 (never a target).
+    """
+    if "position_ids" not in batch:
+        return batch
+    spans = record_spans(batch["position_ids"])
+    width = max(length for _, _, length in spans)
+    device = batch["input_ids"].device
+    input_ids = torch.full((len(spans), width), pad_token_id, dtype=torch.long, device=device)
+    labels = torch.full((len(spans), width), IGNORE_INDEX, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((len(spans), width), dtype=torch.long, device=device)
+    for record, (row, start, length) in enumerate(spans):
+        input_ids[record, :length] = batch["input_ids"][row, start : start + length]
+        labels[record, :length] = batch["labels"][row, start : start + length]
+        attention_mask[record, :length] = 1
+    unpacked = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    for key, value in batch.items():
+        if key not in (*_ROW_KEYS, "position_ids"):
+            unpacked[key] = value
+    return unpacked
+
+
 def left_pad_prompts(
     input_ids: torch.Tensor, prompt_lengths: torch.Tensor, pad_token_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kdlab.config.schema import DistillSettings
-from kdlab.data.tokenize import IGNORE_INDEX, left_pad_prompts
+from kdlab.data.tokenize import IGNORE_INDEX, left_pad_prompts, pack_batch, unpack_batch
 from kdlab.errors import KdlabError
 from kdlab.losses import HiddenStates, KDLossSpec, chunked_distillation_loss
 from kdlab.training.forward import (
@@ -52,6 +52,7 @@ from kdlab.training.forward import (
     kd_loss_mask,
     next_token_targets,
     output_projection,
+    record_counts,
     resolve_chunk_size,
     response_mask,
     teacher_hidden_states,
@@ -101,7 +102,9 @@ class CrossEntropyObjective:
         }
 
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], training: bool) -> StepLoss:
-        hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        hidden = final_hidden_states(
+            model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
+        )
         weight, bias = output_projection(self.unwrap(model))
         hidden = hidden.to(weight.dtype)
         mask = response_mask(batch["labels"])
@@ -179,7 +182,10 @@ class DistillationObjective:
     ) -> dict[str, torch.Tensor]:
         """The batch to train on: the student's own samples with probability λ (GKD)."""
         if training and self.draws_on_policy(batch):
-            return {**self.student_samples(model, batch), ON_POLICY_KEY: torch.tensor(True)}
+            samples = self.student_samples(model, batch)
+            if "position_ids" in batch:  # a packed run packs the samples too
+                samples = pack_batch(samples)
+            return {**samples, ON_POLICY_KEY: torch.tensor(True)}
         return batch
 
     @torch.no_grad()
@@ -190,6 +196,7 @@ class DistillationObjective:
         model = self.unwrap(student)
         pad = self.tokenizer.pad_token_id
         eos = self.tokenizer.eos_token_id
+        batch = unpack_batch(batch, pad)  # one prompt per row (packed rows hold several)
         prompts, prompt_mask = left_pad_prompts(batch["input_ids"], batch["prompt_lengths"], pad)
         device = batch["input_ids"].device
         # Both on the batch's device: a CPU attention mask makes CUDA rotary embeddings fail.
@@ -248,7 +255,11 @@ class DistillationObjective:
         if on_policy:
             ce_mask = torch.zeros_like(ce_mask)
         kd_mask = kd_loss_mask(
-            batch["attention_mask"], labels, self.settings.loss_on, on_policy=on_policy
+            batch["attention_mask"],
+            labels,
+            self.settings.loss_on,
+            on_policy=on_policy,
+            position_ids=batch.get("position_ids"),
         )
         return ce_mask, kd_mask, on_policy
 
@@ -256,6 +267,9 @@ class DistillationObjective:
         ce_mask, kd_mask, _ = self._masks(batch)
         counts = {"ce": float(ce_mask.sum()), "tokens": float(batch["attention_mask"].sum())}
         if self.loss_spec is not None:
+            if self.loss_spec.reduction == "sequence" and "position_ids" in batch:
+                # the config loader refuses this; rows are not records in a packed batch
+                raise KdlabError("train.packing cannot be combined with distill.reduction=sequence")
             counts["kd"] = counted_units(kd_mask, self.loss_spec.reduction)
         return counts
 
@@ -275,7 +289,9 @@ class DistillationObjective:
             # Teacher first: its forward's transient buffers are gone before the student's
             # activations (kept for backward) exist, so the two peaks do not add up.
             teacher_hidden = self._live_teacher_hidden(batch)
-        student_hidden = final_hidden_states(student, batch["input_ids"], batch["attention_mask"])
+        student_hidden = final_hidden_states(
+            student, batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
+        )
         weight, bias = output_projection(self.unwrap(student))
         # Under autocast (or with bf16 weights) the final norm may return another dtype than
         # the output projection's; the chunked matmuls need them equal.
@@ -313,7 +329,12 @@ class DistillationObjective:
                 "cache was given"
             )
         with torch.inference_mode():
-            return teacher_hidden_states(self.teacher, batch["input_ids"], batch["attention_mask"])
+            return teacher_hidden_states(
+                self.teacher,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch.get("position_ids"),
+            )
 
     def _kd_term(
         self,
@@ -342,7 +363,9 @@ class DistillationObjective:
             # [N, k] top-k log-probs / ids and [N] tail mass, in the row-major order of
             # student_hidden[kd_mask]: the sparse (k + 1 buckets) path of the chunked loss.
             teacher = self.teacher_cache.lookup(
-                batch["index"].tolist(), kd_mask.sum(dim=1).tolist(), device=student_hidden.device
+                batch["index"].tolist(),
+                record_counts(kd_mask, batch.get("position_ids")),
+                device=student_hidden.device,
             )
             return chunked_distillation_loss(
                 student, teacher, kd_mask, spec, chunk_size=chunk_size, vocab_size=self.vocab_size
