@@ -602,14 +602,19 @@ class TrainingLoop:
         accelerator = self.accelerator
         world = accelerator.num_processes
         batches, counts = self._prepare_step(step)
-        names = [*self.terms, "tokens", "positions"]
+        weights = self.objective.weights
+        weighted = [t for t in self.terms if weights[t] > 0]
+        # micro-batches of this process that count nothing weighted, summed over processes
+        # with the counts: every process keeps the run's total (a rank whose own batches
+        # were all empty must not fail a run the others trained)
+        for batch_counts in counts:
+            batch_counts["empty"] = float(not any(batch_counts.get(t, 0.0) > 0 for t in weighted))
+        names = [*self.terms, "tokens", "positions", "empty"]
         step_counts = dict(
             zip(names, self._reduce([sum(c.get(n, 0.0) for c in counts) for n in names]))
         )
-        weights = self.objective.weights
-        active = [t for t in self.terms if weights[t] > 0 and step_counts[t] > 0]
-        empty = sum(1 for c in counts if not any(c.get(t, 0.0) > 0 for t in active))
-        self.skipped += empty
+        active = [t for t in weighted if step_counts[t] > 0]
+        self.skipped += int(step_counts["empty"])
         if not active:
             return None
         sums = dict.fromkeys(self.terms, 0.0)
@@ -658,6 +663,20 @@ class TrainingLoop:
         metrics["positions"] = step_counts["positions"]
         return metrics
 
+    def train_step(self, step: int) -> dict[str, Any] | None:
+        """Optimizer step ``step`` of the run, exactly as :meth:`run` takes it (seeded from
+        ``(seed, step)``, schedule advanced, gradients cleared); its metrics (``tokens``:
+        content tokens, ``positions``: padding included) or None when nothing counted."""
+        torch.manual_seed(step_seed(self.config.seed, step))
+        metrics = self._train_step(step)
+        with warnings.catch_warnings():
+            # A step whose micro-batches were all skipped still advances the schedule,
+            # so the learning rate stays a function of the step number.
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return metrics
+
     def run(self) -> LoopResult:
         config = self.config
         accelerator = self.accelerator
@@ -681,14 +700,7 @@ class TrainingLoop:
         window: list[dict[str, Any]] = []
         for step in range(self.start_step, self.total_steps):
             step_start = time.perf_counter()
-            torch.manual_seed(step_seed(config.seed, step))
-            metrics = self._train_step(step)
-            with warnings.catch_warnings():
-                # A step whose micro-batches were all skipped still advances the schedule,
-                # so the learning rate stays a function of the step number.
-                warnings.simplefilter("ignore", UserWarning)
-                self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            metrics = self.train_step(step)
             done = step + 1
             maybe_fault("step", done)
             step_tokens = metrics["tokens"] if metrics else 0.0
@@ -763,10 +775,13 @@ class TrainingLoop:
         )
 
     def _check_skipped(self) -> None:
-        """Warn about micro-batches that counted nothing; fail past the configured share."""
+        """Warn about micro-batches that counted nothing; fail past the configured share.
+
+        ``self.skipped`` counts the micro-batches of every process (all-reduced per step).
+        """
         if not self.skipped:
             return
-        total = self.total_steps * self.accumulation
+        total = self.total_steps * self.accumulation * self.accelerator.num_processes
         share = self.skipped / max(total, 1)
         limit = self.config.max_skipped_fraction
         message = (
