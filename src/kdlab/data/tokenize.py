@@ -7,6 +7,9 @@ shift the mask by one). Labels are -100 on prompt tokens unless ``train_on_input
 
 Alignment convention used by every loss in kdlab: ``labels`` are *not* shifted here; the
 training step shifts them (logits at position t predict token t+1).
+
+Batches: :class:`Collator` right-pads; :func:`pack_batch` turns a padded batch into one row
+of its records back to back (``train.packing``), :func:`unpack_batch` back.
 """
 
 from __future__ import annotations
@@ -144,36 +147,6 @@ def split_train_validation(
     return train, validation
 
 
-@dataclass
-class Collator:
-    """Right-pads a list of tokenized examples into a batch.
-
-    Returns ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding) and
-    ``prompt_lengths`` (for on-policy generation of the same prompts) as tensors.
-    """
-
-    pad_token_id: int
-
-    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(example["input_ids"]) for example in examples)
-        batch = len(examples)
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((batch, width), dtype=torch.long)
-        for row, example in enumerate(examples):
-            length = len(example["input_ids"])
-            input_ids[row, :length] = torch.tensor(example["input_ids"], dtype=torch.long)
-            labels[row, :length] = torch.tensor(example["labels"], dtype=torch.long)
-            attention_mask[row, :length] = 1
-        result = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        result["prompt_lengths"] = torch.tensor(
-            [example["prompt_length"] for example in examples], dtype=torch.long
-        )
-        if "index" in examples[0]:
-            result["index"] = torch.tensor([example["index"] for example in examples])
-        return result
-
-
 #: Batch keys of a padded batch that are laid out ``[batch, seq]`` (packing rewrites them).
 _ROW_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -246,6 +219,36 @@ def unpack_batch(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str,
         if key not in (*_ROW_KEYS, "position_ids"):
             unpacked[key] = value
     return unpacked
+
+
+@dataclass
+class Collator:
+    """Right-pads a list of tokenized examples into a batch.
+
+    Returns ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding) and
+    ``prompt_lengths`` (for on-policy generation of the same prompts) as tensors.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(example["input_ids"]) for example in examples)
+        batch = len(examples)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        for row, example in enumerate(examples):
+            length = len(example["input_ids"])
+            input_ids[row, :length] = torch.tensor(example["input_ids"], dtype=torch.long)
+            labels[row, :length] = torch.tensor(example["labels"], dtype=torch.long)
+            attention_mask[row, :length] = 1
+        result = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        result["prompt_lengths"] = torch.tensor(
+            [example["prompt_length"] for example in examples], dtype=torch.long
+        )
+        if "index" in examples[0]:
+            result["index"] = torch.tensor([example["index"] for example in examples])
+        return result
 
 
 def left_pad_prompts(
