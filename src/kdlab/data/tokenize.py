@@ -9,7 +9,7 @@ Alignment convention used by every loss in kdlab: ``labels`` are *not* shifted h
 training step shifts them (logits at position t predict token t+1).
 
 Batches: :class:`Collator` right-pads; :func:`pack_batch` turns a padded batch into one row
-of its records back to back (``train.packing``), :func:`unpack_batch` back.
+of its records back to back (``train.packing``).
 """
 
 from __future__ import annotations
@@ -195,30 +195,6 @@ def record_spans(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
             end = starts[number + 1] if number + 1 < len(starts) else len(positions)
             spans.append((row, start, end - start))
     return spans
-
-
-def unpack_batch(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """The right-padded batch of a packed one (:func:`pack_batch`); a padded batch as is.
-
-    Labels keep the packed batch's ``IGNORE_INDEX`` at position 0 (never a target).
-    """
-    if "position_ids" not in batch:
-        return batch
-    spans = record_spans(batch["position_ids"])
-    width = max(length for _, _, length in spans)
-    device = batch["input_ids"].device
-    input_ids = torch.full((len(spans), width), pad_token_id, dtype=torch.long, device=device)
-    labels = torch.full((len(spans), width), IGNORE_INDEX, dtype=torch.long, device=device)
-    attention_mask = torch.zeros((len(spans), width), dtype=torch.long, device=device)
-    for record, (row, start, length) in enumerate(spans):
-        input_ids[record, :length] = batch["input_ids"][row, start : start + length]
-        labels[record, :length] = batch["labels"][row, start : start + length]
-        attention_mask[record, :length] = 1
-    unpacked = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    for key, value in batch.items():
-        if key not in (*_ROW_KEYS, "position_ids"):
-            unpacked[key] = value
-    return unpacked
 
 
 @dataclass

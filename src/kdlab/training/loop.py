@@ -399,8 +399,9 @@ class TrainingLoop:
                 raise KdlabError(f"train.packing: {name}: {error}")
 
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """The batch of ``examples``: padded by the stage's collator, then packed into one
-        row with ``train.packing`` (:func:`kdlab.data.tokenize.pack_batch`)."""
+        """The validation batch of ``examples``: padded by the stage's collator, then packed
+        into one row with ``train.packing`` (:func:`kdlab.data.tokenize.pack_batch`).
+        Training batches are packed after ``objective.prepare`` (:meth:`_prepare_step`)."""
         batch = self._collate(examples)
         return pack_batch(batch) if self.config.packing else batch
 
@@ -580,10 +581,14 @@ class TrainingLoop:
         for accumulation_index in range(self.accumulation):
             global_index = (step * self.accumulation + accumulation_index) * world + rank
             examples = self.stream.micro_batch(global_index)
-            batch = self._to_device(self.collate(examples))
+            batch = self._to_device(self._collate(examples))
             batch[STEP_KEY] = torch.tensor(step)
             batch[MICRO_KEY] = torch.tensor(global_index)
+            # prepare sees the padded batch (on-policy sampling reads one prompt per row);
+            # what it returns, the batch or the student's samples, is packed afterwards
             batch = self.objective.prepare(self.model, batch, True)
+            if self.config.packing:
+                batch = pack_batch(batch)
             batches.append(batch)
             counts.append(
                 {**self.objective.counts(batch), "positions": float(batch["input_ids"].numel())}

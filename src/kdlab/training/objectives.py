@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kdlab.config.schema import DistillSettings
-from kdlab.data.tokenize import IGNORE_INDEX, left_pad_prompts, pack_batch, unpack_batch
+from kdlab.data.tokenize import IGNORE_INDEX, left_pad_prompts
 from kdlab.errors import KdlabError
 from kdlab.losses import HiddenStates, KDLossSpec, chunked_distillation_loss
 from kdlab.training.forward import (
@@ -182,10 +182,7 @@ class DistillationObjective:
     ) -> dict[str, torch.Tensor]:
         """The batch to train on: the student's own samples with probability λ (GKD)."""
         if training and self.draws_on_policy(batch):
-            samples = self.student_samples(model, batch)
-            if "position_ids" in batch:  # a packed run packs the samples too
-                samples = pack_batch(samples)
-            return {**samples, ON_POLICY_KEY: torch.tensor(True)}
+            return {**self.student_samples(model, batch), ON_POLICY_KEY: torch.tensor(True)}
         return batch
 
     @torch.no_grad()
@@ -196,7 +193,6 @@ class DistillationObjective:
         model = self.unwrap(student)
         pad = self.tokenizer.pad_token_id
         eos = self.tokenizer.eos_token_id
-        batch = unpack_batch(batch, pad)  # one prompt per row (packed rows hold several)
         prompts, prompt_mask = left_pad_prompts(batch["input_ids"], batch["prompt_lengths"], pad)
         device = batch["input_ids"].device
         # Both on the batch's device: a CPU attention mask makes CUDA rotary embeddings fail.
