@@ -24,7 +24,7 @@ from kdlab.config.core import load_config
 from kdlab.config.schema import DistillConfig, DistillSettings, FinetuneConfig, ModelConfig
 from kdlab.data.records import load_records
 from kdlab.data.tokenize import IGNORE_INDEX, Collator, pack_batch, record_spans, tokenize_records
-from kdlab.errors import KdlabError
+from kdlab.errors import DataError, KdlabError
 from kdlab.models.loading import load_model_and_tokenizer
 from kdlab.training.common import make_accelerator
 from kdlab.training.distill import run_distill
@@ -83,6 +83,9 @@ def test_pack_batch_lays_records_back_to_back(models) -> None:
     assert labels == expected
     assert packed["index"].tolist() == [0, 1, 2] and packed["prompt_lengths"].shape == (3,)
     assert record_spans(packed["position_ids"]) == [(0, s, n) for s, n in zip(starts, lengths)]
+    # a tensor laid out by row (here a second tokenization) cannot follow: refused
+    with pytest.raises(DataError, match=r"^train\.packing: batch key 'teacher_input_ids'"):
+        pack_batch({**padded, "teacher_input_ids": padded["input_ids"].clone()})
 
 
 def _grads(model) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from kdlab.data.templates import build_prompt
+from kdlab.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +166,10 @@ def pack_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
       :func:`kdlab.training.forward.final_hidden_states`);
     - ``attention_mask`` ``[1, T]``, all ones (token counts and loss masks read it; it is
       *not* passed to the model, which would then attend across records);
-    - the per-record keys (``prompt_lengths``, ``index``) unchanged, one entry per record,
-      in row-major order: record ``i`` of the batch is the ``i``-th record of the row.
+    - the per-record keys (``prompt_lengths``, ``index``) and scalars unchanged, one entry
+      per record, in row-major order: record ``i`` of the batch is the ``i``-th record of
+      the row. Any other ``[batch, ...]`` tensor (a cross-tokenizer batch's teacher tokens,
+      say) cannot follow the packing: :class:`~kdlab.errors.DataError`, one line.
     """
     attended = batch["attention_mask"].bool()
     labels = batch["labels"].clone()
@@ -179,9 +182,17 @@ def pack_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "labels": labels[attended].unsqueeze(0),
         "position_ids": (attended.long().cumsum(dim=1) - 1)[attended].unsqueeze(0),
     }
+    records = attended.shape[0]
     for key, value in batch.items():
-        if key not in _ROW_KEYS:
-            packed[key] = value
+        if key in _ROW_KEYS:
+            continue
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != records):
+            # e.g. a second tokenization's [batch, seq_T] tensors, position-aligned masks
+            raise DataError(
+                f"train.packing: batch key {key!r} {list(value.shape)} is laid out by row, "
+                "not by record, so this batch cannot be packed; set train.packing=false"
+            )
+        packed[key] = value
     return packed
 
 
