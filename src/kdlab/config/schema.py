@@ -253,6 +253,16 @@ class TrainConfig:
         help="Fail the run when more than this share of its micro-batches had no response "
         "token to learn from (1.0: fail only when every one had none).",
     )
+    group_by_length: bool = config_field(
+        True,
+        help="Batches of records of similar length (shuffled, sorted inside mega-batches of "
+        "50 batches, batch order shuffled again): little padding. false = plain shuffle.",
+    )
+    packing: bool = config_field(
+        False,
+        help="Pack each micro-batch into one row without padding (per-record positions, no "
+        "attention across records); refused when the model's attention cannot isolate them.",
+    )
 
     def __post_init__(self) -> None:
         check(self.num_epochs > 0, "num_epochs", "must be > 0")
@@ -444,6 +454,22 @@ class DistillConfig:
     task_family: str = config_field("math", help="Recorded in run.json (math, commonsense, ...).")
 
     def __post_init__(self) -> None:
+        loss_spec = self.distill.loss_spec
+        if self.train.packing and loss_spec is not None and loss_spec.reduction == "sequence":
+            raise FieldError(
+                "train.packing",
+                "cannot be combined with distill.reduction = sequence (the per-sequence mean "
+                "weighs rows, and a packed row holds several records); use reduction token",
+                value=True,
+            )
+        if self.train.packing and self.distill.spec.cross_tokenizer(self.distill):
+            raise FieldError(
+                "train.packing",
+                f"cannot be combined with the cross-tokenizer divergence "
+                f"{self.distill.resolved_divergence} (its batches pair two tokenizations row by "
+                "row); turn packing off",
+                value=True,
+            )
         if self.distill.spec.needs_teacher:
             return
         defaults = TeacherConfig()

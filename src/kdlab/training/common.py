@@ -298,6 +298,7 @@ def train_summary(
         "tokens": result.tokens,
         "seconds": round(result.seconds, 3),
         "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+        "pad_share": result.pad_share,
         "seconds_per_step": result.seconds / max(result.steps, 1),
         "best_metric_name": train.best_metric,
         "best_metric": result.best_metric,

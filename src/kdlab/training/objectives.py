@@ -67,6 +67,7 @@ from kdlab.training.forward import (
     kd_loss_mask,
     next_token_targets,
     output_projection,
+    record_counts,
     resolve_chunk_size,
     response_mask,
     teacher_hidden_states,
@@ -116,7 +117,9 @@ class CrossEntropyObjective:
         }
 
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], training: bool) -> StepLoss:
-        hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        hidden = final_hidden_states(
+            model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
+        )
         weight, bias = output_projection(self.unwrap(model))
         hidden = hidden.to(weight.dtype)
         mask = response_mask(batch["labels"])
@@ -283,13 +286,20 @@ class DistillationObjective:
     def _kd_mask(self, batch: dict[str, torch.Tensor], on_policy: bool) -> torch.Tensor:
         """``[batch, seq]`` bool: the student positions the KD term compares."""
         return kd_loss_mask(
-            batch["attention_mask"], batch["labels"], self.settings.loss_on, on_policy=on_policy
+            batch["attention_mask"],
+            batch["labels"],
+            self.settings.loss_on,
+            on_policy=on_policy,
+            position_ids=batch.get("position_ids"),
         )
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         ce_mask, kd_mask, _ = self._masks(batch)
         counts = {"ce": float(ce_mask.sum()), "tokens": float(batch["attention_mask"].sum())}
         if self.loss_spec is not None:
+            if self.loss_spec.reduction == "sequence" and "position_ids" in batch:
+                # the config loader refuses this; rows are not records in a packed batch
+                raise KdlabError("train.packing cannot be combined with distill.reduction=sequence")
             counts["kd"] = counted_units(kd_mask, self.loss_spec.reduction)
         return counts
 
@@ -309,7 +319,9 @@ class DistillationObjective:
             # Teacher first: its forward's transient buffers are gone before the student's
             # activations (kept for backward) exist, so the two peaks do not add up.
             teacher_hidden = self._live_teacher_hidden(batch)
-        student_hidden = final_hidden_states(student, batch["input_ids"], batch["attention_mask"])
+        student_hidden = final_hidden_states(
+            student, batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
+        )
         weight, bias = output_projection(self.unwrap(student))
         # Under autocast (or with bf16 weights) the final norm may return another dtype than
         # the output projection's; the chunked matmuls need them equal.
@@ -347,7 +359,12 @@ class DistillationObjective:
                 "cache was given"
             )
         with torch.inference_mode():
-            return teacher_hidden_states(self.teacher, batch["input_ids"], batch["attention_mask"])
+            return teacher_hidden_states(
+                self.teacher,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch.get("position_ids"),
+            )
 
     def _kd_term(
         self,
@@ -376,7 +393,9 @@ class DistillationObjective:
             # [N, k] top-k log-probs / ids and [N] tail mass, in the row-major order of
             # student_hidden[kd_mask]: the sparse (k + 1 buckets) path of the chunked loss.
             teacher = self.teacher_cache.lookup(
-                batch["index"].tolist(), kd_mask.sum(dim=1).tolist(), device=student_hidden.device
+                batch["index"].tolist(),
+                record_counts(kd_mask, batch.get("position_ids")),
+                device=student_hidden.device,
             )
             return chunked_distillation_loss(
                 student, teacher, kd_mask, spec, chunk_size=chunk_size, vocab_size=self.vocab_size
