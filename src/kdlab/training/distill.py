@@ -64,7 +64,7 @@ from kdlab.training.common import (
 )
 from kdlab.training.loop import TrainingLoop
 from kdlab.training.objectives import DistillationObjective
-from kdlab.training.rundir import prepare_run_dir, write_run_files
+from kdlab.training.rundir import prepare_run_dir
 from kdlab.training.seqkd import teacher_responses
 from kdlab.training.teacher_cache import (
     CacheFingerprint,
@@ -186,7 +186,10 @@ def run_distill(
     examples = None
     if not method.teacher_responses:  # seqKD's examples wait for the teacher's responses
         examples = build_examples(records, student_tokenizer, config.data)
-    run_dir = prepare_run_dir(config.train.output_dir, resume=resume, overwrite=overwrite)
+    run = prepare_run_dir(
+        config.train.output_dir, resume=resume, overwrite=overwrite, config=config
+    )  # nothing is written (or replaced) before run.start()
+    run_dir = run.path
     accelerator = make_accelerator(config.train)
     teacher_fingerprint = (
         model_fingerprint(source.model, source.adapter, device=accelerator.device)
@@ -242,8 +245,6 @@ def run_distill(
         peft=config.peft.method,
         num_processes=accelerator.num_processes,
     )
-    if accelerator.is_main_process:
-        write_run_files(run_dir, config, identity)
     responses, complete = None, None
     seqkd_info: dict[str, Any] = {}
     if method.teacher_responses:
@@ -298,7 +299,6 @@ def run_distill(
         unwrap=accelerator.unwrap_model,
         teacher_cache=cache,
     )
-    tracker = init_trackers(config.train, run_dir) if accelerator.is_main_process else None
     loop = TrainingLoop(
         config=config.train,
         model=student,
@@ -311,6 +311,9 @@ def run_distill(
         resume=resume,
         description=f"distill {settings.method} {run_dir.name}",
     )
+    if accelerator.is_main_process:  # training starts: an earlier run is replaced only now
+        run.start(config, identity)
+    tracker = init_trackers(config.train, run_dir) if accelerator.is_main_process else None
     result = loop.run()
     best = loop.load_best() if config.train.load_best_at_end else None
     summary = {
@@ -338,6 +341,7 @@ def run_distill(
     )
     if accelerator.is_main_process:
         forward_to_trackers(tracker, run_dir)
+    run.close()
     return summary
 
 
