@@ -44,7 +44,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -85,7 +84,8 @@ INTERNAL_NAMES = frozenset({LOCK_FILE, TRASH_DIR})
 class RunLayout:
     """What kdlab writes into one kind of directory: the only entries it may replace.
 
-    ``markers``: one of them exists in every directory of this kind that kdlab made.
+    ``markers``: one of them (a relative path) exists in every directory of this kind that
+    kdlab made.
     ``files``/``folders``: top-level names (folders' contents are kdlab's as a whole).
     ``nested``: folders that are themselves directories of another layout (a training
     run's ``eval/``). ``item_folders``: when set, any other folder holding only these file
@@ -149,9 +149,9 @@ def unknown_entries(directory: Path, layout: RunLayout, prefix: str = "") -> lis
             continue
         if entry.is_symlink():
             unknown.append(shown)
-        elif entry.is_file() and name in layout.files:
-            continue
-        elif entry.is_dir() and name in layout.folders:
+        elif (entry.is_file() and name in layout.files) or (
+            entry.is_dir() and name in layout.folders
+        ):
             continue
         elif entry.is_dir() and name in layout.nested:
             unknown += unknown_entries(entry, layout.nested[name], f"{shown}/")
@@ -180,7 +180,7 @@ def check_owned(directory: Path, layout: RunLayout, *, what: str) -> None:
             f"--overwrite replaces only a {layout.kind}; nothing was deleted — choose another "
             "directory or move those files away"
         )
-    if not any((directory / marker).is_file() for marker in layout.markers):
+    if not any((directory / marker).exists() for marker in layout.markers):
         raise RunDirError(
             f"{what} '{directory}' has no {' or '.join(layout.markers)}: it is not a "
             f"{layout.kind}, and --overwrite replaces nothing else; nothing was deleted"
@@ -222,34 +222,38 @@ TRAINING_RESUME_SAFE = ResumeRules(
     "logging, checkpointing, tracker, memory and device settings and a larger max_steps or "
     "num_epochs",
     (
-    ResumeSafe("train.logging_steps", "how often metric lines are written"),
-    ResumeSafe("train.save_steps", "how often checkpoints are written"),
-    ResumeSafe("train.save_total_limit", "how many checkpoints are kept"),
-    ResumeSafe("train.report_to", "where metrics are copied (tensorboard, wandb)"),
-    ResumeSafe("train.max_skipped_fraction", "a threshold checked when the run ends"),
-    ResumeSafe("train.gradient_checkpointing", "recomputes activations: same values, less memory"),
-    ResumeSafe(
-        "train.micro_batch_size",
-        "exact means: a step's update does not depend on its split into micro-batches "
-        "(dropout masks do)",
-    ),
-    ResumeSafe(
-        "train.max_steps",
-        "train longer (a linear/cosine schedule is stretched from the resumed step on)",
-        _larger,
-        "grow",
-    ),
-    ResumeSafe(
-        "train.num_epochs",
-        "train longer, when max_steps is -1 (the schedule is stretched likewise)",
-        _larger,
-        "grow",
-    ),
-    ResumeSafe("distill.chunk_size", "memory of the chunked loss: the same values"),
-    ResumeSafe("model.device", "where the model runs"),
-    ResumeSafe("student.device", "where the student runs"),
-    ResumeSafe("teacher.model.device", "where the teacher runs"),
-    ResumeSafe("train.output_dir", "the run directory itself (the same one, maybe spelled otherwise)"),
+        ResumeSafe("train.logging_steps", "how often metric lines are written"),
+        ResumeSafe("train.save_steps", "how often checkpoints are written"),
+        ResumeSafe("train.save_total_limit", "how many checkpoints are kept"),
+        ResumeSafe("train.report_to", "where metrics are copied (tensorboard, wandb)"),
+        ResumeSafe("train.max_skipped_fraction", "a threshold checked when the run ends"),
+        ResumeSafe(
+            "train.gradient_checkpointing", "recomputes activations: same values, less memory"
+        ),
+        ResumeSafe(
+            "train.micro_batch_size",
+            "exact means: a step's update does not depend on its split into micro-batches "
+            "(dropout masks do)",
+        ),
+        ResumeSafe(
+            "train.max_steps",
+            "train longer (a linear/cosine schedule is stretched from the resumed step on)",
+            _larger,
+            "grow",
+        ),
+        ResumeSafe(
+            "train.num_epochs",
+            "train longer, when max_steps is -1 (the schedule is stretched likewise)",
+            _larger,
+            "grow",
+        ),
+        ResumeSafe("distill.chunk_size", "memory of the chunked loss: the same values"),
+        ResumeSafe("model.device", "where the model runs"),
+        ResumeSafe("student.device", "where the student runs"),
+        ResumeSafe("teacher.model.device", "where the teacher runs"),
+        ResumeSafe(
+            "train.output_dir", "the run directory itself (the same one, maybe spelled otherwise)"
+        ),
     ),
 )
 #: Keys an evaluation's ``--resume`` may change: each task's items are scored on their own,
@@ -258,13 +262,13 @@ TRAINING_RESUME_SAFE = ResumeRules(
 EVAL_RESUME_SAFE = ResumeRules(
     "tasks (added), a larger limit, skip_missing, name, data_dir and the device",
     (
-    ResumeSafe("tasks", "each task's predictions stand on their own: tasks may be added"),
-    ResumeSafe("limit", "more items of each task (earlier ones are kept)", _larger, "grow"),
-    ResumeSafe("skip_missing", "whether a task without a data file is skipped"),
-    ResumeSafe("name", "the label in summary tables"),
-    ResumeSafe("data_dir", "where the task files are (their items are checked on resume)"),
-    ResumeSafe("model.device", "where the model runs"),
-    ResumeSafe("output_dir", "the output directory itself"),
+        ResumeSafe("tasks", "each task's predictions stand on their own: tasks may be added"),
+        ResumeSafe("limit", "more items of each task (earlier ones are kept)", _larger, "grow"),
+        ResumeSafe("skip_missing", "whether a task without a data file is skipped"),
+        ResumeSafe("name", "the label in summary tables"),
+        ResumeSafe("data_dir", "where the task files are (their items are checked on resume)"),
+        ResumeSafe("model.device", "where the model runs"),
+        ResumeSafe("output_dir", "the output directory itself"),
     ),
 )
 
@@ -634,8 +638,8 @@ __all__ = [
     "RunDirectory",
     "RunLayout",
     "check_owned",
-    "check_resume_config",
     "check_resumable",
+    "check_resume_config",
     "content_entries",
     "prepare_directory",
     "prepare_run_dir",

@@ -197,9 +197,7 @@ def read_jsonl(path: str | os.PathLike[str], *, repair: bool = False) -> list[di
                 "cannot be a torn write)"
             ) from None
         if not isinstance(record, dict):  # a torn object line never parses as another value
-            raise DamagedFileError(
-                f"{target} is damaged: line {number + 1} is not a JSON object"
-            )
+            raise DamagedFileError(f"{target} is damaged: line {number + 1} is not a JSON object")
         records.append(record)
     if torn and repair:
         atomic_write_text(

@@ -141,7 +141,9 @@ def _describe_self() -> dict[str, Any]:
     }
 
 
-def lock_directory(directory: str | os.PathLike[str], *, what: str, wait: bool = False) -> DirectoryLock:
+def lock_directory(
+    directory: str | os.PathLike[str], *, what: str, wait: bool = False
+) -> DirectoryLock:
     """Take the exclusive lock of ``directory`` (created if missing).
 
     Args:
