@@ -335,7 +335,12 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def check_resume_config(
-    directory: Path, config: Any, safe: ResumeRules, *, saved_file: str = "config.yaml"
+    directory: Path,
+    config: Any,
+    safe: ResumeRules,
+    *,
+    saved_file: str = "config.yaml",
+    log: bool = True,
 ) -> list[ResumeDifference]:
     """Refuse (exit 2) a resume whose config differs from the saved one beyond ``safe``.
 
@@ -367,7 +372,7 @@ def check_resume_config(
             f"started: only {safe.summary} may change (docs/reliability.md); use --overwrite "
             "to start again, or another output directory"
         )
-    for item in differences:
+    for item in differences if log else ():
         logger.info("--resume: %s %s → %s", item.key, _short(item.saved), _short(item.new))
     return differences
 
@@ -552,41 +557,63 @@ def prepare_directory(
         )
     if directory.exists() and not directory.is_dir():
         raise RunDirError(f"{what} '{directory}' exists and is a file")
+    check = _ContentCheck(layout, what, resume, overwrite, config, resume_safe, nothing_to_lose)
+    if not (directory / TRASH_DIR).exists():
+        check(directory, log=False)  # a refusal writes nothing, not even the lock file
     try:
         lock = lock_directory(directory, what=what)
     except OSError as error:
         raise RunDirError(f"{what} '{directory}': cannot create or lock it ({error})") from None
     try:
         _recover_replace(directory)
-        content = content_entries(directory)
-        if content and nothing_to_lose is not None and nothing_to_lose(directory):
-            content = []
-        replaces = False
-        if content and overwrite:
-            check_owned(directory, layout, what=what)
-            replaces = True
-        elif content:
-            unknown = unknown_entries(directory, layout)
-            if unknown:
-                raise RunDirError(
-                    f"{what} '{directory}' holds files kdlab did not write "
-                    f"({_describe_entries(unknown)}); choose another directory"
-                )
-            if not resume:
-                state = "a finished run" if is_done(directory) else "an unfinished run"
-                raise RunDirError(
-                    f"{what} '{directory}' is not empty ({state}); pass --resume to continue "
-                    "it or --overwrite to replace it"
-                )
-            if is_done(directory):
-                raise RunDirError(f"{what} '{directory}' holds a finished run (DONE exists)")
-            if config is not None and resume_safe is not None:
-                check_resume_config(directory, config, resume_safe)
+        replaces = check(directory, log=True)  # again, now that no other process can write
         handle = RunDirectory(directory, layout, resume=resume, replaces=replaces, lock=lock)
     except BaseException:
         lock.release()
         raise
     return handle
+
+
+@dataclass(frozen=True)
+class _ContentCheck:
+    """What :func:`prepare_directory` checks of a directory's content; returns whether
+    :meth:`RunDirectory.start` will replace it."""
+
+    layout: RunLayout
+    what: str
+    resume: bool
+    overwrite: bool
+    config: Any
+    resume_safe: ResumeRules | None
+    nothing_to_lose: Callable[[Path], bool] | None
+
+    def __call__(self, directory: Path, *, log: bool) -> bool:
+        content = content_entries(directory)
+        if content and self.nothing_to_lose is not None and self.nothing_to_lose(directory):
+            content = []
+        if not content:
+            return False
+        what = self.what
+        if self.overwrite:
+            check_owned(directory, self.layout, what=what)
+            return True
+        unknown = unknown_entries(directory, self.layout)
+        if unknown:
+            raise RunDirError(
+                f"{what} '{directory}' holds files kdlab did not write "
+                f"({_describe_entries(unknown)}); choose another directory"
+            )
+        if not self.resume:
+            state = "a finished run" if is_done(directory) else "an unfinished run"
+            raise RunDirError(
+                f"{what} '{directory}' is not empty ({state}); pass --resume to continue "
+                "it or --overwrite to replace it"
+            )
+        if is_done(directory):
+            raise RunDirError(f"{what} '{directory}' holds a finished run (DONE exists)")
+        if self.config is not None and self.resume_safe is not None:
+            check_resume_config(directory, self.config, self.resume_safe, log=log)
+        return False
 
 
 def prepare_run_dir(
