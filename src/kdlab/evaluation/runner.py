@@ -263,6 +263,7 @@ def prepare_output_dir(
         config=compact_dict(config),
         resume_safe=EVAL_RESUME_SAFE,
         nothing_to_lose=_nothing_to_lose,
+        resume_finished=True,  # e.g. a finished evaluation resumed with another task
     )
 
 

@@ -424,3 +424,4 @@ def main(args: argparse.Namespace) -> int:
         f"→ {config.train.output_dir}"
     )
     return 0
+

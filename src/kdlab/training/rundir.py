@@ -156,16 +156,22 @@ def unknown_entries(directory: Path, layout: RunLayout, prefix: str = "") -> lis
         elif entry.is_dir() and name in layout.nested:
             unknown += unknown_entries(entry, layout.nested[name], f"{shown}/")
         elif entry.is_dir() and layout.item_folders:
-            for child in sorted(entry.iterdir()):
-                child_base = staged_name(child.name) or child.name
-                if child.is_symlink() or child_base not in layout.item_folders:
-                    unknown.append(f"{shown}/{child.name}")
+            strangers = [
+                child.name
+                for child in sorted(entry.iterdir())
+                if child.is_symlink()
+                or (staged_name(child.name) or child.name) not in layout.item_folders
+            ]
+            if strangers:  # one name per folder is enough to say it is not kdlab's
+                unknown.append(f"{shown}/{strangers[0]}")
         else:
             unknown.append(shown)
     return unknown
 
 
-def _describe_entries(names: Sequence[str], limit: int = 3) -> str:
+def _describe_entries(names: Sequence[str], limit: int = 4) -> str:
+    """The first ``limit`` names, those at the top of the directory first."""
+    names = sorted(names, key=lambda name: ("/" in name, name))
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -527,6 +533,7 @@ def prepare_directory(
     config: Any = None,
     resume_safe: ResumeRules | None = None,
     nothing_to_lose: Callable[[Path], bool] | None = None,
+    resume_finished: bool = False,
 ) -> RunDirectory:
     """Lock and check a run directory before a stage loads anything (module docstring).
 
@@ -539,6 +546,8 @@ def prepare_directory(
         resume_safe: the keys that may differ on resume.
         nothing_to_lose: whether existing content may be reused without a flag (an
             evaluation holding only ``config.yaml``: a model that failed to load).
+        resume_finished: ``--resume`` of a finished directory is allowed (an evaluation
+            resumed with more tasks); else it is refused (nothing would change).
     """
     if resume and overwrite:
         raise RunDirError("choose one of --resume and --overwrite")
@@ -557,7 +566,9 @@ def prepare_directory(
         )
     if directory.exists() and not directory.is_dir():
         raise RunDirError(f"{what} '{directory}' exists and is a file")
-    check = _ContentCheck(layout, what, resume, overwrite, config, resume_safe, nothing_to_lose)
+    check = _ContentCheck(
+        layout, what, resume, overwrite, config, resume_safe, nothing_to_lose, resume_finished
+    )
     if not (directory / TRASH_DIR).exists():
         check(directory, log=False)  # a refusal writes nothing, not even the lock file
     try:
@@ -586,6 +597,7 @@ class _ContentCheck:
     config: Any
     resume_safe: ResumeRules | None
     nothing_to_lose: Callable[[Path], bool] | None
+    resume_finished: bool
 
     def __call__(self, directory: Path, *, log: bool) -> bool:
         content = content_entries(directory)
@@ -609,7 +621,7 @@ class _ContentCheck:
                 f"{what} '{directory}' is not empty ({state}); pass --resume to continue "
                 "it or --overwrite to replace it"
             )
-        if is_done(directory):
+        if is_done(directory) and not self.resume_finished:
             raise RunDirError(f"{what} '{directory}' holds a finished run (DONE exists)")
         if self.config is not None and self.resume_safe is not None:
             check_resume_config(directory, self.config, self.resume_safe, log=log)
