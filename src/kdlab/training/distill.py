@@ -424,4 +424,3 @@ def main(args: argparse.Namespace) -> int:
         f"→ {config.train.output_dir}"
     )
     return 0
-
