@@ -296,11 +296,12 @@ CASES: list[Case] = [
     case("sweep-name-escapes", ("sweep", "name=/../../x", "students=[<tiny>]", "methods=[sft]",
          "out_dir=<out>/new", "--only-plan"), "sweep name '/../../x'"),
     case("sweep-out-dir-is-a-file-dry-run", ("sweep", "students=[<tiny>]", "methods=[sft]",
-         "out_dir=<out>/notes.txt", "--dry-run"), "<out>/notes.txt", "not a directory"),
+         "out_dir=<out>/notes.txt", "--dry-run", "--no-eval"), "<out>/notes.txt", "not a directory"),
     case("sweep-out-dir-is-a-file-only-plan", ("sweep", "students=[<tiny>]", "methods=[sft]",
          "out_dir=<out>/notes.txt", "--only-plan"), "<out>/notes.txt", "not a directory"),
     case("sweep-students-differ-by-case", ("sweep", "students={Tiny: <tiny>, tiny: <tiny>}",
-         "methods=[sft]", "out_dir=<out>/new", "--dry-run"), "'Tiny' and 'tiny'", "only by case"),
+         "methods=[sft]", "out_dir=<out>/new", "--dry-run", "--no-eval"), "'Tiny' and 'tiny'",
+         "only by case"),
 ]  # fmt: skip
 
 

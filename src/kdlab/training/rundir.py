@@ -65,7 +65,14 @@ from kdlab.utils.io import (
     recover_staging,
     staged_name,
 )
-from kdlab.utils.locking import LOCK_FILE, DirectoryLock, is_main_rank, lock_directory
+from kdlab.utils.locking import (
+    LOCK_FILE,
+    DirectoryBusyError,
+    DirectoryLock,
+    is_main_rank,
+    lock_directory,
+    lock_holder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -457,6 +464,7 @@ class RunDirectory:
     lock: DirectoryLock | None = None
     main: bool = True
     started: bool = False
+    what: str = "output directory"
 
     @property
     def name(self) -> str:
@@ -471,6 +479,14 @@ class RunDirectory:
         if not self.main or self.started:
             return self.path
         if self.replaces:
+            for name in self.layout.nested:  # e.g. an evaluation of the old run, running now
+                holder = lock_holder(self.path / name)
+                if holder is not None:
+                    raise DirectoryBusyError(
+                        f"cannot replace '{self.path}': its {name}/ is in use by {holder}; "
+                        "nothing was replaced"
+                    )
+            check_owned(self.path, self.layout, what=self.what)  # unchanged since prepare?
             _replace_contents(self.path)
         if config is not None:
             atomic_write_yaml(self.path / "config.yaml", to_dict(config))
@@ -578,7 +594,9 @@ def prepare_directory(
     try:
         _recover_replace(directory)
         replaces = check(directory, log=True)  # again, now that no other process can write
-        handle = RunDirectory(directory, layout, resume=resume, replaces=replaces, lock=lock)
+        handle = RunDirectory(
+            directory, layout, resume=resume, replaces=replaces, lock=lock, what=what
+        )
     except BaseException:
         lock.release()
         raise

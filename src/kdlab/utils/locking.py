@@ -195,4 +195,34 @@ def lock_directory(
         return DirectoryLock(folder, held, 0)
 
 
-__all__ = ["LOCK_FILE", "DirectoryBusyError", "DirectoryLock", "is_main_rank", "lock_directory"]
+def lock_holder(directory: str | os.PathLike[str]) -> str | None:
+    """Who holds ``directory``'s lock now (``"PID 4711 (kdlab eval, since ...)"``), or None
+    when nobody does (or this process does). Creates nothing."""
+    path = Path(directory) / LOCK_FILE
+    if fcntl is None or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        stat = os.fstat(fd)
+        if (stat.st_dev, stat.st_ino) in _HELD:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _owner_text(path)
+        return None
+    finally:
+        os.close(fd)  # also releases the probe's own lock
+
+
+__all__ = [
+    "LOCK_FILE",
+    "DirectoryBusyError",
+    "DirectoryLock",
+    "is_main_rank",
+    "lock_directory",
+    "lock_holder",
+]
