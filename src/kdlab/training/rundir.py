@@ -679,12 +679,6 @@ def prepare_run_dir(
     return handle
 
 
-def write_run_files(directory: Path, config: Any, identity: RunIdentity) -> None:
-    """``config.yaml`` (every field, defaults included) and ``run.json``."""
-    atomic_write_yaml(directory / "config.yaml", to_dict(config))
-    identity.write(directory)
-
-
 __all__ = [
     "EVAL_LAYOUT",
     "EVAL_RESUME_SAFE",
@@ -702,5 +696,4 @@ __all__ = [
     "prepare_run_dir",
     "resume_differences",
     "unknown_entries",
-    "write_run_files",
 ]

@@ -130,13 +130,15 @@ def _owner_text(path: Path) -> str:
 
 
 def _describe_self() -> dict[str, Any]:
-    argv = [os.path.basename(sys.argv[0] or "python"), *sys.argv[1:3]]
-    if argv[0] in ("__main__.py", "-m", "-c"):
-        argv[0] = "kdlab"
+    """PID, host, command (``kdlab finetune``) and start time of this process."""
+    program = os.path.basename(sys.argv[0] or "python")
+    if program in ("__main__.py", "-m", "-c", "kdlab"):
+        program = "kdlab"
+    words = [word for word in sys.argv[1:] if not word.startswith("-")][:1]
     return {
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "command": " ".join(argv),
+        "command": " ".join([program, *words]),
         "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
