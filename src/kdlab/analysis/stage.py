@@ -57,6 +57,7 @@ from kdlab.analysis.plots import (
 from kdlab.analysis.report import (
     REPORT_HTML,
     REPORT_MD,
+    STATISTICS_CSV,
     ReportPlot,
     ReportSection,
     ReportTable,
@@ -82,6 +83,11 @@ logger = logging.getLogger(__name__)
 
 #: The resolved config, written first: it marks the directory as a kdlab analysis.
 CONFIG_FILE = "analysis.yaml"
+#: Files of the report's own (no section folder may take their names).
+_REPORT_NAMES = frozenset(
+    name.lower()
+    for name in (CONFIG_FILE, REPORT_MD, REPORT_HTML, STATISTICS_CSV, "SWEEP_INPUTS.json")
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,8 +100,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "section"
+def _slug(text: str, taken: set[str] | None = None) -> str:
+    """A section's folder name under out_dir, from user text (``--label``, a run.json's
+    ``task_family``): letters, digits and ``_ . -``, never ``.``/``..`` or another dot
+    name, never a report file's name, and (with ``taken``) unique in the report."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_").lstrip("._") or "section"
+    if slug.lower() in _REPORT_NAMES:
+        slug = f"{slug}_section"
+    if taken is not None:
+        base, number = slug, 2
+        while slug.lower() in taken:
+            slug, number = f"{base}-{number}", number + 1
+        taken.add(slug.lower())
+    return slug
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -493,6 +510,7 @@ def run_sections(config: AnalyzeConfig) -> list[ReportSection]:
     """One section per task family of the evaluated runs."""
     collection = collect_runs(config.run_dirs, allow_missing_teacher=config.allow_missing_teacher)
     sections: list[ReportSection] = []
+    slugs: set[str] = set()
     for family in collection.task_families():
         tables = build_family_tables(collection, family, rouge_max_items=config.rouge_max_items)
         em1 = tables.pairs["EM1"]
@@ -518,7 +536,7 @@ def run_sections(config: AnalyzeConfig) -> list[ReportSection]:
         )
         section = ReportSection(
             title=f"Task family: {family}",
-            slug=_slug(family),
+            slug=_slug(family, slugs),
             statistics=[*comparisons.results, *paper_statistics],
         )
         kinds = tables.per_run["kind"].value_counts().to_dict() if len(tables.per_run) else {}

@@ -264,6 +264,34 @@ def _normalise_answer(value: Any, *, where: str) -> str:
     )
 
 
+def _check_text(value: Any, *, where: str, key: str = "") -> None:
+    """Refuse what would fail later, far from the file: a key given twice in one JSON
+    object, and a string holding a lone surrogate (``"\\ud800"`` is valid JSON but no
+    Unicode text: tokenizers and UTF-8 writers reject it)."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise DataError(
+                    f"{where}: field {key!r} holds an unpaired surrogate "
+                    f"({value[error.start]!r} at character {error.start}), which is not text"
+                ) from None
+        return
+    if isinstance(value, dict):
+        duplicated = getattr(value, "duplicated", ())
+        if duplicated:
+            shown = f"{key}.{duplicated[0]}" if key else duplicated[0]
+            raise DataError(
+                f"{where}: key {shown!r} is given twice (JSON would keep only the last value)"
+            )
+        for name, item in value.items():
+            _check_text(item, where=where, key=f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for position, item in enumerate(value):
+            _check_text(item, where=where, key=f"{key}[{position}]")
+
+
 def normalise_record(
     record: Any,
     *,
@@ -293,6 +321,7 @@ def normalise_record(
             f"{where}: expected an object with fields "
             f"{', '.join(RECORD_FIELDS)}, got {_describe_type(record)}"
         )
+    _check_text(record, where=where)
     if fmt.columns:
         record = _apply_columns(record, fmt, where)
     if "messages" in record or "prompt" in record:
@@ -376,9 +405,24 @@ def _read_text(path: Path) -> str:
     return text
 
 
+class _JsonObject(dict):
+    """A decoded JSON object that remembers the keys it was given more than once (JSON
+    keeps the last value silently; :func:`normalise_record` refuses them)."""
+
+    duplicated: tuple[str, ...] = ()
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = _JsonObject(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        result.duplicated = tuple(key for key, _ in pairs if key in seen or seen.add(key))
+    return result
+
+
 def _decode_json(text: str, *, where: str) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_object_pairs)
     except json.JSONDecodeError as error:
         raise DataError(
             f"{where}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"

@@ -179,9 +179,17 @@ def select_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        chosen = torch.device(device)
     except RuntimeError as error:
         raise ModelError(f"model.device = {device!r}: {error}") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (chosen.index or 0) >= count:
+            raise ModelError(
+                f"model.device = {device!r}: this machine has {count or 'no'} CUDA device"
+                f"{'s' if count != 1 else ''}; use auto or cpu"
+            )
+    return chosen
 
 
 def select_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -291,7 +299,8 @@ def load_model_and_tokenizer(
 
     from kdlab.models.quantization import check_quantization_backend, quantized_weight_bytes
 
-    device = device or select_device(model_config.device)
+    requested = select_device(model_config.device)  # refused here even when device is given
+    device = device or requested
     dtype = select_dtype(model_config.dtype, device)
     source = resolve_model_source(model_config.name_or_path, model_config.gguf_file)
     quantization = check_quantization_backend(model_config, device)
@@ -315,8 +324,15 @@ def load_model_and_tokenizer(
         if not model_config.allow_pickle:
             kwargs["use_safetensors"] = True
     tokenizer = load_tokenizer(model_config)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except SafetensorError as error:  # a truncated or damaged weights file
+        raise ModelError(
+            f"cannot load model '{model_config.name_or_path}': its safetensors weights are "
+            f"damaged or truncated ({' '.join(str(error).split())})"
+        ) from None
     except (OSError, ValueError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelError(f"cannot load model '{model_config.name_or_path}': {message}") from None
@@ -370,8 +386,15 @@ def load_adapter(model: Any, adapter: str | Path, *, is_trainable: bool = False)
     weights = list(adapter_dir.glob("adapter_model.safetensors"))
     if not weights:
         raise ModelError(f"adapter '{adapter}': no adapter_model.safetensors in it")
+    from safetensors import SafetensorError
+
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    except SafetensorError as error:  # a truncated or damaged weights file
+        raise ModelError(
+            f"adapter '{adapter}': adapter_model.safetensors is damaged or truncated "
+            f"({' '.join(str(error).split())})"
+        ) from None
     except (RuntimeError, ValueError, KeyError, OSError) as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         # "Error(s) in loading state_dict ...:" says nothing; its next lines say what differs.
@@ -422,7 +445,12 @@ def read_run_model_config(run_dir: str | Path) -> ModelConfig:
     config_file = directory / "config.yaml"
     if not config_file.is_file():
         raise RunDirError(f"run directory '{run_dir}' has no config.yaml (not a kdlab run)")
-    config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    try:
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise RunDirError(f"{config_file}: damaged ({type(error).__name__})") from None
+    if not isinstance(config, dict):
+        raise RunDirError(f"{config_file}: damaged (not a mapping)")
     model_mapping = config.get("model") or config.get("student")
     if not isinstance(model_mapping, dict):
         raise RunDirError(f"{config_file}: no 'model' or 'student' section")

@@ -85,6 +85,11 @@ def build_examples(
             f"data.cutoff_len = {data.cutoff_len}: no record keeps a response token (the "
             f"shortest prompt is {shortest} tokens); raise cutoff_len or shorten the prompts"
         )
+    if data.val_set_size >= len(examples):  # the split would leave one record to train on
+        raise DataError(
+            f"data.val_set_size = {data.val_set_size} is not smaller than the {len(examples)} "
+            "training records; hold out fewer (0 = no validation)"
+        )
     train, validation = split_train_validation(examples, data.val_set_size, data.seed)
     if not train:
         raise DataError("no training records left after the validation split")

@@ -72,7 +72,7 @@ from kdlab.training.common import (
 )
 from kdlab.training.loop import TrainingLoop
 from kdlab.training.objectives import CrossTokenizerObjective, DistillationObjective
-from kdlab.training.rundir import prepare_run_dir, write_run_files
+from kdlab.training.rundir import prepare_run_dir
 from kdlab.training.seqkd import teacher_responses
 from kdlab.training.teacher_cache import (
     CacheFingerprint,
@@ -209,7 +209,10 @@ def run_distill(
             config.data,
             tokenize=cross.tokenize if cross is not None else None,
         )
-    run_dir = prepare_run_dir(config.train.output_dir, resume=resume, overwrite=overwrite)
+    run = prepare_run_dir(
+        config.train.output_dir, resume=resume, overwrite=overwrite, config=config
+    )  # nothing is written (or replaced) before run.start()
+    run_dir = run.path
     accelerator = make_accelerator(config.train)
     teacher_fingerprint = (
         model_fingerprint(source.model, source.adapter, device=accelerator.device)
@@ -268,8 +271,6 @@ def run_distill(
         peft=config.peft.method,
         num_processes=accelerator.num_processes,
     )
-    if accelerator.is_main_process:
-        write_run_files(run_dir, config, identity)
     responses, complete = None, None
     seqkd_info: dict[str, Any] = {}
     if method.teacher_responses:
@@ -338,7 +339,6 @@ def run_distill(
             teacher_cache=cache,
         )
         collate = Collator(tokenizer.pad_token_id)
-    init_trackers(accelerator, config.train, run_dir)
     loop = TrainingLoop(
         config=config.train,
         model=student,
@@ -351,6 +351,9 @@ def run_distill(
         resume=resume,
         description=f"distill {settings.method} {run_dir.name}",
     )
+    if accelerator.is_main_process:  # training starts: an earlier run is replaced only now
+        run.start(config, identity)
+    init_trackers(accelerator, config.train, run_dir)
     result = loop.run()
     best = loop.load_best() if config.train.load_best_at_end else None
     summary = {
@@ -378,6 +381,7 @@ def run_distill(
         sliced=bool(config.student.slice_layers),
     )
     finish_trackers(accelerator)
+    run.close()
     return summary
 
 

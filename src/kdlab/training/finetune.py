@@ -35,7 +35,7 @@ from kdlab.training.common import (
 )
 from kdlab.training.loop import TrainingLoop
 from kdlab.training.objectives import CrossEntropyObjective
-from kdlab.training.rundir import prepare_run_dir, write_run_files
+from kdlab.training.rundir import prepare_run_dir
 from kdlab.utils.processes import is_main_launch_process
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,10 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
     train_examples, validation_examples = build_examples(
         records, load_tokenizer(config.model), config.data
     )
-    run_dir = prepare_run_dir(config.train.output_dir, resume=resume, overwrite=overwrite)
+    run = prepare_run_dir(
+        config.train.output_dir, resume=resume, overwrite=overwrite, config=config
+    )  # nothing is written (or replaced) before run.start()
+    run_dir = run.path
     accelerator = make_accelerator(config.train)
     torch.manual_seed(config.train.seed)
     model, tokenizer = load_model_and_tokenizer(
@@ -88,9 +91,6 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
         peft=config.peft.method,
         num_processes=accelerator.num_processes,
     )
-    if accelerator.is_main_process:
-        write_run_files(run_dir, config, identity)
-    init_trackers(accelerator, config.train, run_dir)
     loop = TrainingLoop(
         config=config.train,
         model=model,
@@ -103,6 +103,9 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
         resume=resume,
         description=f"finetune {run_dir.name}",
     )
+    if accelerator.is_main_process:  # training starts: an earlier run is replaced only now
+        run.start(config, identity)
+    init_trackers(accelerator, config.train, run_dir)
     result = loop.run()
     best = loop.load_best() if config.train.load_best_at_end else None
     summary = train_summary(
@@ -123,6 +126,7 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
         sliced=bool(config.model.slice_layers),
     )
     finish_trackers(accelerator)
+    run.close()
     return summary
 
 

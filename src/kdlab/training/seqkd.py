@@ -44,6 +44,7 @@ from kdlab.models.generation import (
 from kdlab.models.loading import cache_root
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import append_jsonl, atomic_write_json, read_jsonl
+from kdlab.utils.locking import is_main_rank, lock_directory
 
 logger = logging.getLogger(__name__)
 
@@ -140,18 +141,13 @@ def teacher_responses(
             )
     else:
         atomic_write_json(meta_file, meta)
-    try:
-        cached = read_jsonl(directory / "responses.jsonl", repair=True)
-        done = {
-            int(r["index"]): TeacherResponse(str(r["response"]), str(r["finish_reason"]))
-            for r in cached
-        }
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise DataError(
-            f"seqKD cache {directory / 'responses.jsonl'} is damaged ({type(error).__name__}: "
-            f"{error}); delete it to regenerate the teacher responses"
-        ) from None
+    done = _cached_responses(directory)
     todo = [i for i in range(len(records)) if i not in done]
+    lock = None
+    if todo and is_main_rank():  # one job generates; another waits, then reads
+        lock = lock_directory(directory, what="seqKD cache", wait=True)
+        done = _cached_responses(directory)
+        todo = [i for i in range(len(records)) if i not in done]
     if todo:
         logger.info(
             "seqKD: teacher generates %d of %d responses → %s", len(todo), len(records), directory
@@ -169,6 +165,8 @@ def teacher_responses(
         )
     else:
         logger.info("seqKD: all %d teacher responses read from %s", len(records), directory)
+    if lock is not None:
+        lock.release()
     responses = [done[i] for i in range(len(records))]
     truncated = sum(1 for response in responses if not response.complete)
     if truncated:
@@ -187,6 +185,21 @@ def teacher_responses(
         "truncated": truncated,
     }
     return responses, info
+
+
+def _cached_responses(directory: Path) -> dict[int, TeacherResponse]:
+    """The responses already in ``responses.jsonl`` (a torn last line is repaired)."""
+    try:
+        cached = read_jsonl(directory / "responses.jsonl", repair=True)
+        return {
+            int(r["index"]): TeacherResponse(str(r["response"]), str(r["finish_reason"]))
+            for r in cached
+        }
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise DataError(
+            f"seqKD cache {directory / 'responses.jsonl'} is damaged ({type(error).__name__}: "
+            f"{error}); delete it to regenerate the teacher responses"
+        ) from None
 
 
 def _generate(
