@@ -76,7 +76,12 @@ _TYPE_NAMES = {
 
 
 def _describe_type(value: Any) -> str:
-    return _TYPE_NAMES.get(type(value), type(value).__name__)
+    if type(value) in _TYPE_NAMES:
+        return _TYPE_NAMES[type(value)]
+    for kind, name in _TYPE_NAMES.items():  # subclasses (a JSON object recording its keys)
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
 
 
 @dataclass(frozen=True)
