@@ -12,10 +12,13 @@ from kdlab.cli import main as cli_main
 from kdlab.config.core import load_config
 from kdlab.config.methods import (
     DIVERGENCE_PARAMETERS,
+    HIDDEN_CACHE,
     METHODS,
     PAPER_METHOD_NAMES,
+    TOPK_CACHE,
     get_method,
     method_choices,
+    teacher_cache_kind,
     teacher_cache_refusal,
     unread_settings,
 )
@@ -179,8 +182,35 @@ def test_teacher_cache_refusals_come_from_the_table() -> None:
     assert "caches teacher responses" in teacher_cache_refusal(DistillSettings(method="seqkd"))
     noisy = DistillSettings(method="forward_kl", noise_std=1.0)
     assert "noise" in teacher_cache_refusal(noisy)
-    warm = DistillSettings(method="forward_kl", temperature=2.0)
-    assert "temperature" in teacher_cache_refusal(warm, vocab_size=1000)
-    assert teacher_cache_refusal(warm, vocab_size=64) is None  # k >= vocabulary: exact
-    assert teacher_cache_refusal(warm, check_temperature=False) is None
+    # auto: the hidden-state cache at T != 1 (exact), so the cache serves T = 2 and 5.
+    for temperature in (2.0, 5.0):
+        for method in ("forward_kl", "reverse_kl"):
+            warm = DistillSettings(method=method, temperature=temperature)
+            assert teacher_cache_kind(warm) == HIDDEN_CACHE
+            assert teacher_cache_refusal(warm, vocab_size=1000) is None
+    # An explicit top-k cache at T != 1 is refused unless k >= vocabulary.
+    topk = DistillSettings(method="forward_kl", temperature=2.0, teacher_cache_kind="topk")
+    assert "teacher_cache_kind = hidden" in teacher_cache_refusal(topk, vocab_size=1000)
+    assert teacher_cache_refusal(topk, vocab_size=64) is None  # k >= vocabulary: exact
+    assert teacher_cache_refusal(topk, check_temperature=False) is None
     assert teacher_cache_refusal(DistillSettings(method="gkd")) is None
+
+
+def test_auto_cache_kind_is_topk_only_for_forward_kl_at_t1() -> None:
+    assert teacher_cache_kind(DistillSettings(method="forward_kl")) == TOPK_CACHE
+    for settings in (
+        DistillSettings(method="reverse_kl"),
+        DistillSettings(method="gkd"),
+        DistillSettings(method="jsd"),
+        DistillSettings(method="forward_kl", temperature=2.0),
+        DistillSettings(method="forward_kl", teacher_cache_kind="hidden"),
+    ):
+        assert teacher_cache_kind(settings) == HIDDEN_CACHE
+    # k is read only by a topk cache: elsewhere it is a setting that would do nothing.
+    assert DistillSettings(method="forward_kl", teacher_cache_topk=32).teacher_cache_topk == 32
+    with pytest.raises(ConfigError, match=r"'distill\.teacher_cache_topk' = 32: has no effect"):
+        load_config(
+            DistillConfig,
+            None,
+            ["distill.method=reverse_kl", "distill.teacher_cache_topk=32"],
+        )

@@ -15,7 +15,8 @@ divergence names   yes          the method's own  no         gold responses     
 ``seqkd``          yes          none              no         teacher responses    no
 =================  ===========  ================  =========  ===================  ===========
 
-(*) The teacher-output cache serves a run when :func:`teacher_cache_refusal` returns None.
+(*) The teacher-output cache serves a run when :func:`teacher_cache_refusal` returns None;
+:func:`teacher_cache_kind` says which kind of cache (hidden states or top-k) it uses.
 
 Every divergence of the loss registry :data:`kdlab.losses.DIVERGENCES` is an off-policy
 method of the same name, with the loss parameters it reads (:data:`DIVERGENCE_PARAMETERS`)
@@ -33,12 +34,16 @@ from kdlab.losses.divergences import DIVERGENCES
 
 __all__ = [
     "DIVERGENCE_PARAMETERS",
+    "HIDDEN_CACHE",
     "METHODS",
     "PAPER_METHOD_NAMES",
     "SFT",
+    "TEACHER_CACHE_KINDS",
+    "TOPK_CACHE",
     "MethodSpec",
     "get_method",
     "method_choices",
+    "teacher_cache_kind",
     "teacher_cache_refusal",
     "unread_settings",
 ]
@@ -62,11 +67,26 @@ _KD_KEYS = frozenset(
         "loss_on",
         "noise_std",
         "teacher_cache",
-        "teacher_cache_topk",
+        "teacher_cache_kind",
     }
 )
 #: ``distill.generation.*`` sampling keys, read only when the method samples.
 _SAMPLING_KEYS = frozenset({"generation.temperature", "generation.top_k", "generation.top_p"})
+
+#: ``distill.teacher_cache_kind`` values (:mod:`kdlab.training.teacher_cache`): ``hidden``
+#: stores the teacher's final hidden states and its lm_head (exact for every divergence and
+#: temperature), ``topk`` its top-k log-probabilities at T = 1 (small, a k + 1-bucket
+#: approximation), ``auto`` picks per run (:func:`teacher_cache_kind`).
+HIDDEN_CACHE, TOPK_CACHE, AUTO_CACHE = "hidden", "topk", "auto"
+TEACHER_CACHE_KINDS = (AUTO_CACHE, HIDDEN_CACHE, TOPK_CACHE)
+
+#: Divergences that ``auto`` serves from the top-k cache at T = 1. Forward KL weights every
+#: token by the teacher, so the bucketed value misses only ``tail_mass · KL(tail shapes)``:
+#: −1.8 % (gradient cosine 0.9998) on smollm2-135m → its 10-layer slice, k = 64. Divergences
+#: that also weight by the student are far off whenever the student keeps mass in the
+#: teacher's tail, as an early student does: reverse KL −64 % (cosine 0.24), symmetric KL
+#: −38 %, JSD −5.8 %, skew reverse KL −6.2 %, TVD −2.2 % (``benchmarks/teacher_cache_error.py``).
+_TOPK_CACHE_DIVERGENCES = frozenset({"forward_kl"})
 
 
 class DistillSettingsLike(Protocol):
@@ -76,6 +96,7 @@ class DistillSettingsLike(Protocol):
     divergence: str | None
     noise_std: float
     temperature: float
+    teacher_cache_kind: str
     teacher_cache_topk: int
     lambda_on_policy: float
     seqkd_greedy: bool
@@ -136,6 +157,8 @@ class MethodSpec:
         if divergence is not None:
             keys |= _KD_KEYS
             keys.update(DIVERGENCE_PARAMETERS.get(divergence, ()))
+            if _cache_kind(divergence, settings) == TOPK_CACHE:
+                keys.add("teacher_cache_topk")
         if self.on_policy and settings.lambda_on_policy > 0:
             keys |= {"generation.max_new_tokens", "generation.do_sample"}
             if settings.generation.do_sample:
@@ -227,6 +250,26 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[PAPER_METHOD_NAMES.get(name, name)]
 
 
+def _cache_kind(divergence: str | None, settings: DistillSettingsLike) -> str:
+    """The cache kind of a run with KD ``divergence`` (see :func:`teacher_cache_kind`)."""
+    if settings.teacher_cache_kind != AUTO_CACHE:
+        return settings.teacher_cache_kind
+    if settings.temperature == 1.0 and divergence in _TOPK_CACHE_DIVERGENCES:
+        return TOPK_CACHE
+    return HIDDEN_CACHE
+
+
+def teacher_cache_kind(settings: DistillSettingsLike) -> str:
+    """``hidden`` or ``topk``: the kind of teacher-output cache a run reads.
+
+    ``distill.teacher_cache_kind`` when it is set; ``auto`` (the default) is ``topk`` for
+    forward KL at T = 1 (within 2 % of the live teacher, 6k + 4 bytes a position) and
+    ``hidden`` for everything else (exact, 2 · hidden_T bytes a position, plus the lm_head
+    once), see :data:`_TOPK_CACHE_DIVERGENCES`.
+    """
+    return _cache_kind(get_method(settings.method).divergence(settings), settings)
+
+
 def teacher_cache_refusal(
     settings: DistillSettingsLike, vocab_size: int | None = None, *, check_temperature: bool = True
 ) -> str | None:
@@ -238,36 +281,42 @@ def teacher_cache_refusal(
 
     - a method without a teacher, or one that trains on teacher responses (seqKD caches
       responses, not logits), has nothing for the cache to hold;
-    - noise (``noise_std > 0``) is added to teacher logits, which the cache does not hold;
-    - temperature ≠ 1 with k < vocabulary: the cache holds T = 1 values and the top-k of
-      T = 1. Softened by T, the teacher puts much of its mass outside that top-k (53-57 % at
-      T = 2, 98 % at T = 5 for smollm2-135m on math_cot_3k, k = 64), which the k + 1 buckets
-      cannot represent: the KD loss came out 66 % (T = 2) and 98.5 % (T = 5) below the dense
-      one, against 1.6-2 % at T = 1 (``docs/performance.md``). A dense cache (k ≥ vocabulary)
-      is exact at every temperature.
+    - noise (``noise_std > 0``) is drawn on the teacher logits at every step; the cached
+      path adds none;
+    - temperature ≠ 1 with a ``topk`` cache and k < vocabulary: it holds the T = 1 top-k,
+      and softened by T the teacher puts most of its mass outside it (66 % at T = 2, 98.5 %
+      at T = 5 for smollm2-135m on math_cot_3k, k = 64), which k + 1 buckets cannot
+      represent: the forward-KL loss came out 67 % (T = 2) and 98.5 % (T = 5) below the
+      dense one, gradient cosine 0.93 / 0.43 (``docs/performance.md``). The ``hidden``
+      cache (what ``auto`` picks at T ≠ 1) is exact at every temperature: loss error
+      < 0.01 %, gradient cosine 1.0000 at T = 1, 2, 5 on the same pair. So is a dense
+      top-k cache (k ≥ vocabulary).
     """
     spec = get_method(settings.method)
     if not spec.needs_teacher:
         return f"distill.method = {spec.name} has no teacher"
     if not spec.cacheable:
         return f"{spec.name} caches teacher responses, not logits"
-    if spec.divergence(settings) is None:
+    divergence = spec.divergence(settings)
+    if divergence is None:
         return "distill.divergence = none: there is no KD term for the cache to serve"
     if settings.noise_std > 0:
         return (
-            "distill.noise_std > 0 adds noise to teacher logits, which the cache does not hold "
-            "(it stores top-k log-probabilities); drop the cache for noise ablations"
+            "distill.noise_std > 0 adds noise to the teacher logits at every step, which the "
+            "cached path does not do; drop the cache for noise ablations"
         )
     if (
         check_temperature
         and settings.temperature != 1.0
+        and _cache_kind(divergence, settings) == TOPK_CACHE
         and (vocab_size is None or settings.teacher_cache_topk < vocab_size)
     ):
         return (
-            f"distill.temperature = {settings.temperature:g}: the cache holds the teacher's "
-            f"top-{settings.teacher_cache_topk} at T = 1, and at T ≠ 1 most of the softened "
-            "mass can lie outside it (measured: the KD loss 66 % low at T = 2, 98 % at T = 5 "
-            "with k = 64); use the live teacher, or k >= the vocabulary (exact)"
+            f"distill.temperature = {settings.temperature:g}: a top-k cache holds the "
+            f"teacher's top-{settings.teacher_cache_topk} at T = 1, and at T ≠ 1 most of the "
+            "softened mass lies outside it (measured: the KD loss 67 % low at T = 2, 98.5 % "
+            "at T = 5 with k = 64); use distill.teacher_cache_kind = hidden (exact at every "
+            "temperature, what auto picks), or k >= the vocabulary"
         )
     return None
 
