@@ -18,7 +18,6 @@ from kdlab.config.methods import (
     TOPK_CACHE,
     get_method,
     method_choices,
-    teacher_cache_kind,
     teacher_cache_refusal,
     unread_settings,
 )
@@ -182,11 +181,11 @@ def test_teacher_cache_refusals_come_from_the_table() -> None:
     assert "caches teacher responses" in teacher_cache_refusal(DistillSettings(method="seqkd"))
     noisy = DistillSettings(method="forward_kl", noise_std=1.0)
     assert "noise" in teacher_cache_refusal(noisy)
-    # auto: the hidden-state cache at T != 1 (exact), so the cache serves T = 2 and 5.
+    # The default hidden-state cache is exact at every T: it serves T = 2 and 5.
     for temperature in (2.0, 5.0):
         for method in ("forward_kl", "reverse_kl"):
             warm = DistillSettings(method=method, temperature=temperature)
-            assert teacher_cache_kind(warm) == HIDDEN_CACHE
+            assert warm.teacher_cache_kind == HIDDEN_CACHE
             assert teacher_cache_refusal(warm, vocab_size=1000) is None
     # An explicit top-k cache at T != 1 is refused unless k >= vocabulary.
     topk = DistillSettings(method="forward_kl", temperature=2.0, teacher_cache_kind="topk")
@@ -196,21 +195,13 @@ def test_teacher_cache_refusals_come_from_the_table() -> None:
     assert teacher_cache_refusal(DistillSettings(method="gkd")) is None
 
 
-def test_auto_cache_kind_is_topk_only_for_forward_kl_at_t1() -> None:
-    assert teacher_cache_kind(DistillSettings(method="forward_kl")) == TOPK_CACHE
-    for settings in (
-        DistillSettings(method="reverse_kl"),
-        DistillSettings(method="gkd"),
-        DistillSettings(method="jsd"),
-        DistillSettings(method="forward_kl", temperature=2.0),
-        DistillSettings(method="forward_kl", teacher_cache_kind="hidden"),
-    ):
-        assert teacher_cache_kind(settings) == HIDDEN_CACHE
-    # k is read only by a topk cache: elsewhere it is a setting that would do nothing.
-    assert DistillSettings(method="forward_kl", teacher_cache_topk=32).teacher_cache_topk == 32
+def test_the_top_k_width_is_read_by_a_topk_cache_only() -> None:
+    topk = DistillSettings(method="reverse_kl", teacher_cache_kind="topk", teacher_cache_topk=32)
+    assert topk.teacher_cache_kind == TOPK_CACHE and topk.teacher_cache_topk == 32
+    # With the default hidden-state cache, k would do nothing: refused.
     with pytest.raises(ConfigError, match=r"'distill\.teacher_cache_topk' = 32: has no effect"):
         load_config(
-            DistillConfig,
-            None,
-            ["distill.method=reverse_kl", "distill.teacher_cache_topk=32"],
+            DistillConfig, None, ["distill.method=reverse_kl", "distill.teacher_cache_topk=32"]
         )
+    with pytest.raises(ConfigError, match="teacher_cache_kind"):
+        load_config(DistillConfig, None, ["distill.teacher_cache_kind=sampled"])

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kdlab.config.methods import HIDDEN_CACHE, TOPK_CACHE, teacher_cache_kind
+from kdlab.config.methods import HIDDEN_CACHE
 from kdlab.config.sweep import load_sweep_config
 from kdlab.errors import ConfigError
 from kdlab.sweep.grid import SweepPlan, config_differences, plan_sweep
@@ -331,8 +331,9 @@ def test_a_method_entry_that_sets_a_key_its_method_ignores_is_refused(tmp_path: 
 
 
 def test_the_teacher_cache_is_planned_exactly_where_it_serves_the_run(tmp_path: Path) -> None:
-    """`teacher_cache: auto` on every KD run the cache serves (T = 2 and 5 included, with
-    the hidden-state kind), never on SFT, seqKD or noise runs; a grid setting wins."""
+    """`teacher_cache: auto` on every KD run the cache serves (T = 2 and 5 included: the
+    hidden-state cache is exact there), never on SFT, seqKD or noise runs; a grid setting
+    wins. Before the hidden-state kind, the T = 2 and 5 runs had no cache."""
     grid = {
         **BASE,
         "families": {"math": {}},
@@ -350,14 +351,15 @@ def test_the_teacher_cache_is_planned_exactly_where_it_serves_the_run(tmp_path: 
     }
     students = plan_of(tmp_path, grid).stage("distill")
     cached = {
-        (run.params["method"], run.config.distill.temperature): teacher_cache_kind(
-            run.config.distill
-        )
+        (
+            run.params["method"],
+            run.config.distill.temperature,
+        ): run.config.distill.teacher_cache_kind
         for run in students
         if run.config.distill.teacher_cache == "auto"
     }
     assert cached == {
-        ("forward_kl", 1.0): TOPK_CACHE,
+        ("forward_kl", 1.0): HIDDEN_CACHE,
         ("forward_kl", 2.0): HIDDEN_CACHE,
         ("forward_kl", 5.0): HIDDEN_CACHE,
         ("reverse_kl", 1.0): HIDDEN_CACHE,

@@ -363,7 +363,7 @@ def test_reuse_across_students_never_loads_the_teacher(
     )
     info = first["teacher_cache"]
     assert info["built_shards"] == 1 and info["teacher_loaded"] and not info["live_teacher"]
-    assert info["kind"] == HIDDEN_CACHE and info["head_bytes"] > 0  # auto: reverse KL
+    assert info["kind"] == HIDDEN_CACHE and info["head_bytes"] > 0  # the default kind
     assert Path(info["dir"]) == default_teacher_cache_dir(info["key"], HIDDEN_CACHE)
     assert loaded.count(str(tiny_teacher_dir)) == 1 and forwards["teacher"] > 0
     loaded.clear()

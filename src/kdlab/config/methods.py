@@ -15,8 +15,7 @@ divergence names   yes          the method's own  no         gold responses     
 ``seqkd``          yes          none              no         teacher responses    no
 =================  ===========  ================  =========  ===================  ===========
 
-(*) The teacher-output cache serves a run when :func:`teacher_cache_refusal` returns None;
-:func:`teacher_cache_kind` says which kind of cache (hidden states or top-k) it uses.
+(*) The teacher-output cache serves a run when :func:`teacher_cache_refusal` returns None.
 
 Every divergence of the loss registry :data:`kdlab.losses.DIVERGENCES` is an off-policy
 method of the same name, with the loss parameters it reads (:data:`DIVERGENCE_PARAMETERS`)
@@ -43,7 +42,6 @@ __all__ = [
     "MethodSpec",
     "get_method",
     "method_choices",
-    "teacher_cache_kind",
     "teacher_cache_refusal",
     "unread_settings",
 ]
@@ -73,20 +71,15 @@ _KD_KEYS = frozenset(
 #: ``distill.generation.*`` sampling keys, read only when the method samples.
 _SAMPLING_KEYS = frozenset({"generation.temperature", "generation.top_k", "generation.top_p"})
 
-#: ``distill.teacher_cache_kind`` values (:mod:`kdlab.training.teacher_cache`): ``hidden``
-#: stores the teacher's final hidden states and its lm_head (exact for every divergence and
-#: temperature), ``topk`` its top-k log-probabilities at T = 1 (small, a k + 1-bucket
-#: approximation), ``auto`` picks per run (:func:`teacher_cache_kind`).
-HIDDEN_CACHE, TOPK_CACHE, AUTO_CACHE = "hidden", "topk", "auto"
-TEACHER_CACHE_KINDS = (AUTO_CACHE, HIDDEN_CACHE, TOPK_CACHE)
-
-#: Divergences that ``auto`` serves from the top-k cache at T = 1. Forward KL weights every
-#: token by the teacher, so the bucketed value misses only ``tail_mass · KL(tail shapes)``:
-#: −1.8 % (gradient cosine 0.9998) on smollm2-135m → its 10-layer slice, k = 64. Divergences
-#: that also weight by the student are far off whenever the student keeps mass in the
-#: teacher's tail, as an early student does: reverse KL −64 % (cosine 0.24), symmetric KL
-#: −38 %, JSD −5.8 %, skew reverse KL −6.2 %, TVD −2.2 % (``benchmarks/teacher_cache_error.py``).
-_TOPK_CACHE_DIVERGENCES = frozenset({"forward_kl"})
+#: ``distill.teacher_cache_kind`` values (:mod:`kdlab.training.teacher_cache`). ``hidden``
+#: (the default) stores the teacher's final hidden states and its lm_head: the loss is the
+#: live teacher's for every divergence and temperature (measured on smollm2-135m → its
+#: 10-layer slice: < 0.01 % off, gradient cosine 1.0000 at T = 1, 2, 5), 2 · hidden_T bytes a
+#: position. ``topk`` stores the top-k log-probabilities at T = 1 (6k + 4 bytes, k + 1
+#: buckets): close only for forward KL at T = 1 (−1.8 to −2.2 % at k = 64), far off for
+#: divergences that weight by the student (reverse KL −64 %, JSD −6 %), refused at T ≠ 1.
+HIDDEN_CACHE, TOPK_CACHE = "hidden", "topk"
+TEACHER_CACHE_KINDS = (HIDDEN_CACHE, TOPK_CACHE)
 
 
 class DistillSettingsLike(Protocol):
@@ -157,7 +150,7 @@ class MethodSpec:
         if divergence is not None:
             keys |= _KD_KEYS
             keys.update(DIVERGENCE_PARAMETERS.get(divergence, ()))
-            if _cache_kind(divergence, settings) == TOPK_CACHE:
+            if settings.teacher_cache_kind == TOPK_CACHE:
                 keys.add("teacher_cache_topk")
         if self.on_policy and settings.lambda_on_policy > 0:
             keys |= {"generation.max_new_tokens", "generation.do_sample"}
@@ -250,26 +243,6 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[PAPER_METHOD_NAMES.get(name, name)]
 
 
-def _cache_kind(divergence: str | None, settings: DistillSettingsLike) -> str:
-    """The cache kind of a run with KD ``divergence`` (see :func:`teacher_cache_kind`)."""
-    if settings.teacher_cache_kind != AUTO_CACHE:
-        return settings.teacher_cache_kind
-    if settings.temperature == 1.0 and divergence in _TOPK_CACHE_DIVERGENCES:
-        return TOPK_CACHE
-    return HIDDEN_CACHE
-
-
-def teacher_cache_kind(settings: DistillSettingsLike) -> str:
-    """``hidden`` or ``topk``: the kind of teacher-output cache a run reads.
-
-    ``distill.teacher_cache_kind`` when it is set; ``auto`` (the default) is ``topk`` for
-    forward KL at T = 1 (within 2 % of the live teacher, 6k + 4 bytes a position) and
-    ``hidden`` for everything else (exact, 2 · hidden_T bytes a position, plus the lm_head
-    once), see :data:`_TOPK_CACHE_DIVERGENCES`.
-    """
-    return _cache_kind(get_method(settings.method).divergence(settings), settings)
-
-
 def teacher_cache_refusal(
     settings: DistillSettingsLike, vocab_size: int | None = None, *, check_temperature: bool = True
 ) -> str | None:
@@ -286,11 +259,13 @@ def teacher_cache_refusal(
     - temperature ≠ 1 with a ``topk`` cache and k < vocabulary: it holds the T = 1 top-k,
       and softened by T the teacher puts most of its mass outside it (66 % at T = 2, 98.5 %
       at T = 5 for smollm2-135m on math_cot_3k, k = 64), which k + 1 buckets cannot
-      represent: the forward-KL loss came out 67 % (T = 2) and 98.5 % (T = 5) below the
-      dense one, gradient cosine 0.93 / 0.43 (``docs/performance.md``). The ``hidden``
-      cache (what ``auto`` picks at T ≠ 1) is exact at every temperature: loss error
-      < 0.01 %, gradient cosine 1.0000 at T = 1, 2, 5 on the same pair. So is a dense
-      top-k cache (k ≥ vocabulary).
+      represent: the forward-KL loss came out 67-71 % (T = 2) and 98.5-98.8 % (T = 5) below
+      the dense one, gradient cosine 0.90 / 0.46 (``benchmarks/teacher_cache_error.py``).
+      The ``hidden`` cache (the default) is exact at every temperature: loss error < 0.01 %,
+      gradient cosine 1.0000 at T = 1, 2, 5 on the same pair, for forward KL, reverse KL
+      and JSD. So is a dense top-k cache (k ≥ vocabulary).
+
+    Sweeps therefore cache the paper's T = 2 and T = 5 runs too.
     """
     spec = get_method(settings.method)
     if not spec.needs_teacher:
@@ -308,15 +283,15 @@ def teacher_cache_refusal(
     if (
         check_temperature
         and settings.temperature != 1.0
-        and _cache_kind(divergence, settings) == TOPK_CACHE
+        and settings.teacher_cache_kind == TOPK_CACHE
         and (vocab_size is None or settings.teacher_cache_topk < vocab_size)
     ):
         return (
             f"distill.temperature = {settings.temperature:g}: a top-k cache holds the "
             f"teacher's top-{settings.teacher_cache_topk} at T = 1, and at T ≠ 1 most of the "
             "softened mass lies outside it (measured: the KD loss 67 % low at T = 2, 98.5 % "
-            "at T = 5 with k = 64); use distill.teacher_cache_kind = hidden (exact at every "
-            "temperature, what auto picks), or k >= the vocabulary"
+            "at T = 5 with k = 64); use distill.teacher_cache_kind = hidden (the default: exact "
+            "at every temperature), or k >= the vocabulary"
         )
     return None
 

@@ -321,10 +321,10 @@ class DistillSettings:
         None, help="Directory of a precomputed teacher-output cache (auto: one per fingerprint)."
     )
     teacher_cache_kind: str = config_field(
-        "auto",
-        help="What the cache stores: hidden (the teacher's final hidden states + lm_head, "
-        "exact at every temperature), topk (top-k log-probs at T = 1), auto (topk for "
-        "forward KL at T = 1, else hidden).",
+        "hidden",
+        help="What the cache stores: hidden (the teacher's final hidden states + lm_head: "
+        "exact for every divergence and temperature) or topk (top-k log-probs at T = 1: "
+        "small, close for forward KL at T = 1 only, refused at T != 1).",
         choices=TEACHER_CACHE_KINDS,
     )
     teacher_cache_topk: int = config_field(64, help="k of a topk teacher-output cache.")

@@ -308,8 +308,7 @@ class GridPlanner:
         # get it; the method's own entry is strict (refused when unread), and a shared key no
         # run reads is refused when the plan is complete (_check_shared_keys).
         distill = deep_merge(
-            self._shared_distill(shared.get("distill") or {}, own_distill, temperature),
-            own_distill,
+            self._shared_distill(shared.get("distill") or {}, own_distill), own_distill
         )
         if temperature is not None:
             distill["temperature"] = temperature
@@ -345,10 +344,10 @@ class GridPlanner:
         what = f"student {student}, method {method} ({family})"
         distill_config = _build(DistillConfig, mapping, what, self.source)
         if "teacher_cache" not in distill and _cache_applies(distill_config):
-            # Students of one teacher share its cached outputs (hidden states at every T,
-            # top-k for forward KL at T = 1: teacher_cache_kind): computed once, the teacher
-            # is then not run again (docs/performance.md). Set distill.teacher_cache: null
-            # in the grid to always use the live teacher.
+            # Students of one teacher share its cached outputs (its hidden states, for every
+            # divergence and temperature): computed once, the teacher is then not run again
+            # (docs/performance.md). Set distill.teacher_cache: null in the grid to always
+            # use the live teacher.
             mapping["distill"]["teacher_cache"] = "auto"
             distill_config = _build(DistillConfig, mapping, what, self.source)
         return PlannedRun(
@@ -371,17 +370,13 @@ class GridPlanner:
             },
         )
 
-    def _shared_distill(
-        self, shared: Mapping[str, Any], own: Mapping[str, Any], temperature: float | None
-    ) -> dict[str, Any]:
-        """The shared-layer distill keys the run's method reads (see :meth:`student_run`);
-        ``temperature`` is the run's (an axis: it decides the teacher-cache kind)."""
+    def _shared_distill(self, shared: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+        """The shared-layer distill keys the run's method reads (see :meth:`student_run`)."""
         merged = deep_merge(shared, own)
         defaults = DistillSettings()
         probe = SimpleNamespace(
             method=merged["method"],
             divergence=merged.get("divergence", defaults.divergence),
-            temperature=defaults.temperature if temperature is None else float(temperature),
             teacher_cache_kind=merged.get("teacher_cache_kind", defaults.teacher_cache_kind),
             lambda_on_policy=merged.get("lambda_on_policy", defaults.lambda_on_policy),
             seqkd_greedy=merged.get("seqkd_greedy", defaults.seqkd_greedy),

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kdlab.config.methods import TOPK_CACHE, teacher_cache_kind, teacher_cache_refusal
+from kdlab.config.methods import TOPK_CACHE, teacher_cache_refusal
 from kdlab.config.run_identity import RunIdentity
 from kdlab.config.schema import DistillConfig, ModelConfig
 from kdlab.data.tokenize import Collator
@@ -367,7 +367,7 @@ def teacher_cache_fingerprint_for(
 ) -> CacheFingerprint:
     """The teacher-cache fingerprint of a distill config (see :mod:`..teacher_cache`)."""
     settings = config.distill
-    kind = teacher_cache_kind(settings)
+    kind = settings.teacher_cache_kind
     topk = None
     if kind == TOPK_CACHE:
         topk = min(settings.teacher_cache_topk, vocab)
