@@ -25,6 +25,9 @@ cosine ≈ 0.99 for identical losses). Targets (issue 19): loss within 2 % and b
 hidden``); ``topk`` is reported for comparison. Bytes per response token: shard bytes ÷ KD
 rows (the hidden kind also stores its lm_head once, reported apart).
 
+Also reported per T: the share of the tempered teacher mass its top-64 hold, and how many
+tokens an adaptive k would need to keep 98 % of it (why no top-k variant can serve T = 5).
+
 ``--compare-sampled`` adds the estimator the design was measured against: top-k at the
 run's T plus ``m`` tokens drawn from the remaining tempered mass, each weighted tail/m (the
 unbiased importance-sampling estimate of the teacher's distribution, as in Sparse Logit
@@ -219,6 +222,34 @@ def compare(reference: dict[str, Any], cached: dict[str, Any]) -> dict[str, Any]
     }
 
 
+# --------------------------------------------------------------------------- mass at T
+
+
+def tempered_mass(setup: Setup, temperatures: list[float], share: float = 0.98) -> dict[str, Any]:
+    """Per T: mean (and min) tempered mass of the top-64, median tokens holding ``share``."""
+    weight, bias = output_projection(setup.teacher)
+    logits = []
+    with torch.inference_mode():
+        for batch in setup.batches:
+            hidden = teacher_hidden_states(
+                setup.teacher, batch["input_ids"], batch["attention_mask"]
+            )
+            logits.append(torch.nn.functional.linear(hidden[setup._mask(batch)], weight, bias))
+        rows = torch.cat(logits)  # [rows, V]
+        result = {}
+        for temperature in temperatures:
+            cumulative = (rows / temperature).softmax(-1).sort(-1, descending=True).values
+            cumulative = cumulative.cumsum_(-1)
+            top = cumulative[:, TOPK - 1]
+            needed = (cumulative < share).sum(-1).float() + 1
+            result[f"T={temperature:g}"] = {
+                "top64_mass_mean": float(top.mean()),
+                "top64_mass_min": float(top.min()),
+                f"tokens_for_{round(100 * share)}pct_median": float(needed.median()),
+            }
+    return result
+
+
 # --------------------------------------------------------------------------- sampled tail
 
 
@@ -357,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
                         if kind in entry
                     ),
                 )
+        mass = tempered_mass(setup, temperatures)
         bytes_per_token = {kind: setup.bytes_per_token(kind) for kind in setup.caches}
         head_bytes = setup.caches[HIDDEN_CACHE].head_bytes()
+        setup_vocab = setup.vocab
         build_seconds = setup.build_seconds
         rows = setup.rows
     finally:
@@ -426,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         + f" (+ the hidden kind's lm_head once: {head_bytes / 2**20:.1f} MiB); build: "
         + ", ".join(f"{kind} {seconds:.1f} s" for kind, seconds in build_seconds.items())
     )
+    for name, value in mass.items():
+        print(
+            f"{name}: the top-{TOPK} hold {100 * value['top64_mass_mean']:.1f} % of the tempered "
+            f"mass (min {100 * value['top64_mass_min']:.1f} %); 98 % needs "
+            f"{value['tokens_for_98pct_median']:.0f} tokens (median) of {setup_vocab}"
+        )
     for name, target in targets.items():
         print(f"  target {name}: {target['value']:.4f} {'met' if target['met'] else 'NOT met'}")
     seconds = time.perf_counter() - started
@@ -446,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": results,
             "bytes_per_token": bytes_per_token,
             "hidden_head_bytes": head_bytes,
+            "tempered_mass": mass,
             "build_seconds": build_seconds,
             "seconds": seconds,
             "targets": targets,

@@ -260,6 +260,17 @@ def test_hidden_cache_stores_hidden_states_and_the_lm_head(setup: _Setup, tmp_pa
     # caches keep their keys).
     assert setup.fingerprint(None).key != setup.fingerprint(64).key
     assert "kind" not in setup.fingerprint(64).fields
+    # A bfloat16 teacher's hidden states are stored as computed (no float16 overflow).
+    bf16 = teacher_cache_fingerprint(
+        teacher={"model": "tiny-teacher", "dtype": "bfloat16"},
+        examples=setup.examples,
+        template="alpaca",
+        cutoff_len=256,
+        loss_on="response",
+        kind=HIDDEN_CACHE,
+        vocab_size=setup.vocab,
+    )
+    assert bf16.fields["value_dtype"] == "bfloat16"
     with pytest.raises(TeacherCacheError, match="refusing to mix"):
         setup.cache(tmp_path / "h", 64)
 

@@ -43,15 +43,16 @@ tensor              dtype        shape / meaning
 ==================  ===========  =========================================================
 ``example_index``   int64        ``[E]`` example indices (``example["index"]``), ascending
 ``row_offsets``     int64        ``[E + 1]`` rows of example e are ``offsets[e]:offsets[e+1]``
-``hidden``          float16      (hidden) ``[R, hidden_T]`` the teacher's final hidden states
+``hidden``          float16 (*)  (hidden) ``[R, hidden_T]`` the teacher's final hidden states
 ``topk_logprobs``   float16      (topk) ``[R, k]`` log p_T of the k most likely tokens (T = 1)
 ``topk_ids``        int32        (topk) ``[R, k]`` their token ids
 ``tail_mass``       float32      (topk) ``[R]`` Σ p_T over the other V − k tokens (exact)
 ==================  ===========  =========================================================
 
-and the fingerprint key in its safetensors metadata (the lm_head file carries it too). Rows
-of an example are its KD positions in increasing order, so the rows of a batch, example
-after example, are in the row-major order of ``hidden[kd_mask]``.
+(*) bfloat16 for a bfloat16 teacher. Each shard has the fingerprint key in its safetensors
+metadata (the lm_head file carries it too). Rows of an example are its KD positions in
+increasing order, so the rows of a batch, example after example, are in the row-major
+order of ``hidden[kd_mask]``.
 
 Fingerprint: everything the stored numbers depend on, and nothing else (``temperature`` is
 applied at training time, so one cache serves every temperature): the teacher's identity
@@ -152,7 +153,7 @@ def teacher_cache_fingerprint(
     vocab_size: int,
     kind: str = TOPK_CACHE,
     topk: int | None = None,
-    value_dtype: str = "float16",
+    value_dtype: str | None = None,
 ) -> CacheFingerprint:
     """The fingerprint of a cache (see the module docstring for what it covers).
 
@@ -166,8 +167,13 @@ def teacher_cache_fingerprint(
             the lm_head rows a ``hidden`` cache keeps).
         kind: ``hidden`` or ``topk`` (:data:`ROW_TENSORS`).
         topk: k of a ``topk`` cache, already clamped to ``vocab_size``; None for ``hidden``.
-        value_dtype: dtype of the stored hidden states / log-probabilities.
+        value_dtype: dtype of the stored hidden states / log-probabilities; None: float16,
+            except the hidden states of a bfloat16 teacher, stored as computed (bfloat16:
+            lossless, and no float16 overflow of large activations).
     """
+    if value_dtype is None:
+        bf16_teacher = teacher.get("dtype") == "bfloat16"
+        value_dtype = "bfloat16" if kind == HIDDEN_CACHE and bf16_teacher else "float16"
     if value_dtype not in _VALUE_DTYPES:
         raise TeacherCacheError(f"value_dtype must be one of {sorted(_VALUE_DTYPES)}")
     if kind not in ROW_TENSORS:
