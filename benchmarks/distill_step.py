@@ -167,6 +167,22 @@ def make_examples(shape: Shape, count: int, vocab: int, seed: int = 0) -> list[d
     return examples
 
 
+def step_loss(objective: Any, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The training loop's loss of a step made of this one micro-batch: Σ weight · sum ÷ count
+    over the objective's terms (:mod:`kdlab.training.loop`)."""
+    sums = objective(model, batch, True).sums
+    counts = objective.counts(batch)
+    return sum(
+        (objective.weights[term] * total / max(counts[term], 1.0) for term, total in sums.items()),
+        torch.zeros(()),
+    )
+
+
+def kd_mean(objective: Any, model: Any, batch: dict[str, torch.Tensor]) -> float:
+    """The KD term's mean over the batch (validation mode, no gradients)."""
+    return float(objective(model, batch, False).sums["kd"]) / objective.counts(batch)["kd"]
+
+
 class Bench:
     """The models, batches and one step function per variant."""
 
@@ -271,13 +287,13 @@ class Bench:
         elif variant == "b":
             self._finish("b", self.trl_loss(batch))
         elif variant == "c":
-            self._finish("c", self.live_objective(self.student, batch, True).loss)
+            self._finish("c", step_loss(self.live_objective, self.student, batch))
         elif variant in CACHED_VARIANTS:
             objective = self.cached_objectives.get(CACHED_VARIANTS[variant])
             assert objective is not None, f"variant {variant} needs the cache"
-            self._finish(variant, objective(self.student, batch, True).loss)
+            self._finish(variant, step_loss(objective, self.student, batch))
         elif variant == "e":
-            self._finish("e", self.sft_objective(self.student, batch, True).loss)
+            self._finish("e", step_loss(self.sft_objective, self.student, batch))
         elif variant == "f":
             with torch.inference_mode():
                 hidden = teacher_hidden_states(
@@ -290,7 +306,7 @@ class Bench:
             start = time.perf_counter()
             prepared = self.gkd_objective.prepare(self.student, batch, True)
             generated = time.perf_counter()
-            self._finish("h", self.gkd_objective(self.student, prepared, True).loss)
+            self._finish("h", step_loss(self.gkd_objective, self.student, prepared))
             prompt_tokens = int(batch["prompt_lengths"].sum())
             self.last_phases = {
                 "generation": generated - start,
@@ -341,11 +357,10 @@ class Bench:
         with torch.no_grad():
             values = {
                 "trl_beta0": float(self.trl_loss(batch)),
-                "kdlab_live": float(self.live_objective(self.student, batch, False).kd or 0.0),
+                "kdlab_live": kd_mean(self.live_objective, self.student, batch),
             }
             for kind, objective in self.cached_objectives.items():
-                result = objective(self.student, batch, False)
-                values[f"kdlab_cache_{kind}"] = float(result.kd or 0.0)
+                values[f"kdlab_cache_{kind}"] = kd_mean(objective, self.student, batch)
         return values
 
     # ------------------------------------------------------------------ FLOPs
@@ -679,7 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench = Bench(shape, cache_dir, args.chunk_size)
         build_seconds = bench.build_caches()
-        cache_bytes = {kind: cache.size_bytes() for kind, cache in bench.caches.items()}
+        cache_bytes = {kind: cache.shard_bytes() for kind, cache in bench.caches.items()}
+        head_bytes = bench.caches[HIDDEN_CACHE].head_bytes()
         losses = bench.check_losses()
         logger.info("loss check: %s", losses)
         in_process = args.in_process_memory and not args.no_memory
@@ -713,9 +729,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{100 * achieved / peak_flops:.0f}% of the fp32 matmul peak {peak_flops / 1e9:.1f} GFLOP/s"
     )
     for variant, kind in CACHED_VARIANTS.items():
+        head = f" + the lm_head, {head_bytes / 2**20:.0f} MiB" if kind == HIDDEN_CACHE else ""
         print(
             f"({variant}) {kind} cache build: {build_seconds[kind]:.2f} s for "
-            f"{shape.batch * NUM_BATCHES} examples ({cache_bytes[kind] / 2**10:.0f} KiB on disk)"
+            f"{shape.batch * NUM_BATCHES} examples ({cache_bytes[kind] / 2**10:.0f} KiB of rows"
+            f"{head})"
         )
     on_policy = on_policy_summary(times, phases)
     for line in on_policy.get("lines", []):
@@ -742,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
             "matmul_peak_flops": peak_flops,
             "cache_build_seconds": build_seconds,
             "cache_bytes": cache_bytes,
+            "hidden_cache_head_bytes": head_bytes,
             "loss_check": losses,
             "on_policy": {key: value for key, value in on_policy.items() if key != "lines"},
             "on_policy_phases": phases,

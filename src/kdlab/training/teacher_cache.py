@@ -4,13 +4,12 @@ Off-policy distillation runs the frozen teacher on the same examples in every ep
 every student of a sweep. ``distill.teacher_cache: DIR`` runs it once: for every example of
 the training data (train *and* validation split) and every position of its KD mask
 (:func:`kdlab.training.objectives.kd_loss_mask`), the cache stores one of two *kinds* of
-rows (``distill.teacher_cache_kind``; ``auto`` is resolved by
-:func:`kdlab.config.methods.teacher_cache_kind`):
+rows (``distill.teacher_cache_kind``):
 
-* ``hidden``: the teacher's final hidden state (after its final norm), plus the teacher's
-  lm_head once per cache (``lm_head.safetensors``, rows trimmed to the shared vocabulary, in
-  the teacher's dtype). A lookup returns a :class:`~kdlab.losses.HiddenStates` teacher, so
-  the loss is the live-teacher path of :func:`kdlab.losses.chunked_distillation_loss`
+* ``hidden`` (the default): the teacher's final hidden state (after its final norm), plus
+  its lm_head once per cache (``lm_head.safetensors``, rows trimmed to the shared vocabulary,
+  in the teacher's dtype). A lookup returns a :class:`~kdlab.losses.HiddenStates` teacher,
+  so the loss is the live-teacher path of :func:`kdlab.losses.chunked_distillation_loss`
   without the decoder: the teacher's logits are rebuilt chunk by chunk and the KD loss is
   the live teacher's for *every divergence and every temperature* (up to the float16
   rounding of the stored hidden states: < 0.01 % on the loss, gradient cosine 1.0000 on
