@@ -96,6 +96,7 @@ from kdlab.models.loading import cache_root
 from kdlab.training.forward import kd_loss_mask, output_projection, teacher_hidden_states
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import atomic_write_bytes, atomic_write_json
+from kdlab.utils.locking import is_main_rank, lock_directory
 
 logger = logging.getLogger(__name__)
 
@@ -735,6 +736,11 @@ def prepare_teacher_cache(
     )
     missing_before = cache.missing_shards()
     needs_build = bool(missing_before) or cache.head_missing
+    lock = None
+    if needs_build and is_main_rank():  # one job builds; another waits, then reads
+        lock = lock_directory(directory, what="teacher cache", wait=True)
+        missing_before = cache.missing_shards()
+        needs_build = bool(missing_before) or cache.head_missing
     report = BuildReport([], cache.num_shards - len(missing_before), 0.0, 0)
     loaded = teacher is not None
     if needs_build:
@@ -753,6 +759,8 @@ def prepare_teacher_cache(
         )
     if wait_for_everyone is not None and num_processes > 1:
         wait_for_everyone()
+    if lock is not None:
+        lock.release()
     still_missing = [SHARD_TEMPLATE.format(shard) for shard in cache.missing_shards()]
     if cache.head_missing:
         still_missing.insert(0, HEAD_FILE)
