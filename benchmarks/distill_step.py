@@ -17,10 +17,19 @@ Variants:
     completion positions and ``_chunked_divergence_loss`` with ``beta = 0`` (forward KL
     KL(teacher ‖ student) in TRL's convention: checked here against kdlab's value);
 (c) kdlab with the live teacher: :class:`kdlab.training.objectives.DistillationObjective`;
-(d) kdlab with the teacher cache (k = 64; the build time is reported separately);
+(d) kdlab with the top-k teacher cache (k = 64; the build time is reported separately);
 (e) floor: the student's SFT step alone (kdlab's chunked CE on the response positions);
 (f) floor: the teacher's forward pass alone (decoder + lm_head on the response positions,
-    ``torch.inference_mode``): what any live-teacher KD step must compute.
+    ``torch.inference_mode``): what any live-teacher KD step must compute;
+(g) kdlab with the hidden-state teacher cache (the teacher's final hidden states + its
+    lm_head: what ``teacher_cache_kind: auto`` uses at T ≠ 1 and for every divergence but
+    forward KL): the student's step plus the teacher's lm_head on the KD rows;
+(h) kdlab on-policy GKD with λ = 1 (JSD, β = 0.5, live teacher): every step samples a
+    response of ``seq / 2`` new tokens (at most; T = 1, top-k 0, as the paper) from each
+    prompt, then trains on it. Timed through the objective's API, so it measures whatever
+    generation :meth:`DistillationObjective.prepare` runs: *generation* is ``prepare`` (the
+    student's sampling), *loss* the rest of the step (teacher forward on the samples, JSD,
+    the student's forward + backward, clipping, AdamW).
 
 Timing: one process, every variant once per round in a rotating order, after one untimed
 warm-up round. The table shows each variant's median (and minimum) step time over
@@ -52,7 +61,10 @@ Usage::
     python benchmarks/distill_step.py                 # batch 4, seq 256, 5 rounds
     python benchmarks/distill_step.py --quick         # batch 2, seq 128, 3 rounds
     python benchmarks/distill_step.py --json out.json --in-process-memory
-    python benchmarks/distill_step.py --topk-error 4  # k=64 vs dense on 4 real batches
+    python benchmarks/distill_step.py --variants ch    # off-policy vs on-policy (GKD) step
+
+The cache's accuracy (KD loss and gradients vs the live teacher at T = 1, 2, 5) is
+``benchmarks/teacher_cache_error.py``.
 """
 
 from __future__ import annotations
@@ -85,7 +97,13 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kdlab.config.schema import DistillSettings, ModelConfig, PeftConfig  # noqa: E402
+from kdlab.config.methods import HIDDEN_CACHE, TOPK_CACHE  # noqa: E402
+from kdlab.config.schema import (  # noqa: E402
+    DistillSettings,
+    GenerationConfig,
+    ModelConfig,
+    PeftConfig,
+)
 from kdlab.data.tokenize import Collator  # noqa: E402
 from kdlab.models.loading import load_model_and_tokenizer  # noqa: E402
 from kdlab.models.peft_utils import apply_peft  # noqa: E402
@@ -115,7 +133,11 @@ VARIANTS: dict[str, str] = {
     "d": f"kdlab, teacher cache (k={TOPK})",
     "e": "floor: student SFT step",
     "f": "floor: teacher forward",
+    "g": "kdlab, teacher cache (hidden states)",
+    "h": "kdlab, on-policy GKD λ=1 (generation + loss)",
 }
+#: The cache kind each cached variant reads.
+CACHED_VARIANTS = {"d": TOPK_CACHE, "g": HIDDEN_CACHE}
 
 
 @dataclass(frozen=True)
@@ -145,6 +167,22 @@ def make_examples(shape: Shape, count: int, vocab: int, seed: int = 0) -> list[d
     return examples
 
 
+def step_loss(objective: Any, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The training loop's loss of a step made of this one micro-batch: Σ weight · sum ÷ count
+    over the objective's terms (:mod:`kdlab.training.loop`)."""
+    sums = objective(model, batch, True).sums
+    counts = objective.counts(batch)
+    return sum(
+        (objective.weights[term] * total / max(counts[term], 1.0) for term, total in sums.items()),
+        torch.zeros(()),
+    )
+
+
+def kd_mean(objective: Any, model: Any, batch: dict[str, torch.Tensor]) -> float:
+    """The KD term's mean over the batch (validation mode, no gradients)."""
+    return float(objective(model, batch, False).sums["kd"]) / objective.counts(batch)["kd"]
+
+
 class Bench:
     """The models, batches and one step function per variant."""
 
@@ -169,23 +207,22 @@ class Bench:
             collate(self.examples[i * shape.batch : (i + 1) * shape.batch])
             for i in range(NUM_BATCHES)
         ]
-        self.fingerprint = teacher_cache_fingerprint(
-            teacher_identity=TEACHER,
-            teacher_stamp="benchmark",
-            adapter_hash="none",
-            teacher_dtype="float32",
-            examples=self.examples,
-            template="none",
-            cutoff_len=shape.seq,
-            loss_on="response",
-            topk=TOPK,
-            vocab_size=self.vocab,
-        )
-        self.cache: TeacherCache | None = None
+        self.caches: dict[str, TeacherCache] = {}
         if cache_dir is not None:
-            self.cache = TeacherCache(
-                cache_dir, self.fingerprint, (e["index"] for e in self.examples)
-            )
+            for kind in (TOPK_CACHE, HIDDEN_CACHE):
+                fingerprint = teacher_cache_fingerprint(
+                    teacher={"model": TEACHER, "weights": "benchmark", "dtype": "float32"},
+                    examples=self.examples,
+                    template="none",
+                    cutoff_len=shape.seq,
+                    loss_on="response",
+                    kind=kind,
+                    topk=TOPK if kind == TOPK_CACHE else None,
+                    vocab_size=self.vocab,
+                )
+                self.caches[kind] = TeacherCache(
+                    cache_dir / kind, fingerprint, (e["index"] for e in self.examples)
+                )
         parameters = [p for p in self.student.parameters() if p.requires_grad]
         # One optimizer per variant: the step includes AdamW's update, states do not mix.
         self.optimizers = {v: torch.optim.AdamW(parameters, lr=1e-5) for v in VARIANTS}
@@ -204,25 +241,37 @@ class Bench:
         self.sft_objective = DistillationObjective(
             settings=DistillSettings(method="sft", **chunk), teacher=None, **common
         )
-        self.cached_objective: DistillationObjective | None = None
-        if self.cache is not None:
-            self.cached_objective = DistillationObjective(
-                settings=kd, teacher=None, teacher_cache=self.cache, **common
-            )
-
-    def build_cache(self) -> float:
-        assert self.cache is not None
-        start = time.perf_counter()
-        build_teacher_cache(
-            self.cache,
-            teacher=self.teacher,
-            examples=self.examples,
-            pad_token_id=self.tokenizer.pad_token_id,
-            loss_on="response",
-            batch_size=self.shape.batch,
-            progress=False,
+        self.cached_objectives = {
+            kind: DistillationObjective(settings=kd, teacher=None, teacher_cache=cache, **common)
+            for kind, cache in self.caches.items()
+        }
+        # GKD, λ = 1: every training batch is replaced by the student's own samples.
+        gkd = DistillSettings(
+            method="gkd",
+            lambda_on_policy=1.0,
+            generation=GenerationConfig(max_new_tokens=shape.seq - shape.seq // 2),
+            **chunk,
         )
-        return time.perf_counter() - start
+        self.gkd_objective = DistillationObjective(settings=gkd, teacher=self.teacher, **common)
+        #: the last on-policy step's phases (seconds) and generated tokens
+        self.last_phases: dict[str, float] = {}
+
+    def build_caches(self) -> dict[str, float]:
+        """Build every cache; seconds per kind."""
+        seconds = {}
+        for kind, cache in self.caches.items():
+            start = time.perf_counter()
+            build_teacher_cache(
+                cache,
+                teacher=self.teacher,
+                examples=self.examples,
+                pad_token_id=self.tokenizer.pad_token_id,
+                loss_on="response",
+                batch_size=self.shape.batch,
+                progress=False,
+            )
+            seconds[kind] = time.perf_counter() - start
+        return seconds
 
     # ------------------------------------------------------------------ the steps
 
@@ -238,12 +287,13 @@ class Bench:
         elif variant == "b":
             self._finish("b", self.trl_loss(batch))
         elif variant == "c":
-            self._finish("c", self.live_objective(self.student, batch, True).loss)
-        elif variant == "d":
-            assert self.cached_objective is not None, "variant d needs the cache"
-            self._finish("d", self.cached_objective(self.student, batch, True).loss)
+            self._finish("c", step_loss(self.live_objective, self.student, batch))
+        elif variant in CACHED_VARIANTS:
+            objective = self.cached_objectives.get(CACHED_VARIANTS[variant])
+            assert objective is not None, f"variant {variant} needs the cache"
+            self._finish(variant, step_loss(objective, self.student, batch))
         elif variant == "e":
-            self._finish("e", self.sft_objective(self.student, batch, True).loss)
+            self._finish("e", step_loss(self.sft_objective, self.student, batch))
         elif variant == "f":
             with torch.inference_mode():
                 hidden = teacher_hidden_states(
@@ -252,6 +302,17 @@ class Bench:
                 mask = kd_loss_mask(batch["attention_mask"], batch["labels"], "response")
                 weight, bias = output_projection(self.teacher)
                 torch.nn.functional.linear(hidden[mask], weight, bias)
+        elif variant == "h":
+            start = time.perf_counter()
+            prepared = self.gkd_objective.prepare(self.student, batch, True)
+            generated = time.perf_counter()
+            self._finish("h", step_loss(self.gkd_objective, self.student, prepared))
+            prompt_tokens = int(batch["prompt_lengths"].sum())
+            self.last_phases = {
+                "generation": generated - start,
+                "loss": time.perf_counter() - generated,
+                "new_tokens": float(prepared["attention_mask"].sum()) - prompt_tokens,
+            }
         else:
             raise ValueError(variant)
 
@@ -291,16 +352,15 @@ class Bench:
         return loss
 
     def check_losses(self) -> dict[str, float]:
-        """KD values of (b), (c) and (d) on the first batch before any update (no_grad)."""
+        """KD values of (b), (c), (d) and (g) on the first batch before any update."""
         batch = self.batches[0]
         with torch.no_grad():
             values = {
                 "trl_beta0": float(self.trl_loss(batch)),
-                "kdlab_live": float(self.live_objective(self.student, batch, False).kd or 0.0),
+                "kdlab_live": kd_mean(self.live_objective, self.student, batch),
             }
-            if self.cached_objective is not None:
-                result = self.cached_objective(self.student, batch, False)
-                values["kdlab_cache_k64"] = float(result.kd or 0.0)
+            for kind, objective in self.cached_objectives.items():
+                values[f"kdlab_cache_{kind}"] = kd_mean(objective, self.student, batch)
         return values
 
     # ------------------------------------------------------------------ FLOPs
@@ -352,12 +412,15 @@ def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
 
 def time_variants(
     bench: Bench, variants: list[str], repeats: int, measure_memory: bool
-) -> tuple[dict[str, list[float]], dict[str, float]]:
+) -> tuple[dict[str, list[float]], dict[str, float], dict[str, list[float]]]:
     """Seconds per step of each variant, interleaved: round r runs them rotated by r.
 
     A warm-up round (allocator, first-call paths) runs first, untimed; with
     ``measure_memory`` it also measures each variant's peak (see the module docstring).
+    Also returns the on-policy variant's phases per timed round (``generation``, ``loss``
+    seconds and ``new_tokens``), empty lists without (h).
     """
+    phases: dict[str, list[float]] = {"generation": [], "loss": [], "new_tokens": []}
     peaks: dict[str, float] = {}
     for variant in variants:
         meter = PeakMeter() if measure_memory else None
@@ -375,7 +438,10 @@ def time_variants(
             bench.step(variant, batch)
             times[variant].append(time.perf_counter() - start)
             logger.info("round %d %s: %.2f s", round_index, variant, times[variant][-1])
-    return times, peaks
+            if variant == "h":
+                for name, value in bench.last_phases.items():
+                    phases[name].append(value)
+    return times, peaks, phases
 
 
 # --------------------------------------------------------------------------- memory
@@ -424,7 +490,7 @@ def memory_child(
     variant: str, shape: Shape, cache_dir: Path | None, chunk_size: int | None
 ) -> dict[str, Any]:
     """One variant's first step in this (fresh) process: the default memory measurement."""
-    bench = Bench(shape, cache_dir if variant == "d" else None, chunk_size)
+    bench = Bench(shape, cache_dir if variant in CACHED_VARIANTS else None, chunk_size)
     meter = PeakMeter()
     bench.step(variant, bench.batches[0])
     return {"variant": variant, "peak_mib": meter.peak_mib(), "exact": meter.exact}
@@ -467,81 +533,6 @@ def measure_memory(
                 "memory %s: %.0f MiB (exact=%s)", variant, record["peak_mib"], record["exact"]
             )
     return {variant: statistics.median(values) for variant, values in samples.items()}, samples
-
-
-# --------------------------------------------------------------------------- k = 64 error
-
-
-def topk_error(num_batches: int, batch_size: int = 4, cutoff: int = 256) -> dict[str, Any]:
-    """mean |KD(top-64 cache) − KD(dense)| / KD(dense) on real data, smollm2 vs its slice.
-
-    Data: ``shared/data/train/math_cot_3k.json`` when present (math with rationales), else
-    the generated arithmetic set; alpaca template, response positions, forward KL, T = 1
-    and 2; the student is the untrained 10-layer slice (+ LoRA at init, i.e. the slice).
-    """
-    from kdlab.data.records import load_records
-    from kdlab.data.tokenize import tokenize_records
-
-    bench = Bench(Shape(batch_size, cutoff), None)
-    shared = ROOT.parent / "shared" / "data" / "train" / "math_cot_3k.json"
-    source = str(shared) if shared.is_file() else "generated:arithmetic?split=train&n=64&seed=0"
-    records = load_records(source)[: num_batches * batch_size]
-    examples = tokenize_records(records, bench.tokenizer, cutoff_len=cutoff)
-    fingerprint = teacher_cache_fingerprint(
-        teacher_identity=TEACHER,
-        teacher_stamp="topk-error",
-        adapter_hash="none",
-        teacher_dtype="float32",
-        examples=examples,
-        template="alpaca",
-        cutoff_len=cutoff,
-        loss_on="response",
-        topk=TOPK,
-        vocab_size=bench.vocab,
-    )
-    directory = Path(tempfile.mkdtemp(prefix="kdlab-topk-error-"))
-    try:
-        cache = TeacherCache(directory, fingerprint, (e["index"] for e in examples))
-        build_teacher_cache(
-            cache,
-            teacher=bench.teacher,
-            examples=examples,
-            pad_token_id=bench.tokenizer.pad_token_id,
-            loss_on="response",
-            batch_size=batch_size,
-            progress=False,
-        )
-        collate = Collator(bench.tokenizer.pad_token_id)
-        results: dict[str, Any] = {"source": Path(source).name, "batches": num_batches}
-        for temperature in (1.0, 2.0):
-            settings = DistillSettings(method="forward_kl", temperature=temperature)
-            common = {
-                "tokenizer": bench.tokenizer,
-                "vocab_size": bench.vocab,
-                "seed": 0,
-                "cutoff_len": cutoff,
-                "unwrap": lambda model: model,
-            }
-            live = DistillationObjective(settings=settings, teacher=bench.teacher, **common)
-            cached = DistillationObjective(
-                settings=settings, teacher=None, teacher_cache=cache, **common
-            )
-            errors, dense_values = [], []
-            for index in range(num_batches):
-                batch = collate(examples[index * batch_size : (index + 1) * batch_size])
-                with torch.no_grad():
-                    dense = float(live(bench.student, batch, False).kd or 0.0)
-                    sparse = float(cached(bench.student, batch, False).kd or 0.0)
-                errors.append(abs(sparse - dense) / dense)
-                dense_values.append(dense)
-            results[f"T={temperature:g}"] = {
-                "mean_relative_error": statistics.fmean(errors),
-                "max_relative_error": max(errors),
-                "mean_dense_kd": statistics.fmean(dense_values),
-            }
-        return results
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- report
@@ -610,6 +601,58 @@ def check_targets(
     return results
 
 
+def informative_ratios(times: dict[str, list[float]]) -> dict[str, float]:
+    """Paired ratios with no target of their own: the hidden cache and the on-policy step."""
+    pairs = {
+        "(g) step ÷ (e)": ("g", "e"),
+        "(g) step ÷ (d)": ("g", "d"),
+        "(g) step ÷ (c)": ("g", "c"),
+        "(h) step ÷ (c)": ("h", "c"),
+    }
+    return {
+        name: paired_ratio(times, numerator, denominator)
+        for name, (numerator, denominator) in pairs.items()
+        if numerator in times and denominator in times
+    }
+
+
+def on_policy_summary(
+    times: dict[str, list[float]], phases: dict[str, list[float]]
+) -> dict[str, Any]:
+    """The GKD step (h) split into generation and loss, against the off-policy step (c)."""
+    if not phases.get("generation"):
+        return {}
+    generation = statistics.median(phases["generation"])
+    loss = statistics.median(phases["loss"])
+    new_tokens = statistics.fmean(phases["new_tokens"])
+    summary: dict[str, Any] = {
+        "generation_s": generation,
+        "loss_s": loss,
+        "step_s": statistics.median(times["h"]),
+        "generation_share": statistics.median(
+            g / (g + rest) for g, rest in zip(phases["generation"], phases["loss"])
+        ),
+        "new_tokens_per_step": new_tokens,
+        "generated_tokens_per_s": new_tokens / generation,
+    }
+    lines = [
+        f"(h) on-policy GKD step {summary['step_s']:.2f} s = generation {generation:.2f} s "
+        f"({100 * summary['generation_share']:.0f} %, {new_tokens:.0f} new tokens, "
+        f"{summary['generated_tokens_per_s']:.0f} tokens/s) + loss {loss:.2f} s"
+    ]
+    if "c" in times:
+        rounds = min(len(times["c"]), len(phases["loss"]))
+        summary["loss_over_c"] = statistics.median(
+            phases["loss"][r] / times["c"][r] for r in range(rounds)
+        )
+        lines.append(
+            f"(h) loss part ÷ (c) off-policy step: {summary['loss_over_c']:.2f} (same teacher, "
+            "JSD on the sampled responses instead of forward KL on the gold ones)"
+        )
+    summary["lines"] = lines
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 2, seq 128, 3 rounds")
@@ -628,9 +671,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument(
-        "--topk-error", type=int, default=0, metavar="N", help="k=64 vs dense on N real batches"
-    )
-    parser.add_argument(
         "--chunk-size", type=int, default=None, help="distill.chunk_size of (c), (d), (e)"
     )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -646,12 +686,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, shape, args.cache_dir, args.chunk_size)))
         return 0
-    if args.topk_error:
-        result = topk_error(args.topk_error)
-        print(json.dumps(result, indent=2))
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
-        return 0
     repeats = args.repeats or (3 if args.quick else 5)
     variants = [v for v in VARIANTS if v in args.variants]
     started = time.perf_counter()
@@ -659,12 +693,13 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = Path(tempfile.mkdtemp(prefix="kdlab-bench-cache-"))
     try:
         bench = Bench(shape, cache_dir, args.chunk_size)
-        build_seconds = bench.build_cache()
-        cache_bytes = bench.cache.size_bytes() if bench.cache is not None else 0
+        build_seconds = bench.build_caches()
+        cache_bytes = {kind: cache.shard_bytes() for kind, cache in bench.caches.items()}
+        head_bytes = bench.caches[HIDDEN_CACHE].head_bytes()
         losses = bench.check_losses()
         logger.info("loss check: %s", losses)
         in_process = args.in_process_memory and not args.no_memory
-        times, peaks = time_variants(bench, variants, repeats, measure_memory=in_process)
+        times, peaks, phases = time_variants(bench, variants, repeats, measure_memory=in_process)
         peak_flops = max(peak_flops, matmul_peak())  # again: the best of both ends of the run
         seconds = {v: statistics.median(t) for v, t in times.items()}
         flops_c = bench.model_flops_c()
@@ -693,14 +728,23 @@ def main(argv: list[str] | None = None) -> int:
         f"(c) model FLOPs/step {flops_c / 1e9:.0f} G → {achieved / 1e9:.1f} GFLOP/s achieved = "
         f"{100 * achieved / peak_flops:.0f}% of the fp32 matmul peak {peak_flops / 1e9:.1f} GFLOP/s"
     )
-    print(
-        f"(d) cache build: {build_seconds:.2f} s for {shape.batch * NUM_BATCHES} "
-        f"examples ({cache_bytes / 2**10:.0f} KiB on disk)"
-    )
+    for variant, kind in CACHED_VARIANTS.items():
+        head = f" + the lm_head, {head_bytes / 2**20:.0f} MiB" if kind == HIDDEN_CACHE else ""
+        print(
+            f"({variant}) {kind} cache build: {build_seconds[kind]:.2f} s for "
+            f"{shape.batch * NUM_BATCHES} examples ({cache_bytes[kind] / 2**10:.0f} KiB of rows"
+            f"{head})"
+        )
+    on_policy = on_policy_summary(times, phases)
+    for line in on_policy.get("lines", []):
+        print(line)
     print(f"loss check (first batch, before updates): {losses}")
     targets = check_targets(times, peaks)
     for name, value, holds in targets:
         print(f"  target {name}: {value:.2f} {'met' if holds else 'NOT met'}")
+    ratios = informative_ratios(times)
+    for name, value in ratios.items():
+        print(f"  {name}: {value:.2f}")
     print(f"total wall time {time.perf_counter() - started:.0f} s")
     if args.json:
         payload = {
@@ -716,7 +760,11 @@ def main(argv: list[str] | None = None) -> int:
             "matmul_peak_flops": peak_flops,
             "cache_build_seconds": build_seconds,
             "cache_bytes": cache_bytes,
+            "hidden_cache_head_bytes": head_bytes,
             "loss_check": losses,
+            "on_policy": {key: value for key, value in on_policy.items() if key != "lines"},
+            "on_policy_phases": phases,
+            "ratios": ratios,
             "targets": {name: {"value": value, "met": holds} for name, value, holds in targets},
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")

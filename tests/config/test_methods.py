@@ -13,8 +13,10 @@ from kdlab.config.core import load_config
 from kdlab.config.methods import (
     CROSS_TOKENIZER_DIVERGENCES,
     DIVERGENCE_PARAMETERS,
+    HIDDEN_CACHE,
     METHODS,
     PAPER_METHOD_NAMES,
+    TOPK_CACHE,
     get_method,
     method_choices,
     teacher_cache_refusal,
@@ -248,8 +250,27 @@ def test_teacher_cache_refusals_come_from_the_table() -> None:
     assert "caches teacher responses" in teacher_cache_refusal(DistillSettings(method="seqkd"))
     noisy = DistillSettings(method="forward_kl", noise_std=1.0)
     assert "noise" in teacher_cache_refusal(noisy)
-    warm = DistillSettings(method="forward_kl", temperature=2.0)
-    assert "temperature" in teacher_cache_refusal(warm, vocab_size=1000)
-    assert teacher_cache_refusal(warm, vocab_size=64) is None  # k >= vocabulary: exact
-    assert teacher_cache_refusal(warm, check_temperature=False) is None
+    # The default hidden-state cache is exact at every T: it serves T = 2 and 5.
+    for temperature in (2.0, 5.0):
+        for method in ("forward_kl", "reverse_kl"):
+            warm = DistillSettings(method=method, temperature=temperature)
+            assert warm.teacher_cache_kind == HIDDEN_CACHE
+            assert teacher_cache_refusal(warm, vocab_size=1000) is None
+    # An explicit top-k cache at T != 1 is refused unless k >= vocabulary.
+    topk = DistillSettings(method="forward_kl", temperature=2.0, teacher_cache_kind="topk")
+    assert "teacher_cache_kind = hidden" in teacher_cache_refusal(topk, vocab_size=1000)
+    assert teacher_cache_refusal(topk, vocab_size=64) is None  # k >= vocabulary: exact
+    assert teacher_cache_refusal(topk, check_temperature=False) is None
     assert teacher_cache_refusal(DistillSettings(method="gkd")) is None
+
+
+def test_the_top_k_width_is_read_by_a_topk_cache_only() -> None:
+    topk = DistillSettings(method="reverse_kl", teacher_cache_kind="topk", teacher_cache_topk=32)
+    assert topk.teacher_cache_kind == TOPK_CACHE and topk.teacher_cache_topk == 32
+    # With the default hidden-state cache, k would do nothing: refused.
+    with pytest.raises(ConfigError, match=r"'distill\.teacher_cache_topk' = 32: has no effect"):
+        load_config(
+            DistillConfig, None, ["distill.method=reverse_kl", "distill.teacher_cache_topk=32"]
+        )
+    with pytest.raises(ConfigError, match="teacher_cache_kind"):
+        load_config(DistillConfig, None, ["distill.teacher_cache_kind=sampled"])

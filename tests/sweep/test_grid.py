@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kdlab.config.methods import HIDDEN_CACHE
 from kdlab.config.sweep import load_sweep_config
 from kdlab.errors import ConfigError
 from kdlab.sweep.grid import SweepPlan, config_differences, plan_sweep
@@ -327,3 +328,51 @@ def test_a_method_entry_that_sets_a_key_its_method_ignores_is_refused(tmp_path: 
     grid = {**BASE, "methods": {"sft": {}, "forward_kl": {"distill": {"beta": 0.2}}}}
     with pytest.raises(ConfigError, match=r"'distill\.beta' = 0\.2: has no effect"):
         plan_of(tmp_path, grid)
+
+
+def test_the_teacher_cache_is_planned_exactly_where_it_serves_the_run(tmp_path: Path) -> None:
+    """`teacher_cache: auto` on every KD run the cache serves (T = 2 and 5 included: the
+    hidden-state cache is exact there), never on SFT, seqKD or noise runs; a grid setting
+    wins. Before the hidden-state kind, the T = 2 and 5 runs had no cache."""
+    grid = {
+        **BASE,
+        "families": {"math": {}},
+        "students": {"S-0.5B": "org/S-0.5B"},
+        "seeds": [6],
+        "methods": {
+            "sft": {},
+            "forward_kl": {},
+            "reverse_kl": {},
+            "gkd": {"temperatures": [1]},
+            "seqkd": {},
+        },
+        "temperatures": [1, 2, 5],
+        "noise_stds": [0, 1],
+    }
+    students = plan_of(tmp_path, grid).stage("distill")
+    cached = {
+        (
+            run.params["method"],
+            run.config.distill.temperature,
+        ): run.config.distill.teacher_cache_kind
+        for run in students
+        if run.config.distill.teacher_cache == "auto"
+    }
+    assert cached == {
+        ("forward_kl", 1.0): HIDDEN_CACHE,
+        ("forward_kl", 2.0): HIDDEN_CACHE,
+        ("forward_kl", 5.0): HIDDEN_CACHE,
+        ("reverse_kl", 1.0): HIDDEN_CACHE,
+        ("reverse_kl", 2.0): HIDDEN_CACHE,
+        ("reverse_kl", 5.0): HIDDEN_CACHE,
+        ("gkd", 1.0): HIDDEN_CACHE,
+    }
+    for run in students:
+        serves = run.kind == "kd" and run.params["method"] != "seqkd"
+        serves = serves and run.config.distill.noise_std == 0
+        assert (run.config.distill.teacher_cache == "auto") is serves, run.name
+    # The grid's own setting wins: null keeps every run on the live teacher.
+    grid["defaults"] = {"distill": {"teacher_cache": None}}
+    grid["methods"] = {"forward_kl": {}}
+    students = plan_of(tmp_path, grid).stage("distill")
+    assert students and all(run.config.distill.teacher_cache is None for run in students)

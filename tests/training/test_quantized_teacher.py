@@ -104,7 +104,11 @@ def test_the_teacher_cache_holds_the_8bit_teachers_outputs_and_refuses_fp32(
     tiny_model_dir: Path, peaked_teacher_dir: Path, tmp_path: Path
 ) -> None:
     cache_dir = tmp_path / "teacher-cache"
-    overrides = [f"distill.teacher_cache={cache_dir}", "distill.teacher_cache_topk=16"]
+    overrides = [
+        f"distill.teacher_cache={cache_dir}",
+        "distill.teacher_cache_kind=topk",  # the stored log-probabilities are compared
+        "distill.teacher_cache_topk=16",
+    ]
     quantized = ["teacher.model.quantization=8bit"]
     args = distill_overrides(
         tiny_model_dir, peaked_teacher_dir, tmp_path / "q", "forward_kl", *overrides, *quantized

@@ -1,9 +1,13 @@
-"""The teacher-output cache (``distill.teacher_cache``): exactness at full k, fingerprints,
-reuse without the teacher, resumable builds, and the stage's refusals."""
+"""The teacher-output cache (``distill.teacher_cache``): the hidden-state kind exact at every
+temperature, the top-k kind exact at full k, fingerprints, reuse without the teacher,
+resumable builds, and the stage's refusals."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +16,21 @@ import torch
 
 from kdlab.cli import main as cli_main
 from kdlab.config.core import load_config
+from kdlab.config.methods import HIDDEN_CACHE, TOPK_CACHE
 from kdlab.config.schema import DistillConfig, DistillSettings, ModelConfig
 from kdlab.data.records import load_records
 from kdlab.data.tokenize import Collator, tokenize_records
 from kdlab.models.loading import load_model_and_tokenizer
 from kdlab.training import distill as distill_module
 from kdlab.training.distill import run_distill
+from kdlab.training.forward import kd_loss_mask
 from kdlab.training.objectives import (
     DistillationObjective,
     final_hidden_states,
     teacher_hidden_states,
 )
 from kdlab.training.teacher_cache import (
+    HEAD_FILE,
     TeacherCache,
     TeacherCacheError,
     build_teacher_cache,
@@ -60,7 +67,10 @@ class _Setup:
         self.vocab = len(self.tokenizer)
         assert self.teacher.get_output_embeddings().weight.shape[0] == self.vocab
 
-    def fingerprint(self, topk: int, value_dtype: str = "float16", loss_on: str = "response"):
+    def fingerprint(
+        self, topk: int | None, value_dtype: str = "float16", loss_on: str = "response"
+    ):
+        """``topk=None``: a ``hidden`` cache."""
         return teacher_cache_fingerprint(
             teacher={
                 "model": "tiny-teacher",
@@ -72,12 +82,13 @@ class _Setup:
             template="alpaca",
             cutoff_len=256,
             loss_on=loss_on,
+            kind=HIDDEN_CACHE if topk is None else TOPK_CACHE,
             topk=topk,
             vocab_size=self.vocab,
             value_dtype=value_dtype,
         )
 
-    def cache(self, directory: Path, topk: int, **kwargs: Any) -> TeacherCache:
+    def cache(self, directory: Path, topk: int | None, **kwargs: Any) -> TeacherCache:
         value_dtype = kwargs.pop("value_dtype", "float16")
         loss_on = kwargs.pop("loss_on", "response")
         return TeacherCache(
@@ -175,6 +186,95 @@ def test_full_k_cache_equals_live_teacher(
         torch.testing.assert_close(cached_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0])
+@pytest.mark.parametrize(
+    ("divergence", "loss_on", "reduction"),
+    [
+        ("forward_kl", "response", "token"),
+        ("reverse_kl", "all", "sequence"),
+        ("jsd", "response", "token"),
+        ("tvd", "response", "token"),
+    ],
+)
+def test_hidden_cache_equals_live_teacher_at_every_temperature(
+    setup: _Setup,
+    tmp_path: Path,
+    divergence: str,
+    temperature: float,
+    loss_on: str,
+    reduction: str,
+) -> None:
+    """The hidden-state cache rebuilds the teacher's logits: a step's KD loss and gradients
+    are the live teacher's at T = 1, 2 and 5 (float32 rows: to rounding; the default
+    float16 rows: within 1e-3 relative)."""
+    settings = DistillSettings(
+        method=divergence, temperature=temperature, loss_on=loss_on, reduction=reduction
+    )
+    batch = setup.batch([3, 0, 7, 5])
+    live_kd, live_grads = _step(setup.objective(settings, live=True), setup.student, batch)
+    assert live_kd > 0 and live_grads
+    for value_dtype, tolerance in (("float32", 1e-5), ("float16", 1e-3)):
+        cache = setup.cache(tmp_path / value_dtype, None, value_dtype=value_dtype, loss_on=loss_on)
+        setup.build(cache, loss_on=loss_on, batch_size=3)
+        assert cache.kind == HIDDEN_CACHE and (tmp_path / value_dtype / HEAD_FILE).is_file()
+        cached_kd, cached_grads = _step(
+            setup.objective(settings, live=False, cache=cache), setup.student, batch
+        )
+        assert abs(cached_kd - live_kd) <= tolerance * live_kd, (value_dtype, cached_kd, live_kd)
+        assert cached_grads.keys() == live_grads.keys()
+        for name, grad in live_grads.items():
+            cosine = torch.nn.functional.cosine_similarity(
+                cached_grads[name].flatten(), grad.flatten(), dim=0
+            )
+            assert float(cosine) >= 1 - tolerance, (value_dtype, name, float(cosine))
+        if value_dtype == "float32":
+            for name, grad in live_grads.items():
+                torch.testing.assert_close(cached_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_hidden_cache_stores_hidden_states_and_the_lm_head(setup: _Setup, tmp_path: Path) -> None:
+    cache = setup.cache(tmp_path / "h", None)
+    setup.build(cache)
+    rows = cache.lookup([0, 1], None)
+    batch = setup.batch([0, 1])
+    mask = kd_loss_mask(batch["attention_mask"], batch["labels"], "response")
+    with torch.inference_mode():
+        hidden = teacher_hidden_states(setup.teacher, batch["input_ids"], batch["attention_mask"])
+    assert rows.hidden.shape == (int(mask.sum()), hidden.shape[-1])
+    # float16 storage (batch-mates other than in the build: float rounding only)
+    torch.testing.assert_close(rows.hidden, hidden[mask], rtol=1e-3, atol=1e-3)
+    weight = setup.teacher.get_output_embeddings().weight[: setup.vocab]
+    assert torch.equal(rows.weight, weight.detach())
+    assert cache.head_bytes() > 0 and cache.shard_bytes() > 0
+    # A deleted lm_head file is a missing piece: the build writes it again, the lookup
+    # meanwhile refuses (never a silent fallback).
+    (tmp_path / "h" / HEAD_FILE).unlink()
+    fresh = setup.cache(tmp_path / "h", None)
+    assert not fresh.missing_shards() and fresh.head_missing and not fresh.is_complete
+    with pytest.raises(TeacherCacheError, match=r"lm_head\.safetensors is missing"):
+        fresh.lookup([0], None)
+    report = setup.build(fresh)
+    assert report.built_shards == [] and fresh.is_complete
+    assert torch.equal(fresh.lookup([0, 1], None).hidden, rows.hidden)
+    # topk and hidden fingerprints differ; a topk fingerprint has no kind field (older
+    # caches keep their keys).
+    assert setup.fingerprint(None).key != setup.fingerprint(64).key
+    assert "kind" not in setup.fingerprint(64).fields
+    # A bfloat16 teacher's hidden states are stored as computed (no float16 overflow).
+    bf16 = teacher_cache_fingerprint(
+        teacher={"model": "tiny-teacher", "dtype": "bfloat16"},
+        examples=setup.examples,
+        template="alpaca",
+        cutoff_len=256,
+        loss_on="response",
+        kind=HIDDEN_CACHE,
+        vocab_size=setup.vocab,
+    )
+    assert bf16.fields["value_dtype"] == "bfloat16"
+    with pytest.raises(TeacherCacheError, match="refusing to mix"):
+        setup.cache(tmp_path / "h", 64)
+
+
 def test_default_float16_cache_is_close_and_top64_is_a_lower_bound(
     setup: _Setup, tmp_path: Path
 ) -> None:
@@ -264,15 +364,22 @@ def test_reuse_across_students_never_loads_the_teacher(
 
     monkeypatch.setattr(distill_module, "load_model_and_tokenizer", counting_loader)
     first = run_distill(
-        _config(tiny_model_dir, tiny_teacher_dir, tmp_path / "first", "distill.teacher_cache=auto")
+        _config(
+            tiny_model_dir,
+            tiny_teacher_dir,
+            tmp_path / "first",
+            "distill.teacher_cache=auto",
+            "distill.divergence=reverse_kl",
+        )
     )
     info = first["teacher_cache"]
     assert info["built_shards"] == 1 and info["teacher_loaded"] and not info["live_teacher"]
-    assert Path(info["dir"]) == default_teacher_cache_dir(info["key"])
+    assert info["kind"] == HIDDEN_CACHE and info["head_bytes"] > 0  # the default kind
+    assert Path(info["dir"]) == default_teacher_cache_dir(info["key"], HIDDEN_CACHE)
     assert loaded.count(str(tiny_teacher_dir)) == 1 and forwards["teacher"] > 0
     loaded.clear()
     forwards["teacher"] = 0
-    # Another student (wider, one layer) and another divergence: the same cache.
+    # Another student (wider, one layer), another divergence and temperature: the same cache.
     other_student = save_tiny_model(tmp_path / "student-2", layers=1, hidden=24, seed=7)
     second = run_distill(
         _config(
@@ -280,7 +387,7 @@ def test_reuse_across_students_never_loads_the_teacher(
             tiny_teacher_dir,
             tmp_path / "second",
             "distill.teacher_cache=auto",
-            "distill.divergence=reverse_kl",
+            "distill.temperature=5.0",
         )
     )
     assert second["teacher_cache"]["key"] == info["key"]
@@ -367,7 +474,7 @@ def test_noise_with_cache_is_a_config_error(
     assert not (tmp_path / "o").exists()
 
 
-def test_temperature_other_than_one_needs_a_dense_cache(
+def test_a_topk_cache_at_temperature_other_than_one_needs_k_at_least_the_vocabulary(
     tiny_model_dir: Path, tiny_teacher_dir: Path, tmp_path: Path, cache_dir: Path, capsys
 ) -> None:
     """Top-k of T = 1 cannot represent a softened teacher: refused unless k >= vocabulary."""
@@ -377,11 +484,12 @@ def test_temperature_other_than_one_needs_a_dense_cache(
         tmp_path / "t2",
         "forward_kl",
         "distill.teacher_cache=auto",
+        "distill.teacher_cache_kind=topk",
         "distill.temperature=2.0",
     )
     assert cli_main(["distill", *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert "distill.temperature = 2" in err and "k >= the vocabulary" in err
+    assert "distill.temperature = 2" in err and "teacher_cache_kind = hidden" in err
     assert not (tmp_path / "t2").exists()
     summary = run_distill(
         _config(
@@ -389,11 +497,51 @@ def test_temperature_other_than_one_needs_a_dense_cache(
             tiny_teacher_dir,
             tmp_path / "dense",
             "distill.teacher_cache=auto",
+            "distill.teacher_cache_kind=topk",
             "distill.temperature=2.0",
             "distill.teacher_cache_topk=100000",  # clamped to the vocabulary: exact
         )
     )
     assert summary["teacher_cache"]["topk"] == 320  # the tiny vocabulary
+
+
+def test_a_run_at_temperature_five_trains_from_the_hidden_cache_without_the_teacher(
+    tiny_model_dir: Path, tiny_teacher_dir: Path, tmp_path: Path
+) -> None:
+    """`teacher_cache: auto` at T = 5 (refused before the hidden kind): a real `python -m
+    kdlab distill` builds the hidden cache, a second one trains from it alone."""
+    cache = tmp_path / "kdlab-cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDLAB_CACHE": str(cache)}
+    summaries = []
+    for name in ("first", "second"):
+        args = distill_overrides(
+            tiny_model_dir,
+            tiny_teacher_dir,
+            tmp_path / name,
+            "reverse_kl",
+            "distill.teacher_cache=auto",
+            "distill.temperature=5.0",
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "kdlab", "-q", "distill", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (tmp_path / name / "DONE").is_file()
+        summaries.append(json.loads((tmp_path / name / "train_summary.json").read_text()))
+    first, second = (summary["teacher_cache"] for summary in summaries)
+    assert first["kind"] == second["kind"] == HIDDEN_CACHE and first["key"] == second["key"]
+    assert first["teacher_loaded"] and not second["teacher_loaded"]
+    directory = Path(first["dir"])
+    assert directory.parent == cache / "teacher-hidden"
+    assert (directory / HEAD_FILE).is_file() and list(directory.glob("shard-*.safetensors"))
+    meta = json.loads((directory / "meta.json").read_text())
+    assert meta["fingerprint"]["kind"] == HIDDEN_CACHE and "topk" not in meta["fingerprint"]
+    assert summaries[1]["final_validation"]["val_kd"] > 0
 
 
 @pytest.mark.parametrize(("lam", "live"), [(0.0, False), (1.0, True)])

@@ -43,9 +43,12 @@ from kdlab.losses.divergences import DIVERGENCES
 __all__ = [
     "CROSS_TOKENIZER_DIVERGENCES",
     "DIVERGENCE_PARAMETERS",
+    "HIDDEN_CACHE",
     "METHODS",
     "PAPER_METHOD_NAMES",
     "SFT",
+    "TEACHER_CACHE_KINDS",
+    "TOPK_CACHE",
     "MethodSpec",
     "get_method",
     "method_choices",
@@ -78,7 +81,7 @@ _KD_KEYS = frozenset(
         "loss_on",
         "noise_std",
         "teacher_cache",
-        "teacher_cache_topk",
+        "teacher_cache_kind",
     }
 )
 #: ``distill.*`` keys read by a run with a cross-tokenizer divergence: the loss reads the
@@ -90,6 +93,16 @@ _CROSS_TOKENIZER_KD_KEYS = frozenset(
 #: ``distill.generation.*`` sampling keys, read only when the method samples.
 _SAMPLING_KEYS = frozenset({"generation.temperature", "generation.top_k", "generation.top_p"})
 
+#: ``distill.teacher_cache_kind`` values (:mod:`kdlab.training.teacher_cache`). ``hidden``
+#: (the default) stores the teacher's final hidden states and its lm_head: the loss is the
+#: live teacher's for every divergence and temperature (measured on smollm2-135m → its
+#: 10-layer slice: < 0.01 % off, gradient cosine 1.0000 at T = 1, 2, 5), 2 · hidden_T bytes a
+#: position. ``topk`` stores the top-k log-probabilities at T = 1 (6k + 4 bytes, k + 1
+#: buckets): close only for forward KL at T = 1 (−1.8 to −2.2 % at k = 64), far off for
+#: divergences that weight by the student (reverse KL −64 %, JSD −6 %), refused at T ≠ 1.
+HIDDEN_CACHE, TOPK_CACHE = "hidden", "topk"
+TEACHER_CACHE_KINDS = (HIDDEN_CACHE, TOPK_CACHE)
+
 
 class DistillSettingsLike(Protocol):
     """The fields of :class:`kdlab.config.schema.DistillSettings` the table reads."""
@@ -98,6 +111,7 @@ class DistillSettingsLike(Protocol):
     divergence: str | None
     noise_std: float
     temperature: float
+    teacher_cache_kind: str
     teacher_cache_topk: int
     lambda_on_policy: float
     seqkd_greedy: bool
@@ -165,6 +179,8 @@ class MethodSpec:
         elif divergence is not None:
             keys |= _KD_KEYS
             keys.update(DIVERGENCE_PARAMETERS.get(divergence, ()))
+            if settings.teacher_cache_kind == TOPK_CACHE:
+                keys.add("teacher_cache_topk")
         if self.on_policy and settings.lambda_on_policy > 0:
             keys |= {"generation.max_new_tokens", "generation.do_sample"}
             if settings.generation.do_sample:
@@ -288,13 +304,18 @@ def teacher_cache_refusal(
     - a cross-tokenizer divergence (``uld``, ``aligned_kl``) reads the teacher's whole
       distribution (ULD sorts all of it) at the teacher's own positions, not the top-k at
       the student's positions that the cache stores;
-    - noise (``noise_std > 0``) is added to teacher logits, which the cache does not hold;
-    - temperature ≠ 1 with k < vocabulary: the cache holds T = 1 values and the top-k of
-      T = 1. Softened by T, the teacher puts much of its mass outside that top-k (53-57 % at
-      T = 2, 98 % at T = 5 for smollm2-135m on math_cot_3k, k = 64), which the k + 1 buckets
-      cannot represent: the KD loss came out 66 % (T = 2) and 98.5 % (T = 5) below the dense
-      one, against 1.6-2 % at T = 1 (``docs/performance.md``). A dense cache (k ≥ vocabulary)
-      is exact at every temperature.
+    - noise (``noise_std > 0``) is drawn on the teacher logits at every step; the cached
+      path adds none;
+    - temperature ≠ 1 with a ``topk`` cache and k < vocabulary: it holds the T = 1 top-k,
+      and softened by T the teacher puts most of its mass outside it (66 % at T = 2, 98.5 %
+      at T = 5 for smollm2-135m on math_cot_3k, k = 64), which k + 1 buckets cannot
+      represent: the forward-KL loss came out 67-71 % (T = 2) and 98.5-98.8 % (T = 5) below
+      the dense one, gradient cosine 0.90 / 0.46 (``benchmarks/teacher_cache_error.py``).
+      The ``hidden`` cache (the default) is exact at every temperature: loss error < 0.01 %,
+      gradient cosine 1.0000 at T = 1, 2, 5 on the same pair, for forward KL, reverse KL
+      and JSD. So is a dense top-k cache (k ≥ vocabulary).
+
+    Sweeps therefore cache the paper's T = 2 and T = 5 runs too.
     """
     spec = get_method(settings.method)
     if not spec.needs_teacher:
@@ -302,28 +323,31 @@ def teacher_cache_refusal(
     if spec.cross_tokenizer(settings):
         return (
             f"divergence {spec.divergence(settings)} compares two tokenizers, and the cache "
-            "holds the teacher's top-k on the student's tokens; cross-tokenizer runs use the "
-            "live teacher"
+            "holds the teacher's outputs at the student's token positions; cross-tokenizer "
+            "runs use the live teacher"
         )
     if not spec.cacheable:
         return f"{spec.name} caches teacher responses, not logits"
-    if spec.divergence(settings) is None:
+    divergence = spec.divergence(settings)
+    if divergence is None:
         return "distill.divergence = none: there is no KD term for the cache to serve"
     if settings.noise_std > 0:
         return (
-            "distill.noise_std > 0 adds noise to teacher logits, which the cache does not hold "
-            "(it stores top-k log-probabilities); drop the cache for noise ablations"
+            "distill.noise_std > 0 adds noise to the teacher logits at every step, which the "
+            "cached path does not do; drop the cache for noise ablations"
         )
     if (
         check_temperature
         and settings.temperature != 1.0
+        and settings.teacher_cache_kind == TOPK_CACHE
         and (vocab_size is None or settings.teacher_cache_topk < vocab_size)
     ):
         return (
-            f"distill.temperature = {settings.temperature:g}: the cache holds the teacher's "
-            f"top-{settings.teacher_cache_topk} at T = 1, and at T ≠ 1 most of the softened "
-            "mass can lie outside it (measured: the KD loss 66 % low at T = 2, 98 % at T = 5 "
-            "with k = 64); use the live teacher, or k >= the vocabulary (exact)"
+            f"distill.temperature = {settings.temperature:g}: a top-k cache holds the "
+            f"teacher's top-{settings.teacher_cache_topk} at T = 1, and at T ≠ 1 most of the "
+            "softened mass lies outside it (measured: the KD loss 67 % low at T = 2, 98.5 % "
+            "at T = 5 with k = 64); use distill.teacher_cache_kind = hidden (the default: exact "
+            "at every temperature), or k >= the vocabulary"
         )
     return None
 

@@ -16,6 +16,7 @@ from kdlab.config.core import FieldError, check, config_field, to_dict
 from kdlab.config.methods import (
     DIVERGENCE_PARAMETERS,
     PAPER_METHOD_NAMES,
+    TEACHER_CACHE_KINDS,
     MethodSpec,
     get_method,
     method_choices,
@@ -397,9 +398,16 @@ class DistillSettings:
         "per [rows, vocab] temporary on CPU, the loss's own default on GPUs).",
     )
     teacher_cache: str | None = config_field(
-        None, help="Directory of a precomputed top-k teacher-output cache."
+        None, help="Directory of a precomputed teacher-output cache (auto: one per fingerprint)."
     )
-    teacher_cache_topk: int = config_field(64, help="k of the teacher-output cache.")
+    teacher_cache_kind: str = config_field(
+        "hidden",
+        help="What the cache stores: hidden (the teacher's final hidden states + lm_head: "
+        "exact for every divergence and temperature) or topk (top-k log-probs at T = 1: "
+        "small, close for forward KL at T = 1 only, refused at T != 1).",
+        choices=TEACHER_CACHE_KINDS,
+    )
+    teacher_cache_topk: int = config_field(64, help="k of a topk teacher-output cache.")
 
     def __post_init__(self) -> None:
         self.method = PAPER_METHOD_NAMES.get(self.method, self.method)

@@ -344,9 +344,10 @@ class GridPlanner:
         what = f"student {student}, method {method} ({family})"
         distill_config = _build(DistillConfig, mapping, what, self.source)
         if "teacher_cache" not in distill and _cache_applies(distill_config):
-            # Students of one teacher share its top-k outputs: computed once, the teacher
-            # is then not run again (docs/performance.md). Set distill.teacher_cache: null
-            # in the grid to always use the live teacher.
+            # Students of one teacher share its cached outputs (its hidden states, for every
+            # divergence and temperature): computed once, the teacher is then not run again
+            # (docs/performance.md). Set distill.teacher_cache: null in the grid to always
+            # use the live teacher.
             mapping["distill"]["teacher_cache"] = "auto"
             distill_config = _build(DistillConfig, mapping, what, self.source)
         return PlannedRun(
@@ -376,6 +377,7 @@ class GridPlanner:
         probe = SimpleNamespace(
             method=merged["method"],
             divergence=merged.get("divergence", defaults.divergence),
+            teacher_cache_kind=merged.get("teacher_cache_kind", defaults.teacher_cache_kind),
             lambda_on_policy=merged.get("lambda_on_policy", defaults.lambda_on_policy),
             seqkd_greedy=merged.get("seqkd_greedy", defaults.seqkd_greedy),
             generation=SimpleNamespace(

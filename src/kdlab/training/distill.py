@@ -16,7 +16,8 @@ tokens, and :class:`~kdlab.training.objectives.CrossTokenizerObjective` computes
 They never use the teacher-output cache.
 
 ``distill.teacher_cache`` (a directory, or ``auto`` for one per fingerprint under
-``$KDLAB_CACHE/teacher-topk/``): the teacher's top-k outputs are precomputed once for every
+``$KDLAB_CACHE/teacher-<kind>/``): the teacher's outputs (final hidden states, or top-k
+log-probabilities: ``distill.teacher_cache_kind``) are precomputed once for every
 example (:mod:`kdlab.training.teacher_cache`); the teacher model is then loaded only to
 build missing shards or for on-policy GKD batches. Its tokenizer is always loaded, for the
 vocabulary check. seqKD loads the teacher only when a response is missing from its cache,
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 
-from kdlab.config.methods import teacher_cache_refusal
+from kdlab.config.methods import TOPK_CACHE, teacher_cache_refusal
 from kdlab.config.run_identity import RunIdentity
 from kdlab.config.schema import DistillConfig, ModelConfig
 from kdlab.data.alignment import VocabularyMap, build_vocabulary_map, tokenize_record_pairs
@@ -447,15 +448,19 @@ def teacher_cache_fingerprint_for(
 ) -> CacheFingerprint:
     """The teacher-cache fingerprint of a distill config (see :mod:`..teacher_cache`)."""
     settings = config.distill
-    topk = min(settings.teacher_cache_topk, vocab)
-    if topk < settings.teacher_cache_topk:
-        logger.info("teacher_cache_topk %d > vocabulary %d: k = %d (dense)", topk, vocab, vocab)
+    kind = settings.teacher_cache_kind
+    topk = None
+    if kind == TOPK_CACHE:
+        topk = min(settings.teacher_cache_topk, vocab)
+        if topk < settings.teacher_cache_topk:
+            logger.info("teacher_cache_topk %d > vocabulary %d: k = %d (dense)", topk, vocab, vocab)
     return teacher_cache_fingerprint(
         teacher=teacher_fingerprint,
         examples=examples,
         template=config.data.template,
         cutoff_len=config.data.cutoff_len,
         loss_on=settings.loss_on,
+        kind=kind,
         topk=topk,
         vocab_size=vocab,
     )
