@@ -12,7 +12,6 @@ import yaml
 
 from kdlab.cli import main as cli_main
 from kdlab.config.core import load_config
-from kdlab.config.methods import get_method
 from kdlab.config.schema import DistillConfig, DistillSettings, FinetuneConfig, ModelConfig
 from kdlab.data.records import load_records
 from kdlab.data.tokenize import Collator, tokenize_records
@@ -243,22 +242,4 @@ def test_tokenizer_mismatch_is_refused(tiny_model_dir: Path, tmp_path: Path, cap
     assert "tokenizers differ" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["sft", "forward_kl"])
-def test_bf16_weights_and_mixed_precision(
-    tiny_model_dir: Path, tiny_teacher_dir: Path, tmp_path: Path, method: str
-) -> None:
-    """The CUDA defaults (bf16 weights, bf16 autocast), exercised on the CPU."""
-    out = tmp_path / method
-    config = _config(
-        tiny_model_dir,
-        tiny_teacher_dir,
-        out,
-        method,
-        "student.dtype=bfloat16",
-        *(["teacher.model.dtype=bfloat16"] if get_method(method).needs_teacher else []),
-        "train.mixed_precision=bf16",
-    )
-    summary = run_distill(config)
-    assert summary["steps"] == 2 and (out / "DONE").is_file()
-    # a second run in the same process with another mixed precision
-    run_distill(_config(tiny_model_dir, tiny_teacher_dir, tmp_path / "again", method))
+# bf16 runs: tests/training/test_feature_effects.py::test_bf16_runs_hold_bf16_weights_under_bf16_autocast

@@ -83,7 +83,25 @@ def test_resume_reproduces_uninterrupted_run(
         run_finetune(_config(tiny_model_dir, interrupted, *settings))
     monkeypatch.setattr(loop_module.TrainingLoop, "save_checkpoint", original)
     assert not (interrupted / "DONE").exists()
-    run_finetune(_config(tiny_model_dir, interrupted, *settings), resume=True)
+    logged_before = (interrupted / "metrics.jsonl").read_bytes()
+    # Count the training micro-batches the resumed run computes: a resume that restarted at
+    # step 0 would reproduce the same weights and metric lines, but compute 12, not 6.
+    from kdlab.training.objectives import CrossEntropyObjective
+
+    real_call = CrossEntropyObjective.__call__
+    trained: list[int] = []
+
+    def counting(self, model, batch, training):
+        if training:
+            trained.append(int(batch["input_ids"].shape[0]))
+        return real_call(self, model, batch, training)
+
+    monkeypatch.setattr(CrossEntropyObjective, "__call__", counting)
+    summary = run_finetune(_config(tiny_model_dir, interrupted, *settings), resume=True)
+    assert trained == [2] * 6  # steps 4-6, two micro-batches of 2 each
+    assert summary["resumed_from_step"] == 3 and summary["steps_run"] == 3
+    # the lines logged up to the checkpoint are kept byte for byte
+    assert (interrupted / "metrics.jsonl").read_bytes().startswith(logged_before)
 
     expected = load_file(full / "adapter" / "adapter_model.safetensors")
     actual = load_file(interrupted / "adapter" / "adapter_model.safetensors")
