@@ -184,3 +184,13 @@ class ForwardCounter:
 
     def reset(self) -> None:
         self.calls.clear()
+
+
+def tree_bytes(directory: Path) -> dict[str, bytes | None]:
+    """Every path under ``directory`` → its bytes (None for a folder): compare a tree
+    before and after a refused command to prove the refusal changed nothing on disk."""
+    directory = Path(directory)
+    return {
+        str(path.relative_to(directory)): None if path.is_dir() else path.read_bytes()
+        for path in sorted(directory.rglob("*"))
+    }

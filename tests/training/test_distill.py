@@ -227,6 +227,7 @@ def test_missing_teacher_fails_before_loading(tmp_path: Path, capsys) -> None:
     config.write_text(yaml.safe_dump({"distill": {"method": "reverse_kl"}}))
     assert cli_main(["distill", str(config), f"train.output_dir={tmp_path / 'o'}"]) == 2
     assert "needs a teacher" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_tokenizer_mismatch_is_refused(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
@@ -240,6 +241,7 @@ def test_tokenizer_mismatch_is_refused(tiny_model_dir: Path, tmp_path: Path, cap
     args = distill_overrides(tiny_model_dir, other, tmp_path / "o", "forward_kl")
     assert cli_main(["distill", *args]) == 2
     assert "tokenizers differ" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 # bf16 runs: tests/training/test_feature_effects.py::test_bf16_runs_hold_bf16_weights_under_bf16_autocast

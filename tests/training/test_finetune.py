@@ -15,7 +15,7 @@ from kdlab.config.schema import FinetuneConfig
 from kdlab.training import loop as loop_module
 from kdlab.training.finetune import run_finetune
 from kdlab.training.loop import NumericalFaultError
-from kdlab_testing import finetune_overrides
+from kdlab_testing import finetune_overrides, tree_bytes
 
 
 def _config(model_dir: Path, output_dir: Path, *extra: str) -> FinetuneConfig:
@@ -124,7 +124,7 @@ def test_existing_output_dir_is_refused(tiny_model_dir: Path, tmp_path: Path, ca
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--overwrite" in err
-    assert (out / "keep.txt").read_text() == "precious"
+    assert tree_bytes(out) == {"keep.txt": b"precious"}
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(
