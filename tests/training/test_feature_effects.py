@@ -165,6 +165,32 @@ def test_a_lora_teacher_is_the_adapted_model(
     assert abs(adapted - unadapted) > 1e-2 * adapted
 
 
+def test_the_base_teacher_ablation_distils_from_the_unadapted_model(
+    tiny_model_dir: Path, tiny_teacher_dir: Path, lora_teacher_run: Path, tmp_path: Path
+) -> None:
+    """``teacher.adapter: none`` with a LoRA teacher run: the run's base model is the
+    teacher. Also the mixing rule: the logged loss is (1 − w)·CE + w·KD."""
+    from transformers import AutoModelForCausalLM
+
+    config = _config(
+        tiny_model_dir,
+        tiny_teacher_dir,
+        tmp_path / "student",
+        "forward_kl",
+        f"teacher.run_dir={lora_teacher_run}",
+        "teacher.adapter=none",
+        "distill.kd_weight=0.25",
+    )
+    run_distill(config)
+    logged = _train_lines(tmp_path / "student")[0]
+    student, _ = load_model_and_tokenizer(ModelConfig(str(tiny_model_dir)))
+    base = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    assert logged["kd"] == pytest.approx(
+        first_step_kd(config, student, base, KDLossSpec()), rel=1e-4
+    )
+    assert logged["loss"] == pytest.approx(0.75 * logged["ce"] + 0.25 * logged["kd"], rel=1e-5)
+
+
 # ------------------------------------------------------------------ seqKD
 
 
