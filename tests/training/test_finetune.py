@@ -48,6 +48,8 @@ def test_finetune_cli_writes_every_output(tiny_model_dir: Path, tmp_path: Path) 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model = PeftModel.from_pretrained(base, out / "adapter")
     assert any("lora_A" in name for name, _ in model.named_parameters())
+    moved = [p.abs().max() for n, p in model.named_parameters() if "lora_B" in n]
+    assert moved and max(float(value) for value in moved) > 0  # trained: B left its zero init
 
 
 @pytest.mark.parametrize("method", ["dora", "ia3", "full"])
