@@ -201,3 +201,76 @@ def test_loss_spec_error_and_unknown_divergence() -> None:
     with pytest.raises(ValueError) as unknown:
         get_divergence("kl")
     assert str(unknown.value) == f"divergence must be one of {valid}; got 'kl'"
+
+
+# --------------------------------------------------------------------------- chunked path
+
+
+def _live_case(student_width: int, teacher_width: int, bias: bool):
+    generator = torch.Generator().manual_seed(5)
+    hidden_s = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
+    hidden_t = torch.randn(2, 3, 6, generator=generator, dtype=torch.float64)
+    weight_s = torch.randn(student_width, 4, generator=generator, dtype=torch.float64)
+    weight_t = torch.randn(teacher_width, 6, generator=generator, dtype=torch.float64)
+    bias_s = torch.randn(student_width, generator=generator, dtype=torch.float64) if bias else None
+    bias_t = torch.randn(teacher_width, generator=generator, dtype=torch.float64) if bias else None
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    student = HiddenStates(hidden_s, weight_s, bias_s)
+    teacher = HiddenStates(hidden_t, weight_t, bias_t)
+    logits_s = hidden_s @ weight_s.T + (0 if bias_s is None else bias_s)
+    logits_t = hidden_t @ weight_t.T + (0 if bias_t is None else bias_t)
+    return student, teacher, mask, logits_s, logits_t
+
+
+@pytest.mark.parametrize("vocab_size", [None, 1, 7, 10])
+def test_chunked_trims_weights_and_biases_to_the_shared_vocabulary(vocab_size: int | None) -> None:
+    student, teacher, mask, logits_s, logits_t = _live_case(12, 10, bias=True)
+    spec = KDLossSpec(divergence="jsd")
+    width = vocab_size or 10
+    expected = distillation_loss(logits_s[..., :width], logits_t[..., :width], mask, spec)
+    actual = chunked_distillation_loss(
+        student, teacher, mask, spec, chunk_size=2, vocab_size=vocab_size
+    )
+    assert float(actual) == pytest.approx(float(expected), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, 11, 2.0, True])
+def test_chunked_refuses_a_vocab_size_outside_the_shared_width(bad: object) -> None:
+    student, teacher, mask, _, _ = _live_case(12, 10, bias=False)
+    with pytest.raises(ValueError, match=r"vocab_size must be an int in \[1, 10\]"):
+        chunked_distillation_loss(student, teacher, mask, KDLossSpec(), vocab_size=bad)
+
+
+def test_chunked_refusals_name_the_argument() -> None:
+    student, teacher, mask, _, _ = _live_case(10, 10, bias=False)
+    spec = KDLossSpec()
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match=r"chunk_size must be a positive int or None"):
+            chunked_distillation_loss(student, teacher, mask, spec, chunk_size=bad)
+    with pytest.raises(ValueError, match="student must be a HiddenStates, got Tensor"):
+        chunked_distillation_loss(student.hidden, teacher, mask, spec)
+    with pytest.raises(ValueError, match="teacher must be a HiddenStates or a SparseTeacher, got"):
+        chunked_distillation_loss(student, teacher.hidden, mask, spec)
+    with pytest.raises(ValueError, match=r"noise_std must be a finite number >= 0"):
+        chunked_distillation_loss(student, teacher, mask, spec, noise_std=-1.0)
+    with pytest.raises(ValueError, match=r"student\.hidden"):
+        chunked_distillation_loss(student, teacher, torch.ones(2, 4, dtype=torch.bool), spec)
+
+
+def test_hidden_states_refusals_name_the_field() -> None:
+    hidden, weight = torch.zeros(2, 3, 4), torch.zeros(5, 4)
+    with pytest.raises(ValueError, match="hidden must have 2 or 3 dimensions"):
+        HiddenStates(torch.zeros(4), weight)
+    with pytest.raises(ValueError, match="hidden must have 2 or 3 dimensions"):
+        HiddenStates(torch.zeros(1, 2, 3, 4), torch.zeros(5, 4))
+    with pytest.raises(ValueError, match="weight must have 2 dimensions"):
+        HiddenStates(hidden, torch.zeros(5, 4, 1))
+    with pytest.raises(ValueError, match=r"weight must have shape \[vocab, 4\] to match hidden"):
+        HiddenStates(hidden, torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="bias must have 1 dimensions"):
+        HiddenStates(hidden, weight, torch.zeros(5, 1))
+    with pytest.raises(ValueError, match="bias must be a floating-point tensor"):
+        HiddenStates(hidden, weight, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"bias must be a \[5\] tensor of dtype torch\.float32"):
+        HiddenStates(hidden, weight, torch.zeros(4))
+    assert HiddenStates(hidden, weight).vocab_size == 5
