@@ -53,7 +53,7 @@ GROUPS: dict[str, Group] = {
     ),
     "extractors": Group(
         sources=("src/kdlab/evaluation/extractors.py",),
-        tests=("tests/evaluation/test_extractors.py",),
+        tests=("tests/evaluation/test_extractors.py", "tests/evaluation/test_extractor_details.py"),
     ),
     "analysis": Group(
         sources=(
@@ -65,6 +65,7 @@ GROUPS: dict[str, Group] = {
             "tests/analysis/test_agreement.py",
             "tests/analysis/test_statistics.py",
             "tests/analysis/test_paired.py",
+            "tests/analysis/test_statistics_details.py",
         ),
     ),
 }
@@ -147,14 +148,22 @@ def _mutmut(workdir: Path, *args: str, timeout: float | None = None) -> int:
         try:
             return process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            _stop(process)
             print(f"  (stopped at the budget of {timeout:.0f} s; run again to continue)")
             return 124
+        except BaseException:  # Ctrl-C or SIGTERM of this script: stop mutmut's workers too
+            _stop(process)
+            raise
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop mutmut and every worker it forked (its own session)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def report(name: str, workdir: Path, *, diffs: bool) -> dict[str, int]:
@@ -210,7 +219,12 @@ def report(name: str, workdir: Path, *, diffs: bool) -> dict[str, int]:
     return counts
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("groups", nargs="*", help=f"some of {', '.join(GROUPS)} (default: all)")
     parser.add_argument("--budget", type=float, default=None, help="seconds per group")
