@@ -48,6 +48,7 @@ bench: setup
 	$(PY) benchmarks/loss_memory.py
 	$(PY) benchmarks/distill_step.py
 	$(PY) benchmarks/eval_throughput.py
+	$(PY) benchmarks/train_throughput.py
 
 # Mutation testing (mutmut 3, the `mutate` extra): each group of modules against its own
 # test files, in scratch copies under build/mutmut/; prints the surviving mutants.

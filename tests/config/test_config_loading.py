@@ -153,3 +153,37 @@ def test_resolved_config_is_written_next_to_outputs(tiny_model_dir: Path, tmp_pa
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["train"]["max_steps"] == 1
     assert written["peft"]["alpha"] == 16  # defaults are written too
+
+
+@pytest.mark.parametrize(
+    ("loader", "good", "bad_override"),
+    [
+        ("distill", {"train": {"max_steps": 3}}, "train.learning_rate=-1"),
+        ("eval", {"limit": 3}, "limit=-5"),
+        ("sweep", {"students": ["s"], "methods": ["sft"]}, "seeds=[]"),
+    ],
+)
+def test_an_override_error_names_the_command_line_not_the_file(
+    tmp_path: Path, loader: str, good: dict, bad_override: str
+) -> None:
+    """Today's main attributed every error to the YAML file, also a bad override."""
+    from kdlab.config.evaluation import load_eval_config
+    from kdlab.config.schema import DistillConfig
+    from kdlab.config.sweep import load_sweep_config
+
+    load = {
+        "distill": lambda path, overrides: load_config(DistillConfig, path, overrides),
+        "eval": load_eval_config,
+        "sweep": load_sweep_config,
+    }[loader]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(good))
+    load(path, [])  # the file alone is fine
+    with pytest.raises(ConfigError) as error:
+        load(path, [bad_override])
+    assert error.value.one_line().startswith("command line: "), error.value.one_line()
+    key = bad_override.split("=")[0]
+    path.write_text(yaml.safe_dump({**good, **yaml.safe_load(f"{{{key}: x}}")}))
+    with pytest.raises(ConfigError) as error:  # a bad file keeps its own name
+        load(path, [])
+    assert error.value.one_line().startswith(f"{path}: ")

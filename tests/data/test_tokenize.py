@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from kdlab.data.templates import RESPONSE_MARKER, build_prompt, strip_continuation
 from kdlab.data.tokenize import (
     IGNORE_INDEX,
     Collator,
-    left_pad_prompts,
     split_train_validation,
     tokenize_record,
 )
@@ -68,7 +65,7 @@ def test_truncation_at_cutoff() -> None:
     assert cut.labels[-2:] == full.labels[full.prompt_length : full.prompt_length + 2]
 
 
-def test_collator_right_pads_and_left_pad_prompts() -> None:
+def test_collator_right_pads() -> None:
     tokenizer = build_tiny_tokenizer()
     short = tokenize_record(RECORD, tokenizer).as_dict()
     long = tokenize_record(
@@ -79,15 +76,7 @@ def test_collator_right_pads_and_left_pad_prompts() -> None:
     pad_count = len(long["input_ids"]) - len(short["input_ids"])
     assert batch["attention_mask"][0, -pad_count:].sum() == 0
     assert (batch["labels"][0, -pad_count:] == IGNORE_INDEX).all()
-    prompts, mask = left_pad_prompts(
-        batch["input_ids"], batch["prompt_lengths"], tokenizer.pad_token_id
-    )
-    assert prompts.shape[1] == int(batch["prompt_lengths"].max())
-    assert torch.equal(
-        prompts[0, -short["prompt_length"] :],
-        torch.tensor(short["input_ids"][: short["prompt_length"]]),
-    )
-    assert mask[0, : prompts.shape[1] - short["prompt_length"]].sum() == 0
+    assert batch["prompt_lengths"].tolist() == [short["prompt_length"], long["prompt_length"]]
 
 
 def test_split_is_seeded_and_disjoint() -> None:

@@ -1,4 +1,4 @@
-"""Batched generation: left padding, stop strings, eval mode, seeds, pad token."""
+"""The evaluation's transformers backend: batching, stop strings, eval mode, seeds, pad token."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from kdlab.config.evaluation import EvalGenerationConfig
 from kdlab.config.schema import ModelConfig
 from kdlab.data.templates import build_prompt
 from kdlab.errors import ConfigError
-from kdlab.evaluation.generation import HFGenerator, StopOnText, choose_backend
+from kdlab.evaluation.generation import HFGenerator, choose_backend
+from kdlab.models.generation import StopOnText, StopTexts
 
 PROMPTS = [
     build_prompt("How many apples are left?"),
@@ -26,10 +27,10 @@ def test_batched_greedy_equals_one_at_a_time(tiny_model_and_tokenizer) -> None:
     generator = HFGenerator(model, tokenizer, EvalGenerationConfig(max_new_tokens=6))
     lengths = generator.prompt_lengths(PROMPTS)
     assert len(set(lengths)) > 1  # the batch really needs padding
-    batched = generator.generate(PROMPTS, seed=0)
-    single = [generator.generate([prompt], seed=0)[0] for prompt in PROMPTS]
+    batched = generator.generate(PROMPTS, batch_size=4)
+    single = [generator.generate([prompt], batch_size=1)[0] for prompt in PROMPTS]
     assert batched == single
-    assert generator.generated_tokens > 0
+    assert all(g.generated_tokens == 6 and g.finish_reason == "length" for g in batched)
 
 
 def test_pad_token_defaults_to_eos(tiny_model_and_tokenizer) -> None:
@@ -56,9 +57,15 @@ def test_sampling_is_reproducible_for_a_seed(tiny_model_and_tokenizer) -> None:
     model, tokenizer = tiny_model_and_tokenizer
     settings = EvalGenerationConfig(preset="paper", max_new_tokens=8)
     generator = HFGenerator(model, tokenizer, settings)
-    first = generator.generate(PROMPTS, seed=11)
-    assert generator.generate(PROMPTS, seed=11) == first
-    others = [generator.generate(PROMPTS, seed=seed) for seed in range(3)]
+    seeds = [11, 12, 13, 14]
+    first = generator.generate(PROMPTS, seeds=seeds, batch_size=4)
+    assert generator.generate(PROMPTS, seeds=seeds, batch_size=4) == first
+    # A prompt's sample depends on its own seed only: not on its batch or its neighbours.
+    alone = [generator.generate([p], seeds=[s], batch_size=1)[0] for p, s in zip(PROMPTS, seeds)]
+    assert alone == first
+    reversed_order = generator.generate(PROMPTS[::-1], seeds=seeds[::-1], batch_size=2)
+    assert reversed_order[::-1] == first
+    others = [generator.generate(PROMPTS, seeds=[s + 100] * 4, batch_size=4) for s in range(3)]
     assert any(other != first for other in others)
 
 
@@ -70,7 +77,9 @@ def test_paper_sampling_has_no_top_k_cut(tiny_model_and_tokenizer) -> None:
     )
     first_tokens: set[str] = set()
     for seed in range(4):
-        first_tokens.update(generator.generate([PROMPTS[0]] * 64, seed=seed))
+        seeds = [1000 * seed + row for row in range(64)]
+        generations = generator.generate([PROMPTS[0]] * 64, seeds=seeds, batch_size=64)
+        first_tokens.update(generation.raw_output for generation in generations)
     # The tiny random model is close to uniform over its 300 tokens: top-50 sampling could
     # never give more than 50 different first tokens.
     assert len(first_tokens) > 50
@@ -99,10 +108,12 @@ def test_stop_criterion_is_per_row(tiny_model_and_tokenizer) -> None:
     width = max(len(row) for row in rows)
     pad = tokenizer.eos_token_id
     batch = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
-    criterion = StopOnText(tokenizer, prompt_width=len(prompt))
+    stop = StopTexts(tokenizer, ["### Instruction"])
+    assert stop.matches([row[len(prompt) :] for row in rows]) == [True, False]
+    criterion = StopOnText(stop, prompt_width=len(prompt))
     assert criterion(batch, None).tolist() == [True, False]
     # A prompt that itself contains the marker does not stop generation.
-    criterion = StopOnText(tokenizer, prompt_width=width)
+    criterion = StopOnText(stop, prompt_width=width)
     assert criterion(batch, None).tolist() == [False, False]
 
 

@@ -13,11 +13,22 @@ from kdlab.config.evaluation import load_eval_config
 from kdlab.config.run_identity import RunIdentity
 from kdlab.errors import ConfigError, DataError, KdlabError
 from kdlab.evaluation import TASK_GROUPS, evaluate
-from kdlab.evaluation.generation import HFGenerator
+from kdlab.evaluation.generation import Generation, HFGenerator
 from kdlab.evaluation.stage import import_paper_eval_args
 from kdlab.utils.io import read_jsonl
 
-PREDICTION_FIELDS = {"index", "instruction", "gold", "output", "extracted", "correct"}
+PREDICTION_FIELDS = {
+    "index",
+    "instruction",
+    "prompt",
+    "raw_output",
+    "output",
+    "finish_reason",
+    "generated_tokens",
+    "extracted",
+    "gold",
+    "correct",
+}
 METRIC_FIELDS = {
     "task",
     "accuracy",
@@ -39,13 +50,13 @@ def run_cli(*argv: str) -> int:
 
 @pytest.fixture
 def generate_calls(monkeypatch) -> list[list[str]]:
-    """Every prompt batch HFGenerator.generate is asked for (the real method still runs)."""
+    """Every prompt list HFGenerator.generate is asked for (the real method still runs)."""
     calls: list[list[str]] = []
     original = HFGenerator.generate
 
-    def recording(self, prompts, *, seed):
+    def recording(self, prompts, **kwargs):
         calls.append(list(prompts))
-        return original(self, prompts, seed=seed)
+        return original(self, prompts, **kwargs)
 
     monkeypatch.setattr(HFGenerator, "generate", recording)
     return calls
@@ -65,9 +76,9 @@ class StubGenerator:
     def prompt_lengths(self, prompts):
         return [len(prompt) for prompt in prompts]
 
-    def generate(self, prompts, *, seed):
+    def generate(self, prompts, *, seeds, batch_size, on_result=None):
         self.prompts.extend(prompts)
-        return [self.text for _ in prompts]
+        return [Generation(self.text, "eos", 5) for _ in prompts]
 
 
 def test_every_shared_task_end_to_end(tiny_model_dir, shared_eval_dir, tmp_path, capsys) -> None:
@@ -176,28 +187,35 @@ def test_interrupted_run_resumes_without_generating_twice(
     tiny_model_dir, shared_eval_dir, tmp_path, monkeypatch
 ) -> None:
     out = tmp_path / "eval"
-    seen: list[str] = []
+    written: list[str] = []
     original = HFGenerator.generate
 
-    def failing(self, prompts, *, seed):
-        if len(seen) >= 4:
-            raise KeyboardInterrupt
-        seen.extend(prompts)
-        return original(self, prompts, seed=seed)
+    def failing(self, prompts, *, on_result=None, **kwargs):
+        def interrupting(position, generation):
+            if len(written) == 4:
+                raise KeyboardInterrupt
+            written.append(prompts[position])
+            on_result(position, generation)
+
+        return original(self, prompts, on_result=interrupting, **kwargs)
 
     monkeypatch.setattr(HFGenerator, "generate", failing)
     with pytest.raises(KeyboardInterrupt):
         evaluate(_config(tiny_model_dir, shared_eval_dir, out))
+    # Each item's line is written as soon as it is finished.
     assert len(read_jsonl(out / "gsm8k" / "predictions.jsonl")) == 4
     assert not (out / "DONE").exists()
 
-    def recording(self, prompts, *, seed):
-        seen.extend(prompts)
-        return original(self, prompts, seed=seed)
+    resumed: list[str] = []
+
+    def recording(self, prompts, **kwargs):
+        resumed.extend(prompts)
+        return original(self, prompts, **kwargs)
 
     monkeypatch.setattr(HFGenerator, "generate", recording)
     evaluate(_config(tiny_model_dir, shared_eval_dir, out), resume=True)
-    assert len(seen) == 12 and len(set(seen)) == 12
+    assert len(resumed) == 8 and not set(resumed) & set(written)  # 2 gsm8k + 6 boolq
+    assert len(set(written) | set(resumed)) == 12
     assert (out / "DONE").is_file()
 
 
@@ -225,14 +243,14 @@ def test_resume_refuses_other_settings_and_overwrite_starts_again(
 ) -> None:
     out = tmp_path / "eval"
     evaluate(_config(tiny_model_dir, shared_eval_dir, out, "limit=2"))
-    with pytest.raises(KdlabError, match="different 'generation'"):
+    with pytest.raises(KdlabError, match=r"generation\.\w+: .* \(changes the run\)"):
         evaluate(
             _config(tiny_model_dir, shared_eval_dir, out, "limit=2", "generation=paper"),
             resume=True,
         )
     evaluate(_config(tiny_model_dir, shared_eval_dir, out, "limit=2"), overwrite=True)
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(KdlabError, match="refusing to delete"):
+    with pytest.raises(KdlabError, match="did not write"):
         evaluate(_config(tiny_model_dir, shared_eval_dir, out, "limit=2"), overwrite=True)
 
 

@@ -247,8 +247,10 @@ class _CodeGenerator:
     def prompt_lengths(self, prompts):
         return [len(prompt) for prompt in prompts]
 
-    def generate(self, prompts, *, seed):
-        return [self.text for _ in prompts]
+    def generate(self, prompts, *, seeds, batch_size, on_result=None):
+        from kdlab.evaluation.generation import Generation
+
+        return [Generation(self.text, "eos", 12) for _ in prompts]
 
 
 def test_an_evaluation_stores_code_outputs_as_text(eval_data_dir: Path, tmp_path: Path) -> None:

@@ -17,9 +17,11 @@ from kdlab.config.paper_args import import_paper_train_args
 from kdlab.config.schema import DistillConfig, DistillSettings, FinetuneConfig, ModelConfig
 from kdlab.data.records import load_records
 from kdlab.data.tokenize import Collator, tokenize_records
+from kdlab.models.generation import GeneratedTokens
 from kdlab.models.loading import load_model_and_tokenizer
 from kdlab.models.peft_utils import apply_peft
 from kdlab.training import distill as distill_module
+from kdlab.training import objectives as objectives_module
 from kdlab.training.distill import run_distill
 from kdlab.training.finetune import run_finetune
 from kdlab.training.loop import list_checkpoints, load_trainable_state
@@ -227,13 +229,19 @@ def test_student_samples_keep_sampled_pad_tokens(
     )
     records = load_records("generated:arithmetic?split=train&n=2&seed=0")
     batch = Collator(pad)(tokenize_records(records, tokenizer))
-    sampled_tail = [[7, pad, 9], [5, eos, pad]]
+    calls = {}
 
-    def fake_generate(*, input_ids, **_kwargs):
-        return torch.cat([input_ids, torch.tensor(sampled_tail)], dim=1)
+    def fake_generate_tokens(model, prompts, **kwargs):
+        calls.update(kwargs, prompts=prompts)
+        return [GeneratedTokens([7, pad, 9], "length"), GeneratedTokens([5, eos], "eos")]
 
-    monkeypatch.setattr(student, "generate", fake_generate)
+    monkeypatch.setattr(objectives_module, "generate_tokens", fake_generate_tokens)
     samples = objective.student_samples(student, batch)
+    # each row: its own prompt, its own budget and seed (not the padded batch's width)
+    lengths = batch["prompt_lengths"].tolist()
+    assert [len(p) for p in calls["prompts"]] == lengths
+    assert calls["max_new_tokens"] == [min(128, 256 - n) for n in lengths]
+    assert len(set(calls["seeds"])) == 2
     responses = [[int(t) for t in row[row != -100]] for row in samples["labels"]]
     assert responses == [[7, pad, 9], [5, eos]]
 

@@ -13,7 +13,7 @@ Example (``configs/eval/smollm2_all_limit16.yaml``)::
 pure sampling with T = 1, top_p = 1, top_k = 0 and 256 new tokens. The default preset is
 greedy decoding. Fields set explicitly win over the preset.
 
-Custom tasks are mappings ``{name, path, type[, choices]}`` in ``tasks``; a relative
+Custom tasks are mappings ``{name, path, type[, choices, columns]}`` in ``tasks``; a relative
 ``path`` in a config file is relative to that file (on the command line: to the working
 directory). ``docs/evaluation.md`` describes tasks, templates, scoring and the metrics.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.config.core import (
-    apply_overrides,
+    build_attributed,
     check,
     config_field,
     deep_merge,
@@ -102,7 +102,7 @@ class EvalGenerationConfig:
         None, help="Longest generated response; null = the preset's value."
     )
     seed: int = config_field(
-        6, help="Seed; batch i of a task is generated after torch.manual_seed(seed + i)."
+        6, help="Seed; item i is sampled with its own generator seeded by a hash of (seed, i)."
     )
 
     def __post_init__(self) -> None:
@@ -138,9 +138,17 @@ class CustomTaskConfig:
     choices: list[str] | None = config_field(
         None, help="Option letters (letter) or keywords (keyword/commonsense)."
     )
+    columns: dict[str, str | None] = config_field(
+        default_factory=dict,
+        help="The data's column names for kdlab's record fields, e.g. {instruction: question, "
+        "answer: label} (as data.columns of training; docs/data-formats.md).",
+    )
 
     def __post_init__(self) -> None:
+        from kdlab.config.schema import check_columns
+
         check(bool(self.name and self.name.strip()), "name", "must not be empty")
+        check_columns(self.columns)
         check(
             "/" not in self.name and "\\" not in self.name and self.name not in (".", ".."),
             "name",
@@ -184,7 +192,9 @@ class EvalConfig:
         False, help="Skip (with a warning) tasks whose data file is missing instead of failing."
     )
     limit: int | None = config_field(None, help="Evaluate the first N items of each task.")
-    batch_size: int = config_field(16, help="Prompts per generation batch.")
+    batch_size: int = config_field(
+        16, help="Prompts decoded together (a finished one is replaced by the next at once)."
+    )
     template: str | None = config_field(
         None,
         help="Prompt template: alpaca, chat (tokenizer.apply_chat_template) or raw (the "
@@ -270,11 +280,14 @@ def load_eval_config(
     """
     forget_notes()
     data: dict[str, Any] = dict(base or {})
-    source = "command line"
     if path is not None:
         data = deep_merge(data, _relative_to(read_yaml_mapping(path), Path(path).parent))
-        source = str(path)
-    data = apply_overrides(data, overrides)
+    return build_attributed(_build_eval_config, data, overrides, path)
+
+
+def _build_eval_config(data: dict[str, Any], source: str) -> EvalConfig:
+    """An :class:`EvalConfig` from a merged mapping; errors name ``source``."""
+    data = dict(data)
     if isinstance(data.get("model"), str):
         data["model"] = {"name_or_path": data["model"]}
     if isinstance(data.get("generation"), str):

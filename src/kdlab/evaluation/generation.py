@@ -1,13 +1,18 @@
-"""Batched answer generation: a transformers backend and an optional vLLM backend.
+"""Answer generation for evaluation: the transformers backend and an optional vLLM backend.
 
-The transformers backend (:class:`HFGenerator`) left-pads a batch of prompts with an
-attention mask, decodes with the KV cache, and stops each row at EOS or as soon as the model
-starts a new ``### Instruction`` block (:class:`StopOnText`, checked per row on decoded
-text). Prompts are tokenized exactly as in training (:func:`kdlab.data.tokenize.encode_prompt`).
-The model must be in eval mode (adapter dropout off); the generator checks it.
+A backend turns prompt texts into :class:`Generation` objects (raw text, finish reason, token
+count), reporting each one as soon as it is finished (``on_result``), so the runner can
+write its prediction line at once.
 
-Every batch is generated after ``torch.manual_seed(seed)``: the runner passes
-``settings.seed + batch_index`` so that a sampled evaluation is reproducible.
+The transformers backend (:class:`HFGenerator`) tokenizes prompts exactly as training does
+(:func:`kdlab.data.tokenize.encode_prompt`) and runs :func:`kdlab.models.generation.generate_tokens`,
+the engine shared with on-policy GKD and seqKD: continuous batching of ``batch_size`` rows,
+the template header's KV cache computed once, each row stopped at EOS or as soon as the
+model starts a new ``### Instruction`` block (checked on decoded text). The model is put in
+eval mode (adapter dropout off).
+
+Seeds are per prompt: the runner passes ``derive_seed(settings.seed, item index)``, so a
+sampled answer depends on its item and the seed only (not on batching or on a resume).
 
 :class:`VLLMGenerator` is used when ``vllm`` is importable and CUDA is present (``backend:
 auto``) or when asked for (``backend: vllm``); LoRA adapters go through ``LoRARequest``.
@@ -18,7 +23,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,64 +32,62 @@ import torch
 
 from kdlab.config.evaluation import EvalGenerationConfig
 from kdlab.config.schema import ModelConfig
+from kdlab.data.templates import STOP_TEXTS
 from kdlab.errors import ConfigError, ModelError
+from kdlab.models.generation import (
+    GeneratedTokens,
+    Sampling,
+    StopTexts,
+    derive_seed,
+    generate_tokens,
+    hf_generation_config,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Text that ends a response: the model starting the next Alpaca block.
-STOP_TEXTS: tuple[str, ...] = ("### Instruction",)
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated answer, as the backend produced it."""
+
+    raw_output: str
+    """The generated text (prompt excluded, special tokens skipped), before any cut: it may
+    end with the stop text that ended it."""
+    finish_reason: str | None
+    """``eos``, ``stop`` (a stop text) or ``length`` (``max_new_tokens`` reached)."""
+    generated_tokens: int | None
+    """Tokens the model generated for this prompt (no padding, nothing after its end)."""
+
+
+OnResult = Callable[[int, Generation], None]
 
 
 class Generator(Protocol):
     """Turns prompts into generated continuations (the prompt itself excluded)."""
 
     backend: str
-    generated_tokens: int
 
     def prompt_lengths(self, prompts: Sequence[str]) -> list[int]:
-        """Token count of each prompt (used to sort items into batches)."""
+        """Token count of each prompt."""
         ...
 
-    def generate(self, prompts: Sequence[str], *, seed: int) -> list[str]:
-        """One continuation per prompt, in order."""
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        seeds: Sequence[int],
+        batch_size: int,
+        on_result: OnResult | None = None,
+    ) -> list[Generation]:
+        """One generation per prompt, in order; ``on_result(i, generation)`` as each ends.
+
+        ``batch_size`` is the number of prompts decoded together; ``seeds[i]`` seeds the
+        sampling of prompt i.
+        """
         ...
 
 
 # --------------------------------------------------------------------------- transformers
-
-
-class StopOnText:
-    """A per-row stopping criterion: stop a row once its new text contains a stop string.
-
-    Only the last ``window`` generated tokens of each row are decoded at every step, so the
-    cost stays constant per step. Rows already finished stay finished.
-    """
-
-    def __init__(
-        self,
-        tokenizer: Any,
-        prompt_width: int,
-        stop_texts: Sequence[str] = STOP_TEXTS,
-        window: int = 24,
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.prompt_width = prompt_width
-        self.stop_texts = tuple(stop_texts)
-        self.window = window
-        self._done: torch.Tensor | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
-        if self._done is None or self._done.shape[0] != input_ids.shape[0]:
-            self._done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        generated = input_ids[:, self.prompt_width :]
-        if generated.shape[1] == 0 or not self.stop_texts:
-            return self._done.to(input_ids.device).clone()
-        tail = generated[:, -self.window :].tolist()
-        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
-        for row, text in enumerate(texts):
-            if not self._done[row] and any(stop in text for stop in self.stop_texts):
-                self._done[row] = True
-        return self._done.to(input_ids.device).clone()
 
 
 def _is_training(model: Any) -> bool:
@@ -92,8 +96,19 @@ def _is_training(model: Any) -> bool:
     )
 
 
+def sampling_of(settings: EvalGenerationConfig) -> Sampling:
+    """The engine's decoding settings for an eval generation config."""
+    return Sampling(
+        do_sample=settings.do_sample,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        num_beams=settings.num_beams,
+    )
+
+
 class HFGenerator:
-    """Batched generation with a transformers causal LM (optionally wrapped by PEFT)."""
+    """Generation with a transformers causal LM (optionally wrapped by PEFT)."""
 
     backend = "hf"
 
@@ -104,6 +119,7 @@ class HFGenerator:
         settings: EvalGenerationConfig,
         *,
         stop_texts: Sequence[str] = STOP_TEXTS,
+        share_prefix: bool = True,
     ) -> None:
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
@@ -116,8 +132,7 @@ class HFGenerator:
         self.tokenizer = tokenizer
         self.settings = settings
         self.stop_texts = tuple(stop_texts)
-        self.generated_tokens = 0
-        self.device = next(model.parameters()).device
+        self.share_prefix = share_prefix
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of a prompt, exactly as training tokenizes prompts."""
@@ -139,75 +154,55 @@ class HFGenerator:
         return ids
 
     def generation_config(self) -> Any:
-        """A fresh GenerationConfig holding exactly our settings (model defaults ignored)."""
-        from transformers import GenerationConfig
+        """A fresh GenerationConfig holding exactly our settings (the ``generate`` fallback's)."""
+        return hf_generation_config(
+            sampling_of(self.settings),
+            self.settings.max_new_tokens,
+            self._eos_ids(),
+            int(self.tokenizer.pad_token_id),
+        )
 
-        settings = self.settings
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": settings.max_new_tokens,
-            "do_sample": settings.do_sample,
-            "num_beams": settings.num_beams,
-            "use_cache": True,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self._eos_ids() or None,
-        }
-        if settings.do_sample:
-            # Explicit values: transformers fills fields left as None from the model's
-            # generation_config and its global defaults (top_k = 50), which would turn the
-            # paper's pure sampling (top_k = 0 = off) into top-50 sampling.
-            kwargs.update(
-                temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k
-            )
-        return GenerationConfig(**kwargs)
+    def _generation(self, result: GeneratedTokens) -> Generation:
+        text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
+        return Generation(text, result.finish_reason, len(result.tokens))
 
-    def _batch_tensors(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = [self.encode(prompt) for prompt in prompts]
-        width = max(len(ids) for ids in encoded)
-        pad_id = int(self.tokenizer.pad_token_id)
-        input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            if ids:
-                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, width - len(ids) :] = 1
-        return input_ids.to(self.device), attention_mask.to(self.device)
-
-    def generate(self, prompts: Sequence[str], *, seed: int) -> list[str]:
-        """Continuations of ``prompts`` (special tokens removed), generated as one batch."""
-        from transformers import StoppingCriteriaList
-
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        seeds: Sequence[int] | None = None,
+        batch_size: int = 16,
+        on_result: OnResult | None = None,
+    ) -> list[Generation]:
+        """Generations of ``prompts`` (see :class:`Generator`); ``seeds`` default to
+        ``derive_seed(settings.seed, i)``."""
         if not prompts:
             return []
         if _is_training(self.model):
             self.model.eval()
-        input_ids, attention_mask = self._batch_tensors(prompts)
-        width = input_ids.shape[1]
-        stopping = StoppingCriteriaList([StopOnText(self.tokenizer, width, self.stop_texts)])
-        torch.manual_seed(seed)
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=self.generation_config(),
-                stopping_criteria=stopping,
-            )
-        new_tokens = output[:, width:].cpu()
-        self.generated_tokens += _count_generated(new_tokens, self._eos_ids())
-        return self.tokenizer.batch_decode(new_tokens.tolist(), skip_special_tokens=True)
+        if seeds is None:
+            seeds = [derive_seed(self.settings.seed, index) for index in range(len(prompts))]
+        report = None
+        if on_result is not None:
+            callback = on_result
 
+            def report(index: int, result: GeneratedTokens) -> None:
+                callback(index, self._generation(result))
 
-def _count_generated(new_tokens: torch.Tensor, eos_ids: Sequence[int]) -> int:
-    """Tokens generated before (and including) each row's first EOS."""
-    if new_tokens.numel() == 0:
-        return 0
-    total = 0
-    is_end = torch.zeros_like(new_tokens, dtype=torch.bool)
-    for token_id in eos_ids:
-        is_end |= new_tokens == token_id
-    for row in range(new_tokens.shape[0]):
-        ends = torch.nonzero(is_end[row]).flatten()
-        total += int(ends[0]) + 1 if ends.numel() else new_tokens.shape[1]
-    return total
+        results = generate_tokens(
+            self.model,
+            [self.encode(prompt) for prompt in prompts],
+            max_new_tokens=self.settings.max_new_tokens,
+            eos_token_ids=self._eos_ids(),
+            sampling=sampling_of(self.settings),
+            stop=StopTexts(self.tokenizer, self.stop_texts),
+            seeds=seeds,
+            batch_size=batch_size,
+            share_prefix=self.share_prefix,
+            pad_token_id=int(self.tokenizer.pad_token_id),
+            on_result=report,
+        )
+        return [self._generation(result) for result in results]
 
 
 # --------------------------------------------------------------------------- vLLM
@@ -283,35 +278,57 @@ class VLLMGenerator:
         self.tokenizer = self.llm.get_tokenizer()
         self.settings = settings
         self.stop_texts = list(stop_texts)
-        self.generated_tokens = 0
 
     def prompt_lengths(self, prompts: Sequence[str]) -> list[int]:
         """Token count of each prompt."""
         return [len(self.tokenizer(prompt)["input_ids"]) for prompt in prompts]
 
-    def generate(self, prompts: Sequence[str], *, seed: int) -> list[str]:
-        """Continuations of ``prompts``."""
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        seeds: Sequence[int],
+        batch_size: int = 16,
+        on_result: OnResult | None = None,
+    ) -> list[Generation]:
+        """Generations of ``prompts`` (vLLM schedules its own batches: ``batch_size`` unused).
+
+        The stop text is kept in ``raw_output`` (``include_stop_str_in_output``), as the
+        transformers backend keeps it.
+        """
         from vllm import SamplingParams
 
         settings = self.settings
-        params = SamplingParams(
-            n=1,
-            temperature=settings.temperature if settings.do_sample else 0.0,
-            top_p=settings.top_p if settings.do_sample else 1.0,
-            top_k=settings.top_k if settings.do_sample and settings.top_k > 0 else -1,
-            max_tokens=settings.max_new_tokens,
-            stop=self.stop_texts,
-            seed=seed,
-        )
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=settings.temperature if settings.do_sample else 0.0,
+                top_p=settings.top_p if settings.do_sample else 1.0,
+                top_k=settings.top_k if settings.do_sample and settings.top_k > 0 else -1,
+                max_tokens=settings.max_new_tokens,
+                stop=self.stop_texts,
+                include_stop_str_in_output=True,
+                seed=int(seed) % 2**31,
+            )
+            for seed in seeds
+        ]
         outputs = self.llm.generate(
             list(prompts), params, lora_request=self.lora_request, use_tqdm=False
         )
-        texts: list[str] = []
-        for output in outputs:
+        generations: list[Generation] = []
+        for index, output in enumerate(outputs):
             completion = output.outputs[0]
-            self.generated_tokens += len(completion.token_ids)
-            texts.append(completion.text)
-        return texts
+            if completion.finish_reason == "length":
+                reason = "length"
+            elif isinstance(completion.stop_reason, str):
+                reason = "stop"
+            else:
+                reason = "eos"
+            generation = Generation(completion.text, reason, len(completion.token_ids))
+            generations.append(generation)
+            if on_result is not None:
+                on_result(index, generation)
+        return generations
 
 
 def _vllm_lora_rank(rank: int) -> int:

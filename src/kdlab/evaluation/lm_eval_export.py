@@ -29,8 +29,8 @@ from typing import Any
 
 from kdlab import __version__
 from kdlab.config.evaluation import EvalConfig
+from kdlab.data.templates import STOP_TEXTS
 from kdlab.errors import KdlabError
-from kdlab.evaluation.generation import STOP_TEXTS
 from kdlab.evaluation.tasks import get_task, list_tasks
 from kdlab.utils.io import atomic_write_text
 

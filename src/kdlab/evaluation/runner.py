@@ -3,15 +3,17 @@
 Output (``docs/run-layout.md``)::
 
     <out>/config.yaml                the resolved EvalConfig (written first)
-    <out>/<task>/predictions.jsonl   index, instruction, gold, output, extracted, correct
-                                     (appended after every batch; sorted by index at the end)
+    <out>/<task>/predictions.jsonl   index, instruction, prompt, raw_output, output,
+                                     finish_reason, generated_tokens, extracted, gold, correct
+                                     (appended as each item finishes; sorted at the end)
     <out>/<task>/metrics.json        accuracy (%) with its 95 % Wilson interval and standard
                                      error, accuracy_paper_rule (the paper scripts' rule) with
                                      its interval, n, correct, extraction_failures, excluded,
-                                     template, scoring, ...
+                                     truncated, template, scoring, ...
     <out>/summary.csv, summary.md    one row per model: task columns + Average (+ intervals)
     <out>/run.json                   the evaluated model's identity
     <out>/DONE                       written last
+    <run_dir>/{adapter,model}/README.md   an evaluated run's model card gets these results
 
 Items keep the index they have in their test file. ``decontaminate_against`` removes test
 items whose question occurs in the training file(s) before ``limit`` takes the first N of
@@ -31,7 +33,6 @@ import csv
 import io
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -43,7 +44,7 @@ from kdlab.config.evaluation import CustomTaskConfig, EvalConfig, compact_dict
 from kdlab.config.run_identity import RunIdentity, read_run_identity
 from kdlab.config.schema import ModelConfig
 from kdlab.errors import DataError, KdlabError
-from kdlab.evaluation.generation import Generator, choose_backend
+from kdlab.evaluation.generation import Generation, Generator, choose_backend
 from kdlab.evaluation.prompts import resolve_template
 from kdlab.evaluation.tasks import (
     Task,
@@ -53,14 +54,22 @@ from kdlab.evaluation.tasks import (
     get_task,
     list_tasks,
 )
+from kdlab.models.generation import FINISH_REASONS, derive_seed
 from kdlab.models.quantization import quantization_identity
+from kdlab.training.rundir import (
+    EVAL_FILES,
+    EVAL_LAYOUT,
+    EVAL_RESUME_SAFE,
+    RunDirectory,
+    content_entries,
+    prepare_directory,
+)
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.intervals import accuracy_fields
 from kdlab.utils.io import (
     append_jsonl,
     atomic_write_json,
     atomic_write_text,
-    atomic_write_yaml,
     mark_done,
     read_jsonl,
 )
@@ -70,17 +79,7 @@ logger = logging.getLogger(__name__)
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 #: Files of an evaluation directory besides the per-task folders.
-RUN_FILES = ("config.yaml", "run.json", "summary.csv", "summary.md", "DONE")
-#: Config keys that must match for ``resume`` to continue an earlier evaluation.
-RESUME_KEYS = (
-    "model",
-    "adapter",
-    "run_dir",
-    "template",
-    "scoring",
-    "generation",
-    "decontaminate_against",
-)
+RUN_FILES = EVAL_FILES
 
 
 # --------------------------------------------------------------------------- planning
@@ -155,16 +154,22 @@ def resolve_tasks(config: EvalConfig) -> list[Task]:
 
 def _custom_task(entry: CustomTaskConfig, data_dir: str | None) -> Task:
     if entry.type is None:
-        return get_task(entry.name) if entry.path is None else custom_task(entry.name, entry.path)
+        if entry.path is None and not entry.columns:
+            return get_task(entry.name)
+        path = entry.path or default_data_source(entry.name, data_dir)
+        return custom_task(entry.name, path, columns=entry.columns)
     path = entry.path or default_data_source(entry.name, data_dir)
     golds: list[str] = []
     if entry.type.lower() == "commonsense" and not entry.choices:
-        from kdlab.data.records import load_records
+        from kdlab.evaluation.tasks import load_task_records
 
         if not path.startswith("hf:") and not Path(path).exists():
             raise DataError(f"task {entry.name}: data file {path} not found")
-        golds = [record["answer"] for record in load_records(path)]
-    return custom_task(entry.name, path, entry.type, choices=entry.choices, golds=golds)
+        records = load_task_records(path, name=entry.name, columns=entry.columns)
+        golds = [record["answer"] for record in records]
+    return custom_task(
+        entry.name, path, entry.type, choices=entry.choices, golds=golds, columns=entry.columns
+    )
 
 
 def plan_tasks(config: EvalConfig, tasks: Sequence[Task] | None = None) -> list[TaskPlan]:
@@ -235,59 +240,40 @@ def default_output_dir(config: EvalConfig, identity: ModelIdentity) -> Path:
     name = short_model_name(identity.model)
     if identity.adapter:
         name += "+" + short_model_name(identity.adapter.rstrip("/").removesuffix("/adapter"))
+    if name.strip(".") == "":  # a model path ending in ".." must not name runs/ itself
+        name = "model"
     return Path("runs") / "eval" / name
 
 
-def _owned(entry: Path) -> bool:
-    if entry.name in RUN_FILES or entry.name.startswith("."):
-        return True
-    if entry.is_dir():
-        return all(
-            child.name in (PREDICTIONS_FILE, METRICS_FILE) or child.name.startswith(".")
-            for child in entry.iterdir()
-        )
-    return False
+def _nothing_to_lose(out_dir: Path) -> bool:
+    """Only ``config.yaml`` and empty task folders (a model that failed to load)."""
+    return all(
+        entry.name == "config.yaml" or (entry.is_dir() and not any(entry.iterdir()))
+        for entry in content_entries(out_dir)
+    )
 
 
 def prepare_output_dir(
     out_dir: Path, config: EvalConfig, *, resume: bool = False, overwrite: bool = False
-) -> None:
-    """Refuse to mix results: an existing non-empty directory needs resume or overwrite."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise KdlabError(f"output_dir {out_dir} exists and is not a directory")
-    # Only config.yaml and empty task folders (a model that failed to load): nothing to lose.
-    if not out_dir.exists() or all(
-        e.name == "config.yaml" or (e.is_dir() and not any(e.iterdir())) for e in out_dir.iterdir()
-    ):
-        return
-    if overwrite:
-        foreign = [entry.name for entry in out_dir.iterdir() if not _owned(entry)]
-        if foreign:
-            raise KdlabError(
-                f"output_dir {out_dir} holds files kdlab eval did not write ({foreign[0]}, ...): "
-                "refusing to delete it; choose another output_dir"
-            )
-        logger.info("overwrite: deleting the earlier evaluation in %s", out_dir)
-        shutil.rmtree(out_dir)
-        return
-    if not resume:
-        raise KdlabError(
-            f"output_dir {out_dir} already holds an evaluation: pass --resume to continue it "
-            "or --overwrite to start again (or choose another output_dir)"
-        )
-    saved_file = out_dir / "config.yaml"
-    if saved_file.is_file():
-        import yaml
+) -> RunDirectory:
+    """Lock ``out_dir`` and check the flags (:func:`kdlab.training.rundir.prepare_directory`).
 
-        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
-        current = compact_dict(config)
-        for key in RESUME_KEYS:
-            if saved.get(key) != current.get(key):
-                raise KdlabError(
-                    f"cannot resume {out_dir}: it was evaluated with a different '{key}' "
-                    f"({saved.get(key)!r}, now {current.get(key)!r}); use --overwrite or "
-                    "another output_dir"
-                )
+    An existing evaluation needs ``--resume`` (the saved config must match, but for the keys
+    of :data:`~kdlab.training.rundir.EVAL_RESUME_SAFE`) or ``--overwrite`` (which replaces
+    only a kdlab evaluation, and only at :meth:`~kdlab.training.rundir.RunDirectory.start`).
+    A folder holding only ``config.yaml`` (a model that failed to load) is not an evaluation.
+    """
+    return prepare_directory(
+        out_dir,
+        EVAL_LAYOUT,
+        resume=resume,
+        overwrite=overwrite,
+        what="output_dir",
+        config=compact_dict(config),
+        resume_safe=EVAL_RESUME_SAFE,
+        nothing_to_lose=_nothing_to_lose,
+        resume_finished=True,  # e.g. a finished evaluation resumed with another task
+    )
 
 
 # --------------------------------------------------------------------------- running
@@ -333,9 +319,9 @@ GeneratorFactory = Callable[[], Generator]
 
 def _prompt(task: Task, item: dict[str, Any], tokenizer: Any) -> str:
     """The rendered prompt of one item (``task.template`` is the evaluation's template)."""
-    from kdlab.evaluation.prompts import render_prompt
+    from kdlab.evaluation.prompts import render_record_prompt
 
-    return render_prompt(task.template, item["instruction"], item.get("input", ""), tokenizer)
+    return render_record_prompt(task.template, item, tokenizer)
 
 
 def _load_done(path: Path, plan: TaskPlan) -> dict[int, dict[str, Any]]:
@@ -370,19 +356,45 @@ def _load_done(path: Path, plan: TaskPlan) -> dict[int, dict[str, Any]]:
     return done
 
 
-def _record(task: Task, item: dict[str, Any], output: str) -> dict[str, Any]:
+def _record(
+    task: Task, item: dict[str, Any], prompt: str | None, generation: Generation
+) -> dict[str, Any]:
+    """The predictions.jsonl line of one item: what the model saw and did, and its score."""
     from kdlab.evaluation.tasks import cut_continuation
 
-    text = cut_continuation(output)
+    text = cut_continuation(generation.raw_output)
     extracted, correct = task.score(text, item["answer"])
     return {
         "index": item["index"],
         "instruction": item["instruction"],
-        "gold": item["answer"],
+        "prompt": prompt,
+        "raw_output": generation.raw_output,
         "output": text,
+        "finish_reason": generation.finish_reason,
+        "generated_tokens": generation.generated_tokens,
         "extracted": extracted,
+        "gold": item["answer"],
         "correct": correct,
     }
+
+
+def _rescore(
+    task: Task, item: dict[str, Any], record: dict[str, Any], prompt: str | None
+) -> dict[str, Any]:
+    """``record`` scored again with the current extractor.
+
+    A line written before kdlab recorded raw outputs (no ``raw_output``) keeps its
+    ``output`` (already cut); the fields it lacks stay null (``finish_reason``,
+    ``generated_tokens``, ``raw_output``) and its ``prompt`` is the one rendered now, when
+    this session rendered prompts (resume refuses another template).
+    """
+    raw = record.get("raw_output")
+    if isinstance(raw, str):
+        generation = Generation(raw, record.get("finish_reason"), record.get("generated_tokens"))
+        return _record(task, item, record.get("prompt") or prompt, generation)
+    rescored = _record(task, item, prompt, Generation(str(record.get("output") or ""), None, None))
+    rescored["raw_output"] = None
+    return rescored
 
 
 def run_task(
@@ -402,56 +414,65 @@ def run_task(
     predictions_path = task_dir / PREDICTIONS_FILE
     done = _load_done(predictions_path, plan)
     pending = [item for item in plan.items if item["index"] not in done]
-    started = time.perf_counter()
-    generated = 0
+    prompts: dict[int, str] = {}
+    elapsed = 0.0
+    session_tokens = 0
     if pending:
         generator = get_generator()
         tokenizer = getattr(generator, "tokenizer", None)
         prompts = {item["index"]: _prompt(task, item, tokenizer) for item in plan.items}
-        # Batches are cut from the whole task (longest prompts first) so that a resumed run
-        # uses the same batches and seeds; only the missing items of a batch are generated.
-        order = sorted(plan.items, key=lambda item: item["index"])
-        lengths = dict(
-            zip(
-                [item["index"] for item in order],
-                generator.prompt_lengths([prompts[item["index"]] for item in order]),
-            )
-        )
-        order.sort(key=lambda item: (-lengths[item["index"]], item["index"]))
-        batches = [
-            order[start : start + config.batch_size]
-            for start in range(0, len(order), config.batch_size)
-        ]
         progress = _progress(len(pending), task.name)
+        recorded: set[int] = set()
+
+        def on_result(position: int, generation: Generation) -> None:
+            # Written as soon as the item is finished: a kill loses only unfinished items.
+            nonlocal session_tokens
+            item = pending[position]
+            record = _record(task, item, prompts[item["index"]], generation)
+            append_jsonl(predictions_path, record)
+            maybe_fault("eval_output")
+            done[item["index"]] = record
+            recorded.add(position)
+            session_tokens += generation.generated_tokens or 0
+            progress.update(1)
+
+        # Timed from here: model loading (get_generator) is not generation time.
+        started = time.perf_counter()
         try:
-            for batch_index, batch in enumerate(batches):
-                todo = [item for item in batch if item["index"] not in done]
-                if not todo:
-                    continue
-                outputs = generator.generate(
-                    [prompts[item["index"]] for item in todo],
-                    seed=config.generation.seed + batch_index,
-                )
-                for item, output in zip(todo, outputs, strict=True):
-                    record = _record(task, item, output)
-                    append_jsonl(predictions_path, record)
-                    maybe_fault("eval_output")
-                    done[item["index"]] = record
-                generated += len(todo)
-                progress.update(len(todo))
+            # The generator batches and orders the items itself (continuous batching); each
+            # item's sampling seed depends on its index only, so a resumed run samples the
+            # same answers.
+            generations = generator.generate(
+                [prompts[item["index"]] for item in pending],
+                seeds=[derive_seed(config.generation.seed, item["index"]) for item in pending],
+                batch_size=config.batch_size,
+                on_result=on_result,
+            )
+            for position, generation in enumerate(generations):
+                if position not in recorded:
+                    on_result(position, generation)
         finally:
+            elapsed = time.perf_counter() - started
             progress.close()
-    elapsed = time.perf_counter() - started
+    generated = len(pending)
     # Re-score every record with the current extractor and rewrite the file in index order.
     records = [
-        _record(task, item, done[item["index"]].get("output", ""))
+        _rescore(task, item, done[item["index"]], prompts.get(item["index"]))
         for item in sorted(plan.items, key=lambda item: item["index"])
     ]
     atomic_write_text(
         predictions_path,
         "".join(_json_line(record) for record in records),
     )
-    metrics = _metrics(plan, records, config, context, generated=generated, elapsed=elapsed)
+    metrics = _metrics(
+        plan,
+        records,
+        config,
+        context,
+        generated=generated,
+        elapsed=elapsed,
+        session_tokens=session_tokens,
+    )
     atomic_write_json(task_dir / METRICS_FILE, metrics)
     accuracy = metrics["accuracy"]
     logger.info(
@@ -486,10 +507,16 @@ def _metrics(
     *,
     generated: int,
     elapsed: float,
+    session_tokens: int = 0,
 ) -> dict[str, Any]:
     n = len(records)
     correct = sum(1 for record in records if record["correct"])
     failures = sum(1 for record in records if record["extracted"] is None)
+    reasons = {reason: 0 for reason in (*FINISH_REASONS, "unknown")}
+    for record in records:
+        reason = record.get("finish_reason")
+        reasons[reason if reason in FINISH_REASONS else "unknown"] += 1
+    tokens = [record.get("generated_tokens") for record in records]
     return {
         "task": plan.task.name,
         "family": plan.task.family,
@@ -507,8 +534,13 @@ def _metrics(
         "scoring": "generate",
         "generation": config.generation.as_dict(),
         "batch_size": config.batch_size,
+        "truncated": reasons["length"],
+        "finish_reasons": reasons,
+        "generated_tokens": sum(count for count in tokens if isinstance(count, int)),
         "generated_this_session": generated,
+        "generated_tokens_this_session": session_tokens,
         "generation_seconds": round(elapsed, 3),
+        "tokens_per_second": round(session_tokens / elapsed, 2) if elapsed > 0 else None,
         "kdlab_version": __version__,
         **context,
     }
@@ -899,8 +931,11 @@ def evaluate(
     """Evaluate one model on the configured tasks; see the module docstring for outputs.
 
     ``resume`` continues an interrupted evaluation in the output directory (items already
-    in ``predictions.jsonl`` are kept); ``overwrite`` deletes an earlier one first. Without
-    either, an output directory holding an evaluation is refused.
+    in ``predictions.jsonl`` are kept; the config must match the saved one but for
+    :data:`~kdlab.training.rundir.EVAL_RESUME_SAFE`); ``overwrite`` replaces an earlier
+    kdlab evaluation once the model has loaded (a model or adapter that fails to load
+    leaves it as it was). Without either, an output directory holding an evaluation is
+    refused. The output directory is locked while the evaluation runs.
 
     ``generator`` (or an already loaded ``model`` + ``tokenizer``) replaces loading the model
     from the config: tests and benchmarks use it, and so can a caller holding the model.
@@ -917,10 +952,10 @@ def evaluate(
         _check_loglikelihood_tasks(tasks)
     plans = plan_tasks(config, tasks)
     out_dir = default_output_dir(config, identity)
-    prepare_output_dir(out_dir, config, resume=resume, overwrite=overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
     resolved = replace(config, output_dir=str(out_dir))
-    atomic_write_yaml(out_dir / "config.yaml", compact_dict(resolved))
+    run = prepare_output_dir(out_dir, resolved, resume=resume, overwrite=overwrite)
+    if not run.replaces:
+        run.start(compact_dict(resolved))  # config.yaml first (before the model loads)
 
     if generator is not None:
         backend = generator.backend
@@ -971,6 +1006,9 @@ def evaluate(
         template_origin,
         config.scoring,
     )
+    if run.replaces:  # --overwrite: the model loads before the earlier evaluation goes
+        get_scorer() if loglikelihood else get_generator()
+        run.start(compact_dict(resolved))
     if loglikelihood:
         results = [
             run_loglikelihood_task(plan, config, out_dir, get_scorer, context=context)
@@ -995,7 +1033,24 @@ def evaluate(
             "backend": backend,
         },
     )
+    if identity.run_dir is not None:
+        _update_run_card(identity.run_dir, out_dir, results)
+    run.close()
     return report
+
+
+def _update_run_card(run_dir: str, out_dir: Path, results: Sequence[TaskResult]) -> None:
+    """Add this evaluation's results to the model card of the evaluated run's weights."""
+    from kdlab.errors import RunDirError
+    from kdlab.models.card import update_run_card_evaluation
+
+    try:
+        card = update_run_card_evaluation(run_dir, out_dir, [(r.task, r.metrics) for r in results])
+    except RunDirError as error:
+        logger.warning("model card of %s not updated: %s", run_dir, error)
+        return
+    if card is not None:
+        logger.info("model card updated with these results: %s", card)
 
 
 def _build_generator(

@@ -32,11 +32,19 @@ from kdlab.config.evaluation import EvalConfig
 from kdlab.config.methods import get_method
 from kdlab.config.schema import DistillConfig, FinetuneConfig
 from kdlab.stages import STAGES
+from kdlab.training.rundir import RunLayout, prepare_directory
 from kdlab.utils.io import atomic_write_json, atomic_write_text, is_done
 
 logger = logging.getLogger(__name__)
 
 TEMPLATES = "add,sub,mul,div"
+#: What the demo writes into its ``out`` folder (what ``--overwrite`` may replace).
+DEMO_LAYOUT = RunLayout(
+    kind="kdlab demo",
+    markers=("data/train.json", "summary.md"),
+    files=frozenset({"summary.md"}),
+    folders=frozenset({"data", "teacher", "students", "reference", "report"}),
+)
 
 
 @dataclass(frozen=True)
@@ -370,14 +378,19 @@ def run(config: DemoConfig, *, resume: bool = False, overwrite: bool = False) ->
     """The stage contract (:mod:`kdlab.stages`): run the demo; returns it (timings, paths).
 
     The demo always continues (a stage whose ``DONE`` exists is skipped), so ``resume``
-    changes nothing; ``overwrite`` deletes ``config.out`` first.
+    changes nothing; ``overwrite`` deletes an earlier demo in ``config.out`` first.
     """
     del resume  # always on
     out = Path(config.out)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    # Locked while the demo runs; --overwrite replaces only an earlier demo (never a folder
+    # of other files), and a demo folder holding other files is refused.
+    directory = prepare_directory(
+        out, DEMO_LAYOUT, resume=not overwrite, overwrite=overwrite, what="out"
+    )
+    directory.start()  # --overwrite: the demo starts from scratch, so the old one goes now
     demo = Demo(out, QUICK if config.quick else FULL, config.model)
     demo.run()
+    directory.close()
     return demo
 
 

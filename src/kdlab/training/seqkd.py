@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,23 @@ import torch
 from tqdm.auto import tqdm
 
 from kdlab.config.schema import DistillSettings
-from kdlab.data.templates import build_prompt, strip_continuation
+from kdlab.data.templates import STOP_TEXTS, record_prompt, strip_continuation
+from kdlab.data.tokenize import encode_prompt
 from kdlab.errors import DataError
 from kdlab.models.fingerprint import fingerprint_key
+from kdlab.models.generation import (
+    GeneratedTokens,
+    Sampling,
+    StopTexts,
+    derive_seed,
+    generate_tokens,
+)
 from kdlab.models.loading import cache_root
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import append_jsonl, atomic_write_json, read_jsonl
+from kdlab.utils.locking import is_main_rank, lock_directory
 
 logger = logging.getLogger(__name__)
-
-#: Why a teacher response ended; ``length`` means it was cut.
-FINISH_REASONS = ("eos", "stop", "length")
 
 
 @dataclass(frozen=True)
@@ -76,25 +83,28 @@ def seqkd_fingerprint(
         "top_k": None if settings.seqkd_greedy else generation.top_k,
         "top_p": None if settings.seqkd_greedy else generation.top_p,
         "batch_size": settings.seqkd_batch_size,
+        # A TRL-format record's prompt (system turns, a verbatim string) is part of what the
+        # teacher answers; instruction records hash as before, so their caches stay valid.
         "records": hashlib.sha256(
-            json.dumps([[r["instruction"], r.get("input", "")] for r in records]).encode()
+            json.dumps(
+                [
+                    [
+                        r["instruction"],
+                        r.get("input", ""),
+                        *([r["prompt"]] if "prompt" in r else []),
+                    ]
+                    for r in records
+                ]
+            ).encode()
         ).hexdigest()[:16],
         "num_records": len(records),
     }
     return fingerprint_key(meta), meta
 
 
-def _finish_reason(tokens: list[int], text: str, eos_ids: set[int]) -> str:
-    if strip_continuation(text) != text:
-        return "stop"
-    if any(token in eos_ids for token in tokens):
-        return "eos"
-    return "length"
-
-
 def teacher_responses(
     *,
-    teacher: Any,
+    load_teacher: Callable[[], Any],
     tokenizer: Any,
     records: list[dict[str, Any]],
     template: str,
@@ -105,8 +115,9 @@ def teacher_responses(
 ) -> tuple[list[TeacherResponse], dict[str, Any]]:
     """The teacher's response to every record (from the cache when possible) and a summary.
 
-    The summary holds the cache directory, how many responses were cached or generated,
-    and how many were truncated (``finish_reason == "length"``).
+    ``load_teacher()`` is called only when a response is missing from the cache. The
+    summary holds the cache directory, how many responses were cached or generated, and how
+    many were truncated (``finish_reason == "length"``).
     """
     key, meta = seqkd_fingerprint(
         teacher=teacher_fingerprint,
@@ -130,27 +141,32 @@ def teacher_responses(
             )
     else:
         atomic_write_json(meta_file, meta)
-    try:
-        cached = read_jsonl(directory / "responses.jsonl", repair=True)
-        done = {
-            int(r["index"]): TeacherResponse(str(r["response"]), str(r["finish_reason"]))
-            for r in cached
-        }
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise DataError(
-            f"seqKD cache {directory / 'responses.jsonl'} is damaged ({type(error).__name__}: "
-            f"{error}); delete it to regenerate the teacher responses"
-        ) from None
+    done = _cached_responses(directory)
     todo = [i for i in range(len(records)) if i not in done]
+    lock = None
+    if todo and is_main_rank():  # one job generates; another waits, then reads
+        lock = lock_directory(directory, what="seqKD cache", wait=True)
+        done = _cached_responses(directory)
+        todo = [i for i in range(len(records)) if i not in done]
     if todo:
         logger.info(
             "seqKD: teacher generates %d of %d responses → %s", len(todo), len(records), directory
         )
         _generate(
-            teacher, tokenizer, records, todo, template, settings, cutoff_len, directory, done
+            load_teacher(),
+            tokenizer,
+            records,
+            todo,
+            template,
+            settings,
+            cutoff_len,
+            directory,
+            done,
         )
     else:
         logger.info("seqKD: all %d teacher responses read from %s", len(records), directory)
+    if lock is not None:
+        lock.release()
     responses = [done[i] for i in range(len(records))]
     truncated = sum(1 for response in responses if not response.complete)
     if truncated:
@@ -171,6 +187,21 @@ def teacher_responses(
     return responses, info
 
 
+def _cached_responses(directory: Path) -> dict[int, TeacherResponse]:
+    """The responses already in ``responses.jsonl`` (a torn last line is repaired)."""
+    try:
+        cached = read_jsonl(directory / "responses.jsonl", repair=True)
+        return {
+            int(r["index"]): TeacherResponse(str(r["response"]), str(r["finish_reason"]))
+            for r in cached
+        }
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise DataError(
+            f"seqKD cache {directory / 'responses.jsonl'} is damaged ({type(error).__name__}: "
+            f"{error}); delete it to regenerate the teacher responses"
+        ) from None
+
+
 def _generate(
     teacher: Any,
     tokenizer: Any,
@@ -182,54 +213,64 @@ def _generate(
     directory: Path,
     done: dict[int, TeacherResponse],
 ) -> None:
-    """Generate the responses of ``todo`` into ``done`` and ``responses.jsonl``."""
-    device = next(teacher.parameters()).device
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    """Generate the responses of ``todo`` into ``done`` and ``responses.jsonl``.
+
+    Runs on :func:`kdlab.models.generation.generate_tokens` (the engine of evaluation and
+    GKD): prompts tokenized exactly as in training, each with its own budget
+    (``min(max_new_tokens, cutoff_len − prompt length)``), a row stops at EOS or when it
+    starts a new ``### Instruction`` block, and every response is appended as soon as it
+    is finished, so a kill loses only the unfinished ones.
+    """
     generation = settings.generation
-    eos_ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    # Longest prompts first: the first batch shows the worst-case memory.
-    prompts = {
-        i: build_prompt(
-            records[i]["instruction"],
-            records[i].get("input", ""),
-            template=template,
-            tokenizer=tokenizer,
-        )
+    prompts = [
+        encode_prompt(tokenizer, record_prompt(records[i], template=template, tokenizer=tokenizer))
         for i in todo
-    }
-    order = sorted(todo, key=lambda i: -len(prompts[i]))
+    ]
+    sampling = (
+        Sampling()
+        if settings.seqkd_greedy
+        else Sampling(
+            do_sample=True,
+            temperature=generation.temperature,
+            top_p=generation.top_p,
+            top_k=generation.top_k,
+        )
+    )
+    eos = tokenizer.eos_token_id
+    progress = tqdm(total=len(todo), desc="seqKD teacher", unit="response")
+
+    def write(position: int, result: GeneratedTokens) -> None:
+        index = todo[position]
+        text = tokenizer.decode(result.tokens, skip_special_tokens=True)
+        response = TeacherResponse(strip_continuation(text).strip(), result.finish_reason)
+        done[index] = response
+        append_jsonl(
+            directory / "responses.jsonl",
+            {"index": index, "response": response.text, "finish_reason": response.finish_reason},
+        )
+        maybe_fault("seqkd_output")
+        progress.update(1)
+
+    was_training = teacher.training
+    teacher.eval()
     try:
-        for start in tqdm(
-            range(0, len(order), settings.seqkd_batch_size), desc="seqKD teacher", unit="batch"
-        ):
-            chunk = order[start : start + settings.seqkd_batch_size]
-            encoded = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(
-                device
+        with torch.no_grad():
+            generate_tokens(
+                teacher,
+                prompts,
+                max_new_tokens=[
+                    max(1, min(generation.max_new_tokens, cutoff_len - len(prompt)))
+                    for prompt in prompts
+                ],
+                eos_token_ids=[] if eos is None else [int(eos)],
+                sampling=sampling,
+                stop=StopTexts(tokenizer, STOP_TEXTS),
+                seeds=[derive_seed(index) for index in todo],
+                batch_size=settings.seqkd_batch_size,
+                pad_token_id=tokenizer.pad_token_id,
+                on_result=write,
             )
-            budget = max(
-                1, min(generation.max_new_tokens, cutoff_len - encoded["input_ids"].shape[1])
-            )
-            with torch.no_grad():
-                output = teacher.generate(
-                    **encoded,
-                    do_sample=not settings.seqkd_greedy,
-                    temperature=None if settings.seqkd_greedy else generation.temperature,
-                    top_k=None if settings.seqkd_greedy else generation.top_k,
-                    top_p=None if settings.seqkd_greedy else generation.top_p,
-                    max_new_tokens=budget,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
-            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            for index, tokens, text in zip(chunk, new_tokens, texts):
-                reason = _finish_reason(tokens, text, eos_ids)
-                response = TeacherResponse(strip_continuation(text).strip(), reason)
-                done[index] = response
-                append_jsonl(
-                    directory / "responses.jsonl",
-                    {"index": index, "response": response.text, "finish_reason": reason},
-                )
-                maybe_fault("seqkd_output")
     finally:
-        tokenizer.padding_side = previous_side
+        progress.close()
+        if was_training:
+            teacher.train()
