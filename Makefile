@@ -1,6 +1,7 @@
 # kdlab: the two commands of the README, each doing its own set-up.
 #   make demo   the whole pipeline in miniature on the embedded SmolLM2-135M
 #   make test   lint + format check + the test suite
+#   make mutate mutation testing of the numeric core (slow, not in CI; docs/testing.md)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +10,7 @@ PIP     = $(VENV)/bin/pip
 STAMP   = $(VENV)/.kdlab-installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup test demo demo-quick lint format bench clean
+.PHONY: setup test demo demo-quick lint format bench mutate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +49,14 @@ bench: setup
 	$(PY) benchmarks/distill_step.py
 	$(PY) benchmarks/eval_throughput.py
 	$(PY) benchmarks/train_throughput.py
+
+# Mutation testing (mutmut 3, the `mutate` extra): each group of modules against its own
+# test files, in scratch copies under build/mutmut/; prints the surviving mutants.
+#   make mutate MUTATE_ARGS="losses --budget 1800"    one group, at most 30 min
+MUTATE_ARGS ?=
+mutate: setup
+	$(PIP) install --quiet -e '.[dev,mutate]'
+	nice -n 10 $(PY) tests/mutation/mutate.py $(MUTATE_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -147,6 +147,55 @@ def write_partly_truncated_data(path: Path, *, normal: int = 6, truncated: int =
     return path
 
 
+class ForwardCounter:
+    """Counts the forward passes of every model loaded from ``model_dir``, at the source.
+
+    Wraps ``LlamaModel.forward`` (the decoder stack every tiny test model runs, whether it
+    is called through the causal LM, its ``get_decoder()``, ``generate`` or a PEFT wrapper)
+    and counts the calls whose config was loaded from ``model_dir``: what a cache spares is
+    proved by the teacher's own forward calls, not by the counters of the code under test.
+    ``phase`` labels the calls (a test sets it, e.g. around ``TrainingLoop.run``).
+
+    Use as ``counter = ForwardCounter(monkeypatch, teacher_dir)``.
+    """
+
+    def __init__(self, monkeypatch, model_dir: Path) -> None:
+        from transformers.models.llama import modeling_llama
+
+        self.model_dir = str(model_dir)
+        self.phase = "other"
+        self.calls: list[tuple[str, int]] = []  # (phase, rows)
+        real_forward = modeling_llama.LlamaModel.forward
+        counter = self
+
+        def counting_forward(module, *args, **kwargs):
+            if str(getattr(module.config, "_name_or_path", "")) == counter.model_dir:
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                embeds = kwargs.get("inputs_embeds")
+                rows = (ids if ids is not None else embeds).shape[0]
+                counter.calls.append((counter.phase, int(rows)))
+            return real_forward(module, *args, **kwargs)
+
+        monkeypatch.setattr(modeling_llama.LlamaModel, "forward", counting_forward)
+
+    def count(self, phase: str | None = None) -> int:
+        """Forward calls (in ``phase``, or in all)."""
+        return sum(1 for name, _ in self.calls if phase is None or name == phase)
+
+    def reset(self) -> None:
+        self.calls.clear()
+
+
+def tree_bytes(directory: Path) -> dict[str, bytes | None]:
+    """Every path under ``directory`` → its bytes (None for a folder): compare a tree
+    before and after a refused command to prove the refusal changed nothing on disk."""
+    directory = Path(directory)
+    return {
+        str(path.relative_to(directory)): None if path.is_dir() else path.read_bytes()
+        for path in sorted(directory.rglob("*"))
+    }
+
+
 # Cross-tokenizer pairs: a second byte-level BPE with other merges, size and special tokens.
 _OTHER_CORPUS = [
     *_CORPUS,

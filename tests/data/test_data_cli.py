@@ -28,12 +28,15 @@ def run(arguments: list[str]) -> int:
 
 
 def test_a_subcommand_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
     with pytest.raises(SystemExit) as caught:
         run([])
     assert caught.value.code == 2
-    with pytest.raises(SystemExit):
+    assert "required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:
         run(["overlap", "train.json"])  # --eval-dir is required
-    capsys.readouterr()
+    assert caught.value.code == 2
+    assert "the following arguments are required: --eval-dir" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- validate
@@ -244,7 +247,9 @@ def test_generate_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         run(["generate", "--out", str(tmp_path / "x.json"), "--templates", "add,pow"])
     with pytest.raises(DataError, match="is a directory"):
         run(["generate", "--out", str(tmp_path), "--n", "2"])
-    with pytest.raises(SystemExit):
-        run(["generate", "--out", str(tmp_path / "x.json"), "--split", "dev"])
     capsys.readouterr()
+    with pytest.raises(SystemExit) as caught:
+        run(["generate", "--out", str(tmp_path / "x.json"), "--split", "dev"])
+    assert caught.value.code == 2
+    assert "--split: invalid choice: 'dev'" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()

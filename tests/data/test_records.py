@@ -299,9 +299,12 @@ def test_mixture_limits_tags_and_shuffles(write_json: WriteJson, make_record: Ma
     assert mixture == load_mixture([{"path": str(first), "limit": 4}, str(second)], seed=1)
     other_seed = load_mixture([{"path": str(first), "limit": 4}, str(second)], seed=2)
     assert [r["instruction"] for r in other_seed] != [r["instruction"] for r in mixture]
-    # The limit keeps a seeded random subset, not the file's first records.
+    # The limit keeps a seeded random subset, not the file's first records (as sets: the
+    # mixture is shuffled afterwards; tests/data/test_mixture_sampling.py has more).
     picked = {r["instruction"] for r in mixture if r["source"] == str(first)}
     assert picked <= {make_record(i)["instruction"] for i in range(10)}
+    assert picked != {make_record(i)["instruction"] for i in range(4)}
+    assert picked != {r["instruction"] for r in other_seed if r["source"] == str(first)}
     everything = load_mixture([{"path": str(first), "limit": 50}], seed=0)
     assert len(everything) == 10
 

@@ -320,9 +320,9 @@ def test_extractor_families_and_inference() -> None:
     assert infer_keyword_set(["answer1", "answer3"]) == KEYWORD_SETS["answer"]
     assert infer_keyword_set(["true", "false"]) == KEYWORD_SETS["boolean"]
     assert infer_keyword_set(["maybe"]) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="extractor type 'keyword' needs a list of choices"):
         make_extractor("keyword")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown extractor type 'nonsense'"):
         make_extractor("nonsense")
 
 

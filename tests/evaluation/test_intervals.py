@@ -48,5 +48,5 @@ def test_undefined_cases_and_percent_fields() -> None:
     low, high = wilson_interval(3, 4)
     assert fields["acc_norm_ci95"] == [round(100 * low, 4), round(100 * high, 4)]
     assert fields["acc_norm_stderr"] == round(100 * math.sqrt(0.75 * 0.25 / 3), 4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"need 0 <= successes <= n, got 5 of 4"):
         wilson_interval(5, 4)

@@ -3,7 +3,6 @@ layer slicing, vocabulary checks."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -181,10 +180,10 @@ def test_smollm2_alias_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         return original(*args, **kwargs)
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
-    start = time.perf_counter()
     again, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
-    assert calls == [None]  # read from the safetensors cache, not converted again
-    assert time.perf_counter() - start < 20
+    # read from the safetensors cache, not converted again (no timing: that is what proves it)
+    assert calls == [None]
+    torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
     prompt = tokenizer("What is 2 + 3?", return_tensors="pt")
     output = again.generate(**prompt, max_new_tokens=8, do_sample=False)
     text = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -170,14 +170,20 @@ def _kill_then_resume(
             target = target / "predictions.jsonl"
         with open(target, "a", encoding="utf-8") as handle:
             handle.write('{"index": 3, "instruction": "torn by the ki')
-    # Without --resume (or --overwrite) a started run is refused, and left as it is.
+    # Without --resume (or --overwrite) a started run is refused, and left as it is, byte
+    # for byte.
     if started:
-        before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+        before = snapshot(out)
         capsys.readouterr()
         assert cli_main(build(out)) == 2
         error = capsys.readouterr().err.strip()
         assert len(error.splitlines()) == 1 and "--resume" in error, error
-        assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+        assert snapshot(out) == before
+    metrics_before = (
+        (out / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+        if (out / "metrics.jsonl").is_file()
+        else []
+    )
     saved = [
         int(path.name.split("-")[1])
         for path in (out / "checkpoints").glob("checkpoint-*")
@@ -195,6 +201,26 @@ def _kill_then_resume(
         start = max(saved, default=0)
         assert summary["resumed_from_step"] == start, (summary, saved)
         assert summary["steps_run"] == summary["steps"] - start
+        # The lines logged before the kill, up to the checkpoint resumed from, are kept
+        # byte for byte (the resumed run appends after them; it does not rewrite them).
+        kept = []
+        for line in metrics_before:
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError):
+                break  # the torn tail
+            if step > start:
+                break
+            kept.append(line)
+        assert (out / "metrics.jsonl").read_bytes().splitlines(keepends=True)[: len(kept)] == kept
+
+
+def snapshot(directory: Path) -> dict[str, bytes | None]:
+    """Every path under ``directory`` with its bytes (None for a folder)."""
+    return {
+        str(path.relative_to(directory)): path.read_bytes() if path.is_file() else None
+        for path in sorted(directory.rglob("*"))
+    }
 
 
 def _assert_close(actual: object, expected: object, where: str) -> None:

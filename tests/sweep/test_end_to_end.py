@@ -12,6 +12,7 @@ import yaml
 from kdlab.cli import main as cli_main
 from kdlab.training import distill as distill_module
 from kdlab.training import finetune as finetune_module
+from kdlab_testing import tree_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -104,5 +105,7 @@ def test_changed_settings_are_refused(
     output = capsys.readouterr().out
     assert "existing run(s) were made with other settings" in output
     assert "train.learning_rate" in output
+    before = tree_bytes(finished_sweep["sweep"])
     assert cli_main(["sweep", grid, change]) == 2
     assert "--allow-changed" in capsys.readouterr().err
+    assert tree_bytes(finished_sweep["sweep"]) == before  # the refusal wrote nothing

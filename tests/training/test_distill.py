@@ -12,7 +12,6 @@ import yaml
 
 from kdlab.cli import main as cli_main
 from kdlab.config.core import load_config
-from kdlab.config.methods import get_method
 from kdlab.config.schema import DistillConfig, DistillSettings, FinetuneConfig, ModelConfig
 from kdlab.data.records import load_records
 from kdlab.data.tokenize import Collator, tokenize_records
@@ -70,7 +69,9 @@ def test_every_method_runs_and_writes_outputs(
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter"
     )
-    assert model is not None
+    # the run trained the adapter: LoRA B moved away from its zero initialisation
+    moved = [p.abs().max() for n, p in model.named_parameters() if "lora_B" in n]
+    assert moved and max(float(value) for value in moved) > 0
 
 
 def test_paper_method_names_are_accepted() -> None:
@@ -228,6 +229,7 @@ def test_missing_teacher_fails_before_loading(tmp_path: Path, capsys) -> None:
     config.write_text(yaml.safe_dump({"distill": {"method": "reverse_kl"}}))
     assert cli_main(["distill", str(config), f"train.output_dir={tmp_path / 'o'}"]) == 2
     assert "needs a teacher" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_tokenizer_mismatch_is_refused(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
@@ -241,24 +243,7 @@ def test_tokenizer_mismatch_is_refused(tiny_model_dir: Path, tmp_path: Path, cap
     args = distill_overrides(tiny_model_dir, other, tmp_path / "o", "forward_kl")
     assert cli_main(["distill", *args]) == 2
     assert "tokenizers differ" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("method", ["sft", "forward_kl"])
-def test_bf16_weights_and_mixed_precision(
-    tiny_model_dir: Path, tiny_teacher_dir: Path, tmp_path: Path, method: str
-) -> None:
-    """The CUDA defaults (bf16 weights, bf16 autocast), exercised on the CPU."""
-    out = tmp_path / method
-    config = _config(
-        tiny_model_dir,
-        tiny_teacher_dir,
-        out,
-        method,
-        "student.dtype=bfloat16",
-        *(["teacher.model.dtype=bfloat16"] if get_method(method).needs_teacher else []),
-        "train.mixed_precision=bf16",
-    )
-    summary = run_distill(config)
-    assert summary["steps"] == 2 and (out / "DONE").is_file()
-    # a second run in the same process with another mixed precision
-    run_distill(_config(tiny_model_dir, tiny_teacher_dir, tmp_path / "again", method))
+# bf16 runs: tests/training/test_feature_effects.py::test_bf16_runs_hold_bf16_weights_under_bf16_autocast

@@ -15,7 +15,7 @@ from kdlab.config.schema import FinetuneConfig
 from kdlab.training import loop as loop_module
 from kdlab.training.finetune import run_finetune
 from kdlab.training.loop import NumericalFaultError
-from kdlab_testing import finetune_overrides
+from kdlab_testing import finetune_overrides, tree_bytes
 
 
 def _config(model_dir: Path, output_dir: Path, *extra: str) -> FinetuneConfig:
@@ -48,6 +48,8 @@ def test_finetune_cli_writes_every_output(tiny_model_dir: Path, tmp_path: Path) 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model = PeftModel.from_pretrained(base, out / "adapter")
     assert any("lora_A" in name for name, _ in model.named_parameters())
+    moved = [p.abs().max() for n, p in model.named_parameters() if "lora_B" in n]
+    assert moved and max(float(value) for value in moved) > 0  # trained: B left its zero init
 
 
 @pytest.mark.parametrize("method", ["dora", "ia3", "full"])
@@ -83,7 +85,25 @@ def test_resume_reproduces_uninterrupted_run(
         run_finetune(_config(tiny_model_dir, interrupted, *settings))
     monkeypatch.setattr(loop_module.TrainingLoop, "save_checkpoint", original)
     assert not (interrupted / "DONE").exists()
-    run_finetune(_config(tiny_model_dir, interrupted, *settings), resume=True)
+    logged_before = (interrupted / "metrics.jsonl").read_bytes()
+    # Count the training micro-batches the resumed run computes: a resume that restarted at
+    # step 0 would reproduce the same weights and metric lines, but compute 12, not 6.
+    from kdlab.training.objectives import CrossEntropyObjective
+
+    real_call = CrossEntropyObjective.__call__
+    trained: list[int] = []
+
+    def counting(self, model, batch, training):
+        if training:
+            trained.append(int(batch["input_ids"].shape[0]))
+        return real_call(self, model, batch, training)
+
+    monkeypatch.setattr(CrossEntropyObjective, "__call__", counting)
+    summary = run_finetune(_config(tiny_model_dir, interrupted, *settings), resume=True)
+    assert trained == [2] * 6  # steps 4-6, two micro-batches of 2 each
+    assert summary["resumed_from_step"] == 3 and summary["steps_run"] == 3
+    # the lines logged up to the checkpoint are kept byte for byte
+    assert (interrupted / "metrics.jsonl").read_bytes().startswith(logged_before)
 
     expected = load_file(full / "adapter" / "adapter_model.safetensors")
     actual = load_file(interrupted / "adapter" / "adapter_model.safetensors")
@@ -107,7 +127,7 @@ def test_existing_output_dir_is_refused(tiny_model_dir: Path, tmp_path: Path, ca
     err = capsys.readouterr().err.strip()
     # a folder of the user's files: no advice to --overwrite it (that only replaces kdlab runs)
     assert len(err.splitlines()) == 1 and "keep.txt" in err and "did not write" in err
-    assert (out / "keep.txt").read_text() == "precious"
+    assert tree_bytes(out) == {"keep.txt": b"precious"}
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(

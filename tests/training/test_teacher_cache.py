@@ -37,7 +37,7 @@ from kdlab.training.teacher_cache import (
     default_teacher_cache_dir,
     teacher_cache_fingerprint,
 )
-from kdlab_testing import distill_overrides, save_tiny_model
+from kdlab_testing import distill_overrides, save_tiny_model, tree_bytes
 
 
 @pytest.fixture
@@ -335,9 +335,11 @@ def test_stage_refuses_a_directory_built_for_another_teacher(
         "forward_kl",
         f"distill.teacher_cache={directory}",
     )
+    before = tree_bytes(directory)
     assert cli_main(["distill", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert "another teacher/data/settings" in err and "teacher" in err
+    assert tree_bytes(directory) == before  # the other teacher's cache is left as it was
 
 
 def test_reuse_across_students_never_loads_the_teacher(
