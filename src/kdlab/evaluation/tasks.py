@@ -121,7 +121,11 @@ class Task:
         from kdlab.data.records import load_records
 
         source = self.data_source(data_dir)
-        if not _is_hub_id(source) and not Path(source).exists():
+        if (
+            not _is_hub_id(source)
+            and not source.startswith("generated:")
+            and not Path(source).exists()
+        ):
             raise DataError(f"task {self.name}: data file {source} not found")
         records = load_records(source, required_fields=("instruction", "answer"))
         return list(records if limit is None else records[:limit])
