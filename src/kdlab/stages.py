@@ -143,7 +143,8 @@ COMMANDS: dict[str, Command] = {
             Ref("kdlab.config.demo:StudyConfig"),
             resume_help="Accepted for symmetry: the study always continues (runs whose DONE "
             "exists are skipped).",
-            overwrite_help="Start from scratch (delete the output directory first).",
+            overwrite_help="Start from scratch: delete the output directory first (by "
+            "default the demo's, with the demo's runs).",
         ),
     ),
     "sweep": Command(

@@ -22,10 +22,10 @@ DEMO_QUICK_OUT = "runs/demo-quick"
 class _GridCommandConfig:
     """The keys the demo and the study share."""
 
-    out: str | None = config_field(
-        None,
-        help=f"Output directory (the grid's out_dir is replaced; default {DEMO_OUT}, or "
-        f"{DEMO_QUICK_OUT} with quick).",
+    out: str = config_field(
+        DEMO_OUT,
+        help=f"Output directory (replaces the grid's out_dir). With quick, the default "
+        f"{DEMO_OUT} becomes {DEMO_QUICK_OUT}, so that the tiny runs never meet the real ones.",
     )
     quick: bool = config_field(
         False, help="The packaged quick grid: a first look in a few minutes (tiny sizes)."
@@ -42,7 +42,7 @@ class _GridCommandConfig:
     )
 
     def __post_init__(self) -> None:
-        check(self.out is None or bool(self.out.strip()), "out", "must not be empty")
+        check(bool(self.out.strip()), "out", "must not be empty")
         check(self.model is None or bool(self.model.strip()), "model", "must not be empty")
         check(self.grid is None or bool(self.grid.strip()), "grid", "must not be empty")
         check(
@@ -53,10 +53,8 @@ class _GridCommandConfig:
 
     @property
     def out_dir(self) -> str:
-        """``out``, or the default for the (quick) packaged grid."""
-        if self.out is not None:
-            return self.out
-        return DEMO_QUICK_OUT if self.quick else DEMO_OUT
+        """``out``; with quick, the default directory is the quick one."""
+        return DEMO_QUICK_OUT if self.quick and self.out == DEMO_OUT else self.out
 
 
 @dataclass

@@ -213,10 +213,10 @@ class DemoResult:
         return next(run.run_dir for run in self.plan.runs if run.stage == "analysis")
 
 
-def demo_plan(config: DemoConfig) -> tuple[SweepPlan, SweepConfig]:
-    """The demo's grid (``out``, ``model`` applied) and its plan."""
+def demo_plan(config: DemoConfig) -> SweepPlan:
+    """The demo's plan: its grid (``out``, ``model`` applied; ``plan.config``) planned."""
     grid, grid_path = load_grid(config, "demo")
-    return plan_demo(grid, grid_path), grid
+    return plan_demo(grid, grid_path)
 
 
 def run(config: DemoConfig, *, resume: bool = False, overwrite: bool = False) -> DemoResult:
@@ -230,10 +230,12 @@ def run(config: DemoConfig, *, resume: bool = False, overwrite: bool = False) ->
     out = Path(config.out_dir)
     if overwrite and out.exists():
         shutil.rmtree(out)
-    plan, grid = demo_plan(config)
-    outcome = execute(plan, grid, extra_files={"demo.config.yaml": config_record(config)})
-    text = summary_text(plan, "kdlab demo: summary" + (" (quick: tiny sizes)" if config.quick
-                                                        else ""))  # fmt: skip
+    plan = demo_plan(config)
+    outcome = execute(plan, extra_files={"demo.config.yaml": config_record(config)})
+    title = "kdlab demo: summary"
+    if config.quick:
+        title += " (quick: tiny sizes, nothing to read into the numbers)"
+    text = summary_text(plan, title)
     path = out / SUMMARY_FILE
     atomic_write_text(path, text)
     return DemoResult(plan=plan, outcome=outcome, summary=text, summary_path=path)
@@ -252,7 +254,7 @@ def main(args: argparse.Namespace) -> int:
     """``kdlab demo``: ``args.config`` is the loaded :class:`DemoConfig`."""
     config: DemoConfig = args.config
     if args.dry_run:
-        plan, _ = demo_plan(config)
+        plan = demo_plan(config)
         print(describe(plan, "demo"), end="")  # noqa: T201
         return 0
     start = time.perf_counter()

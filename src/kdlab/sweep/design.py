@@ -62,9 +62,7 @@ def packaged_grid(command: str, quick: bool) -> Path:
 
 def _with_model(grid: SweepConfig, model: str) -> SweepConfig:
     """Every teacher and student of ``grid`` on ``model`` (students keep their slicing)."""
-    teachers = {
-        name: replace(entry, model=model) for name, entry in grid.teachers.items()
-    }  # fmt: skip
+    teachers = {name: replace(entry, model=model) for name, entry in grid.teachers.items()}
     students = {
         name: replace(entry, model={**entry.model_mapping, "name_or_path": model})
         for name, entry in grid.students.items()
@@ -293,9 +291,10 @@ class RecordingExecutor:
         self.inner.run(units, on_start=on_start, on_result=result)
 
 
-def execute(plan: SweepPlan, grid: SweepConfig, *, extra_files: dict[str, Any]) -> SweepOutcome:
-    """Run ``plan`` with the sweep runner (resumable); ``extra_files``: YAML files written
-    next to the grid copy (the command's own config)."""
+def execute(plan: SweepPlan, *, extra_files: dict[str, Any]) -> SweepOutcome:
+    """Run ``plan`` with the sweep runner (resumable); its grid is copied to
+    ``<out>/sweep_grids/<name>.yaml``, with ``extra_files`` (the command's own config)."""
+    grid = plan.config
     missing = missing_inputs(plan)
     if missing:
         shown = "; ".join(item.describe() for item in missing[:3])

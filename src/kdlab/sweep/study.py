@@ -86,12 +86,10 @@ def check_study_grid(grid: SweepConfig, source: str) -> None:
         _refuse(source, "the claims compare one student's runs of one teacher; the grid has "
                 f"{len(grid.teachers)} teacher(s) and {len(grid.students)} student(s)")  # fmt: skip
     specs = [grid.method_spec(name) for name in grid.methods]
-    needed = {"SFT (a method without teacher)": any(not spec.needs_teacher for spec in specs)}
-    for name in (FORWARD_KL, REVERSE_KL):
-        needed[name] = any(spec is get_method(name) for spec in specs)
-    absent = [name for name, present in needed.items() if not present]
-    if absent:
-        _refuse(source, f"the claims need the methods {', '.join(absent)}")
+    kinds = [None if not spec.needs_teacher else spec.name for spec in specs]
+    if sorted(kinds, key=str) != sorted([None, FORWARD_KL, REVERSE_KL], key=str):
+        _refuse(source, "methods must be one SFT entry, forward_kl and reverse_kl (the grid "
+                f"has {', '.join(grid.methods)}); run other methods with kdlab sweep")  # fmt: skip
     if [float(value) for value in grid.temperatures] != [1.0]:
         _refuse(source, "temperatures must be [1.0]: the study adds T = 5 itself")
     if [float(value) for value in grid.noise_stds] != [0.0]:
@@ -189,12 +187,12 @@ def plan_study(
     return plan
 
 
-def study_plan(config: StudyConfig) -> tuple[SweepPlan, SweepConfig]:
-    """The study's grid (``out``, ``model`` applied) and its plan."""
+def study_plan(config: StudyConfig) -> SweepPlan:
+    """The study's plan: its grid (``out``, ``model``, seeds applied; ``plan.config``)."""
     grid, grid_path = load_grid(config, "study")
-    seeds = list(config.seeds) if config.seeds is not None else list(grid.seeds)
+    seeds = list(dict.fromkeys(config.seeds if config.seeds is not None else grid.seeds))
     ablation_seeds = list(config.ablation_seeds) if config.ablation_seeds is not None else seeds[:1]
-    return plan_study(grid, grid_path, seeds=seeds, ablation_seeds=ablation_seeds), grid
+    return plan_study(grid, grid_path, seeds=seeds, ablation_seeds=ablation_seeds)
 
 
 # --------------------------------------------------------------------------- claims
@@ -248,9 +246,9 @@ def run(config: StudyConfig, *, resume: bool = False, overwrite: bool = False) -
     out = Path(config.out_dir)
     if overwrite and out.exists():
         shutil.rmtree(out)
-    plan, grid = study_plan(config)
+    plan = study_plan(config)
     record = {"study.config.yaml": config_record(config)}
-    outcome = execute(plan, grid, extra_files=record)
+    outcome = execute(plan, extra_files=record)
     text = write_claims(plan)
     return StudyResult(plan, outcome, text, out / f"{CLAIMS_STEM}.md")
 
@@ -259,7 +257,7 @@ def main(args: argparse.Namespace) -> int:
     """``kdlab study``: ``args.config`` is the loaded :class:`StudyConfig`."""
     config: StudyConfig = args.config
     if args.dry_run:
-        plan, _ = study_plan(config)
+        plan = study_plan(config)
         print(describe(plan, "study"), end="")  # noqa: T201
         return 0
     start = time.perf_counter()
