@@ -57,6 +57,7 @@ bench: setup
 	$(PY) benchmarks/loss_memory.py
 	$(PY) benchmarks/distill_step.py
 	$(PY) benchmarks/eval_throughput.py
+	$(PY) benchmarks/train_throughput.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -145,3 +145,74 @@ def write_partly_truncated_data(path: Path, *, normal: int = 6, truncated: int =
     ]
     path.write_text(json.dumps(records), encoding="utf-8")
     return path
+
+
+# Cross-tokenizer pairs: a second byte-level BPE with other merges, size and special tokens.
+_OTHER_CORPUS = [
+    *_CORPUS,
+    "The café serves crème brûlée. Unbelievable answers are unbelievably rare.",
+    "Therefore the total is 19 apples; the answers are 12, 7 and 19.",
+]
+
+
+def build_other_tiny_tokenizer():
+    """A second byte-level BPE tokenizer (≈ 360 tokens) that differs from
+    :func:`build_tiny_tokenizer` in its merges, its size and its special tokens' strings
+    (``<|pad|>``, ``<|begin|>``, ``<|endoftext|>`` at ids 0, 1, 2, the ids the tiny models'
+    configs expect). Its corpus has accented words, so ``é`` is one token here and two
+    byte tokens in the other tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=360,
+        special_tokens=["<|pad|>", "<|begin|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_OTHER_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|begin|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+    )
+
+
+def save_tiny_model_other_tokenizer(
+    directory: Path, *, layers: int = 2, hidden: int = 16, seed: int = 0
+) -> Path:
+    """:func:`save_tiny_model` with :func:`build_other_tiny_tokenizer`: paired with a
+    ``save_tiny_model`` directory it makes a teacher/student pair that shares no tokenizer."""
+    tokenizer = build_other_tiny_tokenizer()
+    model = build_tiny_model(len(tokenizer), layers=layers, hidden=hidden, seed=seed)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+#: A ChatML-like chat template for the tiny tokenizer: each turn is ``<s>ROLE\nTEXT</s>\n``;
+#: the generation prompt opens an assistant turn.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n"
+    "{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def build_tiny_chat_tokenizer():
+    """The tiny tokenizer with :data:`TINY_CHAT_TEMPLATE` (eos ``</s>`` ends each turn)."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_chat_model(directory: Path, *, layers: int = 2, hidden: int = 16) -> Path:
+    """:func:`save_tiny_model` whose tokenizer has a chat template (an "instruct" model)."""
+    tokenizer = build_tiny_chat_tokenizer()
+    model = build_tiny_model(len(tokenizer), layers=layers, hidden=hidden)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -32,3 +32,8 @@ class ModelError(KdlabError):
 
 class RunDirError(KdlabError):
     """A run directory that exists, is incomplete, or cannot be used."""
+
+
+class DamagedFileError(KdlabError, ValueError):
+    """A file kdlab wrote earlier that cannot be read back (a damaged line, a truncated
+    checkpoint). A ``ValueError`` too, as the JSON and YAML decoders' errors are."""

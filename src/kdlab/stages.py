@@ -17,8 +17,9 @@ when that subcommand runs, so ``kdlab --help`` loads no torch) and its one-line 
   stand for (``kdlab sweep --executor submitit`` = ``executor.name=submitit``), applied
   after the command line's so that ``--print-config`` shows them.
 
-Tool subcommands (``data``, ``models``, ``config``) have no config: ``add_arguments`` and
-``main(args)`` only.
+Tool subcommands (``data``, ``models``, ``config``, ``analyze``, ``export``) have no config
+file: ``add_arguments`` and ``main(args)`` only (``analyze`` and ``export`` build a typed
+config from their flags, which ``kdlab config`` describes).
 """
 
 from __future__ import annotations
@@ -125,6 +126,12 @@ COMMANDS: dict[str, Command] = {
         "kdlab.analysis.stage",
         "Accuracy, agreement, fidelity and the paper's statistics, as a report.",
         typed_config=Ref("kdlab.config.analysis:AnalyzeConfig"),
+    ),
+    "export": Command(
+        "kdlab.models.export",
+        "Write a run's model (its adapter merged on request), tokenizer and model card as a "
+        "standalone folder; optionally push it to the hub.",
+        typed_config=Ref("kdlab.config.export:ExportConfig"),
     ),
     "demo": Command(
         "kdlab.sweep.demo",

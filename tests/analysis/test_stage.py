@@ -174,6 +174,10 @@ class CharTokenizer:
         ids = [3 + ord(character) % 61 for character in text]
         return {"input_ids": ([1] if add_special_tokens else []) + ids}
 
+    def get_vocab(self) -> dict[str, int]:
+        """One vocabulary for every instance (the analysis checks teacher vs student)."""
+        return {f"<{index}>": index for index in range(64)}
+
 
 def test_token_fidelity_wiring(fake_sweep, analyze, tmp_path, monkeypatch) -> None:
     import copy

@@ -8,7 +8,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kdlab.analysis.token_fidelity import token_fidelity, token_fidelity_over_batches
+from kdlab.analysis.token_fidelity import (
+    aligned_token_fidelity_over_batches,
+    token_fidelity,
+    token_fidelity_over_batches,
+)
 
 
 def tiny_llama(seed: int, vocab_size: int = 64) -> LlamaForCausalLM:
@@ -148,3 +152,77 @@ def test_shape_mismatch_is_rejected(models, batch) -> None:
             batch["attention_mask"][:, :5],
             batch["response_mask"],
         )
+
+
+# --------------------------------------------------------------------------- cross-tokenizer
+
+
+@pytest.fixture(scope="module")
+def two_tokenizers():
+    from kdlab_testing import build_other_tiny_tokenizer, build_tiny_tokenizer
+
+    return build_tiny_tokenizer(), build_other_tiny_tokenizer()
+
+
+def _paired_batch(student_tokenizer, teacher_tokenizer):
+    from kdlab.data.alignment import (
+        CrossTokenizerCollator,
+        build_vocabulary_map,
+        tokenize_record_pairs,
+    )
+    from kdlab.data.records import load_records
+
+    vocabulary = build_vocabulary_map(student_tokenizer, teacher_tokenizer)
+    records = load_records("generated:arithmetic?split=test&n=3&seed=2")
+    records.append({"instruction": "Say it.", "input": "", "output": "The café: 19 apples."})
+    examples = tokenize_record_pairs(records, student_tokenizer, teacher_tokenizer, vocabulary)
+    collate = CrossTokenizerCollator(student_tokenizer.pad_token_id, teacher_tokenizer.pad_token_id)
+    return collate(examples), vocabulary
+
+
+def test_aligned_path_with_one_tokenizer_equals_the_token_path(two_tokenizers) -> None:
+    tokenizer = two_tokenizers[0]
+    teacher, student = tiny_llama(4, len(tokenizer)), tiny_llama(5, len(tokenizer))
+    batch, vocabulary = _paired_batch(tokenizer, tokenizer)
+    aligned = aligned_token_fidelity_over_batches(teacher, student, [batch], vocabulary.shared)
+    plain = token_fidelity_over_batches(teacher, student, [batch])
+    assert aligned["n_tokens"] == plain["n_tokens"] > 20
+    for key in ("kl", "top1_agreement", "teacher_top1_accuracy", "student_top1_accuracy"):
+        assert aligned[key] == pytest.approx(plain[key], rel=1e-5), key
+    assert aligned["kl"] > 0
+
+
+def test_cross_tokenizer_fidelity_matches_a_direct_computation(two_tokenizers) -> None:
+    student_tokenizer, teacher_tokenizer = two_tokenizers
+    teacher = tiny_llama(6, len(teacher_tokenizer) + 8)  # padded lm_head rows: no token
+    student = tiny_llama(7, len(student_tokenizer))
+    batch, vocabulary = _paired_batch(student_tokenizer, teacher_tokenizer)
+    result = aligned_token_fidelity_over_batches(teacher, student, [batch], vocabulary.shared)
+    with torch.no_grad():
+        teacher_logits = teacher(
+            input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]
+        ).logits.double()
+        student_logits = student(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits.double()
+    pairs = vocabulary.teacher_to_student
+    shared_teacher = sorted(pairs)
+    shared_student = [pairs[index] for index in shared_teacher]
+    kls, agree, teacher_hits, student_hits = [], [], [], []
+    for row in range(batch["input_ids"].shape[0]):
+        student_positions = batch["align_student_mask"][row].nonzero().squeeze(-1).tolist()
+        teacher_positions = batch["align_teacher_mask"][row].nonzero().squeeze(-1).tolist()
+        for s_pos, t_pos in zip(student_positions, teacher_positions, strict=True):
+            t = teacher_logits[row, t_pos, : len(teacher_tokenizer)]
+            s = student_logits[row, s_pos]
+            log_p = torch.log_softmax(t[shared_teacher], -1)
+            log_q = torch.log_softmax(s[shared_student], -1)
+            kls.append(float((log_p.exp() * (log_p - log_q)).sum()))
+            agree.append(pairs.get(int(t.argmax()), -1) == int(s.argmax()))
+            teacher_hits.append(int(t.argmax()) == int(batch["teacher_input_ids"][row, t_pos + 1]))
+            student_hits.append(int(s.argmax()) == int(batch["input_ids"][row, s_pos + 1]))
+    assert result["n_tokens"] == len(kls) > 20
+    assert result["kl"] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+    assert result["top1_agreement"] == pytest.approx(sum(agree) / len(agree))
+    assert result["teacher_top1_accuracy"] == pytest.approx(sum(teacher_hits) / len(kls))
+    assert result["student_top1_accuracy"] == pytest.approx(sum(student_hits) / len(kls))

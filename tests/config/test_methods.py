@@ -11,6 +11,7 @@ import pytest
 from kdlab.cli import main as cli_main
 from kdlab.config.core import load_config
 from kdlab.config.methods import (
+    CROSS_TOKENIZER_DIVERGENCES,
     DIVERGENCE_PARAMETERS,
     METHODS,
     PAPER_METHOD_NAMES,
@@ -21,21 +22,89 @@ from kdlab.config.methods import (
 )
 from kdlab.config.schema import DistillConfig, DistillSettings
 from kdlab.errors import ConfigError
-from kdlab.losses import DIVERGENCES
+from kdlab.losses import CROSS_TOKENIZER_LOSSES, DIVERGENCES
 from kdlab_testing import REPO_ROOT
 
 SOURCE = REPO_ROOT / "src" / "kdlab"
 
 
 def test_every_divergence_is_an_off_policy_method_reading_its_parameters() -> None:
-    assert set(DIVERGENCE_PARAMETERS) == set(DIVERGENCES)
+    assert set(DIVERGENCE_PARAMETERS) == set(DIVERGENCES) | set(CROSS_TOKENIZER_LOSSES)
     for name, divergence in DIVERGENCES.items():
         spec = METHODS[name]
         assert spec.default_divergence == name and spec.needs_teacher and spec.cacheable
         assert not spec.on_policy and not spec.teacher_responses
         assert DIVERGENCE_PARAMETERS[name] == divergence.reads
     for spec in METHODS.values():
-        assert spec.default_divergence is None or spec.default_divergence in DIVERGENCES
+        assert spec.default_divergence is None or spec.default_divergence in DIVERGENCE_PARAMETERS
+
+
+def test_every_cross_tokenizer_loss_is_a_method_tied_to_the_table() -> None:
+    """The second registry: each cross-tokenizer loss is a method, a divergence choice and a
+    loss spec; it reads exactly temperature, reduction, T² scaling and kd_weight."""
+    assert CROSS_TOKENIZER_DIVERGENCES == set(CROSS_TOKENIZER_LOSSES) == {"uld", "aligned_kl"}
+    assert not CROSS_TOKENIZER_DIVERGENCES & set(DIVERGENCES)
+    for name in CROSS_TOKENIZER_LOSSES:
+        spec = METHODS[name]
+        assert spec.default_divergence == name and spec.needs_teacher
+        assert not spec.cacheable and not spec.on_policy and not spec.teacher_responses
+        settings = DistillSettings(method=name)
+        assert spec.cross_tokenizer(settings)
+        assert settings.loss_spec is not None and settings.loss_spec.divergence == name
+        assert spec.keys_read(settings) == {
+            "method",
+            "chunk_size",
+            "divergence",
+            "kd_weight",
+            "temperature",
+            "scale_by_t2",
+            "reduction",
+        }
+        assert DIVERGENCE_PARAMETERS[name] == ()
+    # gkd with a cross-tokenizer divergence: on-policy across tokenizers.
+    gkd = DistillSettings(method="gkd", divergence="uld")
+    assert gkd.spec.cross_tokenizer(gkd) and gkd.spec.on_policy
+    assert {"lambda_on_policy", "generation.max_new_tokens"} <= gkd.spec.keys_read(gkd)
+    assert "beta" not in gkd.spec.keys_read(gkd)
+    for same in (DistillSettings(method="forward_kl"), DistillSettings(method="gkd")):
+        assert not same.spec.cross_tokenizer(same)
+
+
+@pytest.mark.parametrize(
+    ("method", "key", "value"),
+    [
+        ("uld", "loss_on", "all"),
+        ("aligned_kl", "loss_on", "all"),
+        ("uld", "noise_std", 1.0),
+        ("aligned_kl", "beta", 0.2),
+        ("uld", "skew", 0.3),
+        ("aligned_kl", "teacher_cache_topk", 8),
+        ("uld", "lambda_on_policy", 0.9),
+    ],
+)
+def test_a_cross_tokenizer_method_refuses_what_it_does_not_read(
+    method: str, key: str, value: object
+) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(DistillConfig, None, [f"distill.method={method}", f"distill.{key}={value}"])
+    assert f"'distill.{key}'" in error.value.one_line()
+
+
+def test_cross_tokenizer_runs_refuse_the_teacher_cache_with_the_tables_reason() -> None:
+    for settings in (
+        DistillSettings(method="uld"),
+        DistillSettings(method="aligned_kl", temperature=2.0),
+        DistillSettings(method="gkd", divergence="aligned_kl"),
+        DistillSettings(method="forward_kl", divergence="uld"),
+    ):
+        refusal = teacher_cache_refusal(settings)
+        assert refusal is not None and "two tokenizers" in refusal, settings
+        assert not settings.spec.uses_teacher_cache(settings, "auto")
+    with pytest.raises(ConfigError) as error:
+        load_config(DistillConfig, None, ["distill.method=uld", "distill.teacher_cache=auto"])
+    message = error.value.one_line()
+    assert "'distill.teacher_cache'" in message and "two tokenizers" in message
+    assert len(message.splitlines()) == 1
 
 
 def test_symmetric_kl_is_a_method_through_the_registry_alone() -> None:

@@ -18,7 +18,7 @@ import yaml
 from kdlab.config.evaluation import load_eval_config
 from kdlab.evaluation import evaluate
 from kdlab.evaluation.extractors import EXTRACTOR_TYPES
-from kdlab.evaluation.generation import HFGenerator
+from kdlab.evaluation.generation import Generation, HFGenerator
 from kdlab.evaluation.stage import import_paper_eval_args
 from kdlab.utils.intervals import wilson_interval
 from kdlab.utils.io import read_jsonl
@@ -210,8 +210,8 @@ class FixedGenerator:
     def prompt_lengths(self, prompts):
         return [len(prompt) for prompt in prompts]
 
-    def generate(self, prompts, *, seed):
-        return [self.text for _ in prompts]
+    def generate(self, prompts, *, seeds, batch_size, on_result=None):
+        return [Generation(self.text, "eos", 8) for _ in prompts]
 
 
 def test_both_rules_and_their_intervals_reach_metrics_and_summaries(tmp_path) -> None:

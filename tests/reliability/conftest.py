@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from kdlab.utils.locking import LOCK_FILE
+
 #: Eval items written for the reliability tests (independent of ../shared).
 GSM8K_ITEMS = [
     {
@@ -128,7 +130,7 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:
         return {}
     state: dict[str, tuple[int, int, str]] = {}
     for path in sorted(directory.rglob("*")):
-        if path.is_file():
+        if path.is_file() and path.name != LOCK_FILE:
             stat = path.stat()
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             state[str(path.relative_to(directory))] = (stat.st_size, stat.st_mtime_ns, digest)
@@ -137,7 +139,9 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:
 
 @pytest.fixture(scope="session")
 def snapshot() -> Snapshot:
-    """``snapshot(dir)`` → {relative path: (size, mtime_ns, sha256)} of every file under it."""
+    """``snapshot(dir)`` → {relative path: (size, mtime_ns, sha256)} of every file under it
+    but kdlab's lock files (``.kdlab.lock``: every process that locks a directory writes its
+    PID there; it is no result, and is never deleted)."""
     return _snapshot
 
 

@@ -8,9 +8,13 @@ The cases are a table: one :class:`Case` per line. ``argv`` may use these placeh
 ``<tiny>``    the hidden-16 tiny model; ``<teacher>`` the hidden-32 one
 ``<out>``     a folder of existing outputs (snapshotted before, compared after):
               ``<out>/run`` a finished training run, ``<out>/eval`` a finished
-              evaluation, ``<out>/notes.txt`` a user file; ``<out>/new`` is free
+              evaluation, ``<out>/dotted`` one with the user's ``.env`` and ``.git``,
+              ``<out>/link`` a symbolic link to ``<out>/run``, ``<out>/notes.txt`` a
+              user file; ``<out>/new`` is free
 ``<models>``  odd model folders: ``pickle_only``, ``no_config``, ``other_tokenizer``,
-              ``weights.bin`` (a file)
+              ``weights.bin`` (a file), ``truncated_weights`` (model.safetensors cut in
+              half), ``narrow_teacher`` (the tiny tokenizer, an lm_head 8 rows short),
+              ``truncated_adapter`` (``<adapter>`` with its weights cut to 100 bytes)
 ``<adapter>`` a LoRA adapter made for the hidden-32 model
 ``<evaldata>`` eval data in the LLM-Adapters layout (gsm8k, boolq)
 ============  ================================================================
@@ -29,6 +33,8 @@ from pathlib import Path
 import pytest
 
 from kdlab.cli import main as cli_main
+from kdlab.utils.locking import LOCK_FILE
+from kdlab_testing import build_tiny_model
 
 CORPUS = Path(__file__).resolve().parent / "bad_inputs"
 PROGRESS = re.compile(r"\d+%\|.*\|")
@@ -88,6 +94,12 @@ CASES: list[Case] = [
          "distill.beta", "1.5"),
     case("yaml-epochs-infinite", with_file(FT, "infinite_epochs.yaml", "train.max_steps"),
          "train.num_epochs", "inf"),
+    case("yaml-duplicate-section", with_file(FT, "duplicate_section.yaml", "train."),
+         "duplicate_section.yaml", "'train' is given twice", "lines 2 and 7"),
+    case("yaml-alias-bomb", with_file(FT, "alias_bomb.yaml"), "alias_bomb.yaml", "aliases",
+         subprocess=True),
+    case("yaml-alias-cycle", with_file(FT, "alias_cycle.yaml"), "alias_cycle.yaml",
+         "refers to a mapping or list that contains it"),
     case("paper-args-invalid-json", (*FT, "--from-paper-args", "<bad>/paper_args_invalid.json"),
          "paper_args_invalid.json", "JSON"),
     case("paper-args-not-object", ("eval", "--from-paper-args", "<bad>/paper_args_list.json"),
@@ -102,6 +114,12 @@ CASES: list[Case] = [
     case("peft-method-unknown", (*FT, "peft.method=notapeft"), "peft.method", "notapeft"),
     case("peft-dropout-1", (*FT, "peft.dropout=1.0"), "peft.dropout", "1.0"),
     case("peft-rank-0", (*FT, "peft.r=0"), "peft.r", "0"),
+    case("peft-options-unknown", (*FT, "peft.options={foo: 1}"), "peft.options", "'foo'"),
+    case("peft-options-unknown-distill", (*DI, "peft.options={foo: 1}"), "peft.options", "'foo'"),
+    case("override-duplicate-key", (*FT, "peft.options={a: 1, a: 2}"), "'peft.options'",
+         "'a' is given twice"),
+    case("val-set-size-larger-than-data", (*FT, "data.val_set_size=8"), "data.val_set_size = 8",
+         "8 training records"),
     case("batch-not-multiple", (*FT, "train.batch_size=3"), "train.batch_size", "3"),
     case("cutoff-too-short", (*FT, "data.cutoff_len=4"), "data.cutoff_len", "4"),
     case("max-steps-0", (*FT, "train.max_steps=0"), "train.max_steps", "0"),
@@ -178,6 +196,12 @@ CASES: list[Case] = [
          "'weight'", "-1"),
     case("data-generator-unknown", (*FT, "data.train_files=['generated:geometry?n=3']"),
          "geometry"),
+    case("data-lone-surrogate", (*FT, "data.train_files=[<bad>/surrogate.json]"),
+         "surrogate.json", "record 1", "'instruction'", "unpaired surrogate", subprocess=True),
+    case("data-lone-surrogate-distill", (*DI, "data.train_files=[<bad>/surrogate.json]"),
+         "surrogate.json", "record 1", "unpaired surrogate"),
+    case("data-duplicate-key", (*FT, "data.train_files=[<bad>/duplicate_key.json]"),
+         "duplicate_key.json", "record 0", "'output' is given twice"),
     case("data-validate-binary", ("data", "validate", "<bad>/binary.json"), "binary.json", "NUL"),
     # ---------------------------------------------------------------- evaluation
     case("eval-limit--1", with_file(EV, "eval_limit_negative.yaml", "limit"), "'limit'", "-1"),
@@ -236,7 +260,52 @@ CASES: list[Case] = [
     case("eval-overwrite-bad-limit", (*EV, "output_dir=<out>/eval", "limit=-3", "--overwrite"),
          "'limit'", "-3"),
     case("eval-overwrite-foreign-files", (*EV, "output_dir=<out>", "--overwrite"), "notes.txt",
-         "refusing"),
+         "did not write"),
+    # ------------------------------------------------ --overwrite owns only kdlab's files
+    case("finetune-overwrite-user-files", (*FT, "train.output_dir=<out>", "--overwrite"),
+         "notes.txt", "did not write", "nothing was deleted"),
+    case("finetune-overwrite-empty-output-dir", (*FT, "train.output_dir=", "--overwrite"),
+         "train.output_dir is empty"),
+    case("finetune-overwrite-symlink", (*FT, "train.output_dir=<out>/link", "--overwrite"),
+         "<out>/link", "symbolic link"),
+    case("eval-overwrite-dot-files", (*EV, "output_dir=<out>/dotted", "--overwrite"),
+         "<out>/dotted", ".env", "did not write"),
+    case("eval-overwrite-symlink", (*EV, "output_dir=<out>/link", "--overwrite"), "symbolic link"),
+    # ---------------------------- --overwrite replaces nothing before the new run can start
+    case("finetune-overwrite-missing-target-modules", (*FT, "train.output_dir=<out>/run",
+         "peft.target_modules=[nope]", "--overwrite"), "'nope'", subprocess=True),
+    case("finetune-overwrite-truncated-weights", (*FT, "train.output_dir=<out>/run",
+         "model.name_or_path=<models>/truncated_weights", "--overwrite"), "truncated_weights",
+         "damaged or truncated"),
+    case("distill-overwrite-missing-target-modules", (*DI, "train.output_dir=<out>/run",
+         "peft.target_modules=[nope]", "--overwrite"), "'nope'"),
+    case("distill-overwrite-teacher-vocabulary", (*DI[:2],
+         "teacher.model.name_or_path=<models>/narrow_teacher", *DI[3:8],
+         "train.output_dir=<out>/run", "--overwrite"), "logit widths", "smaller"),
+    case("distill-seqkd-overwrite-lone-surrogate", (*DI, "train.output_dir=<out>/run",
+         "distill.method=seqkd", "distill.generation.max_new_tokens=4",
+         "data.train_files=[<bad>/surrogate.json]", "--overwrite"), "surrogate.json",
+         "unpaired surrogate"),
+    case("distill-overwrite-bad-options", (*DI, "train.output_dir=<out>/run",
+         "peft.options={foo: 1}", "--overwrite"), "peft.options"),
+    case("eval-overwrite-foreign-adapter", (*EV, "output_dir=<out>/eval", "adapter=<adapter>",
+         "--overwrite"), "<adapter>", "does not fit", subprocess=True),
+    case("eval-overwrite-truncated-adapter", (*EV, "output_dir=<out>/eval",
+         "adapter=<models>/truncated_adapter", "--overwrite"), "truncated_adapter",
+         "damaged or truncated"),
+    case("eval-overwrite-truncated-weights", (*EV, "output_dir=<out>/eval",
+         "model.name_or_path=<models>/truncated_weights", "--overwrite"), "truncated_weights",
+         "damaged or truncated"),
+    # ---------------------------------------------------------------- sweeps
+    case("sweep-name-escapes", ("sweep", "name=/../../x", "students=[<tiny>]", "methods=[sft]",
+         "out_dir=<out>/new", "--only-plan"), "sweep name '/../../x'"),
+    case("sweep-out-dir-is-a-file-dry-run", ("sweep", "students=[<tiny>]", "methods=[sft]",
+         "out_dir=<out>/notes.txt", "--dry-run", "--no-eval"), "<out>/notes.txt", "not a directory"),
+    case("sweep-out-dir-is-a-file-only-plan", ("sweep", "students=[<tiny>]", "methods=[sft]",
+         "out_dir=<out>/notes.txt", "--only-plan"), "<out>/notes.txt", "not a directory"),
+    case("sweep-students-differ-by-case", ("sweep", "students={Tiny: <tiny>, tiny: <tiny>}",
+         "methods=[sft]", "out_dir=<out>/new", "--dry-run", "--no-eval"), "'Tiny' and 'tiny'",
+         "only by case"),
 ]  # fmt: skip
 
 
@@ -273,6 +342,13 @@ def _existing_outputs(out: Path) -> None:
     (evaluation / "gsm8k" / "metrics.json").write_text('{"accuracy": 50.0}\n')
     (evaluation / "DONE").write_text("{}")
     (out / "notes.txt").write_text("the user's own file\n")
+    # an evaluation folder the user keeps other things in (eval --overwrite owned every
+    # dot-file once)
+    shutil.copytree(evaluation, out / "dotted")
+    (out / "dotted" / ".env").write_text("API_KEY=secret\n")
+    (out / "dotted" / ".git").mkdir()
+    (out / "dotted" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (out / "link").symlink_to(run, target_is_directory=True)
 
 
 def _odd_models(models: Path, tiny: Path) -> None:
@@ -294,6 +370,13 @@ def _odd_models(models: Path, tiny: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(other)
     tokenizer.add_tokens(["<extra_a>", "<extra_b>"])
     tokenizer.save_pretrained(other)
+    truncated = models / "truncated_weights"  # a copy cut short, as a full disk leaves it
+    shutil.copytree(tiny, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    narrow = models / "narrow_teacher"  # the same tokenizer, an lm_head too narrow for it
+    build_tiny_model(len(tokenizer) - 8, layers=2, hidden=16, seed=3).save_pretrained(narrow)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(narrow)
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +391,10 @@ def world(
     models = root / "models"
     models.mkdir()
     _odd_models(models, tiny_model_dir)
+    adapter = models / "truncated_adapter"
+    shutil.copytree(foreign_adapter_dir, adapter)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
     return World(
         {
             "bad": CORPUS,
@@ -394,6 +481,7 @@ def test_a_failed_model_load_does_not_block_the_next_eval(world: World, outputs:
     corrected command need --resume or --overwrite."""
     bad = next(c for c in CASES if c.id == "adapter-other-base")
     assert cli_main(world.argv(bad)) == 2
-    assert [p.name for p in (outputs / "new").rglob("*") if p.is_file()] == ["config.yaml"]
+    written = [p.name for p in (outputs / "new").rglob("*") if p.is_file()]
+    assert sorted(written) == sorted(["config.yaml", LOCK_FILE])
     assert cli_main([world.fill(a) for a in EV]) == 0
     assert (outputs / "new" / "DONE").is_file()

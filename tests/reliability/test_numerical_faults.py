@@ -146,7 +146,7 @@ def _empty_micro_batches(config: DistillConfig | FinetuneConfig, model_dir: Path
     train, _ = build_examples(
         load_training_records(config.data), load_tokenizer(ModelConfig(str(model_dir))), config.data
     )
-    stream = DataStream(train, config.train.micro_batch_size, config.train.seed)
+    stream = DataStream.from_config(train, config.train)
     micro_batches = config.train.max_steps * config.train.batch_size // stream.micro_batch_size
     return sum(
         not any(has_response_token(example) for example in stream.micro_batch(index))

@@ -29,6 +29,9 @@ EXPECTED = {
     "qwen_base_teacher": (4, 4, 4, 10, 18),
     # Both families: the same 5 pairs × σ 1, 2, 5.
     "qwen_noise": (4, 4, 4, 30, 38),
+    # Cross-family (issue 16): Llama-8B→{Qwen 0.5B, 1.5B}, Qwen-7B→{Llama 1B, 3B}: aligned_kl
+    # and uld at T 1, 2 + GKD (aligned_kl) at T 1 = 5 per pair.
+    "cross_family_math": (2, 4, 0, 20, 26),
 }
 
 

@@ -28,8 +28,15 @@ from kdlab.training.finetune import run_finetune
 from kdlab.training.loop import DataStream
 from kdlab_testing import distill_overrides, finetune_overrides, write_partly_truncated_data
 
-#: deterministic runs (no dropout) that move the weights far enough to see a difference
-COMMON = ["peft.dropout=0", "train.learning_rate=1e-2", "train.max_steps=3", "train.batch_size=4"]
+#: deterministic runs (no dropout) that move the weights far enough to see a difference;
+#: length grouping (the default) spelled out: it must not change what a step covers
+COMMON = [
+    "peft.dropout=0",
+    "train.learning_rate=1e-2",
+    "train.max_steps=3",
+    "train.batch_size=4",
+    "train.group_by_length=true",
+]
 
 
 def write_uneven_data(path: Path) -> Path:
@@ -117,6 +124,32 @@ def test_micro_batch_size_does_not_change_the_weights(
         assert final[1]["final_validation"][key] == pytest.approx(value, rel=1e-5), key
 
 
+def test_the_uneven_data_is_read_in_another_order_with_grouping(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The tests above run with length grouping: on their data it does change which
+    examples each micro-batch holds (so they check the grouped stream, not main's order)."""
+    data = write_uneven_data(tmp_path / "uneven.json")
+    config = load_config(
+        FinetuneConfig,
+        None,
+        [*_finetune_args(tiny_model_dir, data, tmp_path / "unused"), "train.micro_batch_size=1"],
+    )
+    train, _ = build_examples(
+        load_training_records(config.data),
+        load_tokenizer(ModelConfig(str(tiny_model_dir))),
+        config.data,
+    )
+    grouped = DataStream.from_config(train, config.train)
+    plain = DataStream(train, 1, config.train.seed, batch_size=4, group_by_length=False)
+    steps = range(3 * 4)  # the 3 steps of 4 micro-batches of 1
+    assert [grouped.micro_batch(i)[0]["index"] for i in steps] != [
+        plain.micro_batch(i)[0]["index"] for i in steps
+    ]
+    lengths = [len(grouped.micro_batch(i)[0]["input_ids"]) for i in range(4)]
+    assert lengths == sorted(lengths, reverse=True)
+
+
 def _torchrun(arguments: list[str], *, timeout: int = 240) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc_per_node 2 -m kdlab ...`` (gloo on CPU)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
@@ -180,8 +213,11 @@ def test_two_processes_do_not_hang_when_one_rank_has_no_response_token(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """batch 2 = 2 processes × 1: in some step one rank's record has no response token left
-    and the other's has some. Today's main skipped the backward on one rank only and the
-    other waited forever in DDP's all-reduce."""
+    and the other's has some. An older main skipped the backward on one rank only and the
+    other waited forever in DDP's all-reduce. With length grouping the longer (truncated)
+    record of a step goes to rank 0, whose micro-batches are then all empty: main counted
+    skipped micro-batches per process, and rank 0 failed the run as "100 % skipped" while
+    rank 1 trained. The count is the run's, over both processes."""
     data = write_partly_truncated_data(tmp_path / "data.json")
     out = tmp_path / "run"
     args = finetune_overrides(
@@ -191,7 +227,7 @@ def test_two_processes_do_not_hang_when_one_rank_has_no_response_token(
         "data.val_set_size=2",
         "train.batch_size=2",
         "train.micro_batch_size=1",
-        "train.max_steps=4",
+        "train.max_steps=5",
     )
     config = load_config(FinetuneConfig, None, args)
     train, _ = build_examples(
@@ -199,16 +235,18 @@ def test_two_processes_do_not_hang_when_one_rank_has_no_response_token(
         load_tokenizer(ModelConfig(str(tiny_model_dir))),
         config.data,
     )
-    stream = DataStream(train, 1, config.train.seed)
+    stream = DataStream.from_config(train, config.train)
     mixed = [
         step
-        for step in range(4)
+        for step in range(5)
         if has_response_token(stream.micro_batch(2 * step)[0])
         != has_response_token(stream.micro_batch(2 * step + 1)[0])
     ]
     assert mixed, "the fixture must give one rank an empty micro-batch in some step"
+    empty = [not has_response_token(stream.micro_batch(index)[0]) for index in range(10)]
+    assert all(empty[0::2]) and not all(empty[1::2]), "rank 0 empty in every step"
     result = _torchrun(["finetune", *args], timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_two_processes(out)
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["skipped_batches"] >= 1
+    assert summary["skipped_batches"] == sum(empty)

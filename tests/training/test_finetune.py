@@ -105,7 +105,8 @@ def test_existing_output_dir_is_refused(tiny_model_dir: Path, tmp_path: Path, ca
     code = cli_main(["finetune", *finetune_overrides(tiny_model_dir, out)])
     assert code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--overwrite" in err
+    # a folder of the user's files: no advice to --overwrite it (that only replaces kdlab runs)
+    assert len(err.splitlines()) == 1 and "keep.txt" in err and "did not write" in err
     assert (out / "keep.txt").read_text() == "precious"
 
 

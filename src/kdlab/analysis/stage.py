@@ -57,6 +57,7 @@ from kdlab.analysis.plots import (
 from kdlab.analysis.report import (
     REPORT_HTML,
     REPORT_MD,
+    STATISTICS_CSV,
     ReportPlot,
     ReportSection,
     ReportTable,
@@ -82,6 +83,11 @@ logger = logging.getLogger(__name__)
 
 #: The resolved config, written first: it marks the directory as a kdlab analysis.
 CONFIG_FILE = "analysis.yaml"
+#: Files of the report's own (no section folder may take their names).
+_REPORT_NAMES = frozenset(
+    name.lower()
+    for name in (CONFIG_FILE, REPORT_MD, REPORT_HTML, STATISTICS_CSV, "SWEEP_INPUTS.json")
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,8 +100,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "section"
+def _slug(text: str, taken: set[str] | None = None) -> str:
+    """A section's folder name under out_dir, from user text (``--label``, a run.json's
+    ``task_family``): letters, digits and ``_ . -``, never ``.``/``..`` or another dot
+    name, never a report file's name, and (with ``taken``) unique in the report."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_").lstrip("._") or "section"
+    if slug.lower() in _REPORT_NAMES:
+        slug = f"{slug}_section"
+    if taken is not None:
+        base, number = slug, 2
+        while slug.lower() in taken:
+            slug, number = f"{base}-{number}", number + 1
+        taken.add(slug.lower())
+    return slug
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -319,14 +336,23 @@ def compute_token_fidelity(
     :func:`kdlab.analysis.token_fidelity.token_fidelity_over_batches`.
     """
     try:
+        from kdlab.data.alignment import (
+            CrossTokenizerCollator,
+            build_vocabulary_map,
+            tokenize_record_pairs,
+        )
         from kdlab.data.records import TRAIN_FIELDS, load_records
         from kdlab.data.tokenize import Collator, tokenize_records
         from kdlab.models.loading import load_run_model
+        from kdlab.models.vocab import same_tokenizer
     except ImportError as error:  # pragma: no cover - depends on the install
         raise ModelError(
             f"--token-fidelity needs kdlab.models and kdlab.data, which failed to import: {error}"
         ) from error
-    from kdlab.analysis.token_fidelity import token_fidelity_over_batches
+    from kdlab.analysis.token_fidelity import (
+        aligned_token_fidelity_over_batches,
+        token_fidelity_over_batches,
+    )
 
     pairs = _token_fidelity_pairs(collection, runs)
     if not pairs:
@@ -344,19 +370,36 @@ def compute_token_fidelity(
             loaded[run.run_dir] = load_run_model(run.run_dir)
         return loaded[run.run_dir]
 
-    for teacher, student in pairs:
-        teacher_model, _ = model_of(teacher)
-        student_model, tokenizer = model_of(student)
-        examples = tokenize_records(records, tokenizer, cutoff_len=cutoff_len)
-        pad_id = tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        collate = Collator(pad_token_id=int(pad_id))
-        batches = (
+    def pad_id(tokenizer: Any) -> int:
+        if tokenizer.pad_token_id is not None:
+            return int(tokenizer.pad_token_id)
+        return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
+
+    def batches_of(examples: list[dict[str, Any]], collate: Any) -> Any:
+        return (
             collate(examples[start : start + batch_size])
             for start in range(0, len(examples), batch_size)
         )
-        result = token_fidelity_over_batches(teacher_model, student_model, batches)
+
+    for teacher, student in pairs:
+        teacher_model, teacher_tokenizer = model_of(teacher)
+        student_model, tokenizer = model_of(student)
+        if same_tokenizer(teacher_tokenizer, tokenizer):
+            positions = "response tokens"
+            examples = tokenize_records(records, tokenizer, cutoff_len=cutoff_len)
+            batches = batches_of(examples, Collator(pad_token_id=pad_id(tokenizer)))
+            result = token_fidelity_over_batches(teacher_model, student_model, batches)
+        else:
+            # Another tokenizer: each model reads its own tokens, compared where aligned.
+            positions = "aligned positions (cross-tokenizer)"
+            vocabulary = build_vocabulary_map(tokenizer, teacher_tokenizer)
+            examples = tokenize_record_pairs(
+                records, tokenizer, teacher_tokenizer, vocabulary, cutoff_len=cutoff_len
+            )
+            collate = CrossTokenizerCollator(pad_id(tokenizer), pad_id(teacher_tokenizer))
+            result = aligned_token_fidelity_over_batches(
+                teacher_model, student_model, batches_of(examples, collate), vocabulary.shared
+            )
         rows.append(
             {
                 TEACHER: teacher.student_label,
@@ -367,6 +410,7 @@ def compute_token_fidelity(
                 "teacher top-1 accuracy (%)": 100.0 * result["teacher_top1_accuracy"],
                 "student top-1 accuracy (%)": 100.0 * result["student_top1_accuracy"],
                 "tokens": result["n_tokens"],
+                "positions": positions,
                 "student_run": str(student.run_dir),
                 "teacher_run": str(teacher.run_dir),
             }
@@ -466,6 +510,7 @@ def run_sections(config: AnalyzeConfig) -> list[ReportSection]:
     """One section per task family of the evaluated runs."""
     collection = collect_runs(config.run_dirs, allow_missing_teacher=config.allow_missing_teacher)
     sections: list[ReportSection] = []
+    slugs: set[str] = set()
     for family in collection.task_families():
         tables = build_family_tables(collection, family, rouge_max_items=config.rouge_max_items)
         em1 = tables.pairs["EM1"]
@@ -491,7 +536,7 @@ def run_sections(config: AnalyzeConfig) -> list[ReportSection]:
         )
         section = ReportSection(
             title=f"Task family: {family}",
-            slug=_slug(family),
+            slug=_slug(family, slugs),
             statistics=[*comparisons.results, *paper_statistics],
         )
         kinds = tables.per_run["kind"].value_counts().to_dict() if len(tables.per_run) else {}
@@ -566,7 +611,12 @@ def run_sections(config: AnalyzeConfig) -> list[ReportSection]:
                     token_table,
                     "token_fidelity.csv",
                     "Mean KL(teacher || student) per response token (nats) and how often the "
-                    "two models' most likely next token agree.",
+                    "two models' most likely next token agree. Rows whose positions say "
+                    "'aligned positions (cross-tokenizer)' pair a teacher with another "
+                    "tokenizer: each model reads its own tokens, and KL (over the shared "
+                    "tokens, renormalised) and agreement (top-1 tokens that map to each "
+                    "other) are measured where the two tokenizations have read the same "
+                    "text.",
                 )
             )
         section.tables.append(

@@ -13,6 +13,22 @@ two models' distributions over that token (predicted at the previous position):
 Works on any pair of Hugging Face causal LMs that share a tokenizer. When the output widths
 differ (padding rows, as in Qwen2.5 7B/14B versus the small ones) both are cut to the
 smaller width.
+
+Teachers with another tokenizer (:func:`aligned_token_fidelity_over_batches`): each model
+reads its own tokenization of the same records, and the comparison is made at the *aligned
+positions* of the response (:mod:`kdlab.data.alignment`: one per group of tokens covering
+the same text, where both models have read the same text):
+
+- ``kl``: KL(teacher ‖ student) over the tokens both vocabularies share, each distribution
+  renormalised over them (the distributions have no common support beyond those tokens);
+- ``top1_agreement``: the teacher's most likely token maps to the student's most likely
+  token (a teacher top-1 without a student counterpart disagrees);
+- ``teacher_top1_accuracy`` / ``student_top1_accuracy``: each model's top-1 is its own next
+  token (the first token of the group);
+- ``n_tokens``: the number of aligned positions.
+
+With the same tokenizer on both sides the aligned positions are the response tokens and the
+map is the identity, so both paths give the same numbers (tested).
 """
 
 from __future__ import annotations
@@ -24,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdlab.losses import KDLossSpec, per_token_divergence
+from kdlab.losses import KDLossSpec, SharedVocabulary, per_token_divergence
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +117,91 @@ def _token_fidelity_sums(
             "student_hits": float((student_top1 == targets).sum()),
             "n": n_tokens,
         }
+
+
+def _aligned_fidelity_sums(
+    teacher_model: Any,
+    student_model: Any,
+    batch: Mapping[str, Tensor],
+    vocabulary: SharedVocabulary,
+    temperature: float,
+) -> dict[str, float]:
+    """The sums of :func:`_token_fidelity_sums` at the aligned positions of a
+    :class:`~kdlab.data.alignment.CrossTokenizerCollator` batch (module docstring)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    student_mask = batch["align_student_mask"].bool().cpu()  # [batch, seq_S]
+    teacher_mask = batch["align_teacher_mask"].bool().cpu()  # [batch, seq_T]
+    n_tokens = int(student_mask.sum())
+    if n_tokens != int(teacher_mask.sum()):
+        raise ValueError("align_student_mask and align_teacher_mask pair different counts")
+    if n_tokens == 0:
+        return {"kl_sum": 0.0, "agree": 0.0, "teacher_hits": 0.0, "student_hits": 0.0, "n": 0}
+    # Position t predicts token t + 1: the next tokens of the aligned positions.
+    student_targets = batch["input_ids"][:, 1:].cpu()[student_mask[:, :-1]]
+    teacher_targets = batch["teacher_input_ids"][:, 1:].cpu()[teacher_mask[:, :-1]]
+    if student_mask[:, -1].any() or teacher_mask[:, -1].any():
+        raise ValueError("an aligned position is the last one of its row: it predicts nothing")
+    with torch.inference_mode():
+        teacher_logits = _logits(
+            teacher_model, batch["teacher_input_ids"], batch["teacher_attention_mask"]
+        )
+        student_logits = _logits(student_model, batch["input_ids"], batch["attention_mask"])
+        device = student_logits.device
+        # Columns beyond each tokenizer's size are lm_head padding: no token.
+        teacher_rows = teacher_logits[teacher_mask.to(teacher_logits.device)].to(device)
+        teacher_rows = teacher_rows[:, : vocabulary.teacher_size]
+        student_rows = student_logits[student_mask.to(device)][:, : vocabulary.student_size]
+        teacher_ids = vocabulary.teacher_ids.to(device)
+        student_ids = vocabulary.student_ids.to(device)
+        # KL over the shared tokens: log_softmax of the gathered logits renormalises on them.
+        kl_per_token = per_token_divergence(
+            student_rows.index_select(-1, student_ids),
+            teacher_rows.index_select(-1, teacher_ids),
+            KDLossSpec("forward_kl", temperature=temperature),
+        )
+        student_of_teacher = torch.full(
+            (vocabulary.teacher_size,), -1, dtype=torch.long, device=device
+        )
+        student_of_teacher[teacher_ids] = student_ids
+        teacher_top1 = teacher_rows.argmax(-1)
+        student_top1 = student_rows.argmax(-1)
+        return {
+            "kl_sum": float(kl_per_token.clamp_min(0.0).sum()),
+            "agree": float((student_of_teacher[teacher_top1] == student_top1).sum()),
+            "teacher_hits": float((teacher_top1 == teacher_targets.to(device)).sum()),
+            "student_hits": float((student_top1 == student_targets.to(device)).sum()),
+            "n": n_tokens,
+        }
+
+
+def aligned_token_fidelity_over_batches(
+    teacher_model: Any,
+    student_model: Any,
+    batches: Iterable[Mapping[str, Tensor]],
+    vocabulary: SharedVocabulary,
+    *,
+    temperature: float = 1.0,
+) -> dict[str, float]:
+    """Token-level fidelity of a student to a teacher with another tokenizer.
+
+    Args:
+        teacher_model, student_model: causal LMs returning ``.logits``.
+        batches: :class:`~kdlab.data.alignment.CrossTokenizerCollator` batches (each model's
+            own ``input_ids`` / ``teacher_input_ids`` and the aligned position masks).
+        vocabulary: the shared tokens (:attr:`kdlab.data.alignment.VocabularyMap.shared`).
+        temperature: both distributions are softened by it.
+
+    Returns:
+        The keys of :func:`token_fidelity`, measured at the aligned positions (module
+        docstring); every aligned position weighs the same.
+    """
+    totals = {"kl_sum": 0.0, "agree": 0.0, "teacher_hits": 0.0, "student_hits": 0.0, "n": 0}
+    for batch in batches:
+        sums = _aligned_fidelity_sums(teacher_model, student_model, batch, vocabulary, temperature)
+        for key, value in sums.items():
+            totals[key] += value
+    return _finish(totals)
 
 
 def _finish(sums: Mapping[str, float]) -> dict[str, float]:

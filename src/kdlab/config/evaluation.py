@@ -13,7 +13,7 @@ Example (``configs/eval/smollm2_all_limit16.yaml``)::
 pure sampling with T = 1, top_p = 1, top_k = 0 and 256 new tokens. The default preset is
 greedy decoding. Fields set explicitly win over the preset.
 
-Custom tasks are mappings ``{name, path, type[, choices]}`` in ``tasks``; a relative
+Custom tasks are mappings ``{name, path, type[, choices, columns]}`` in ``tasks``; a relative
 ``path`` in a config file is relative to that file (on the command line: to the working
 directory). ``docs/evaluation.md`` describes tasks, templates, scoring and the metrics.
 """
@@ -138,9 +138,17 @@ class CustomTaskConfig:
     choices: list[str] | None = config_field(
         None, help="Option letters (letter) or keywords (keyword/commonsense)."
     )
+    columns: dict[str, str | None] = config_field(
+        default_factory=dict,
+        help="The data's column names for kdlab's record fields, e.g. {instruction: question, "
+        "answer: label} (as data.columns of training; docs/data-formats.md).",
+    )
 
     def __post_init__(self) -> None:
+        from kdlab.config.schema import check_columns
+
         check(bool(self.name and self.name.strip()), "name", "must not be empty")
+        check_columns(self.columns)
         check(
             "/" not in self.name and "\\" not in self.name and self.name not in (".", ".."),
             "name",

@@ -11,6 +11,8 @@ method             teacher      KD divergence     on-policy  trains on          
 =================  ===========  ================  =========  ===================  ===========
 ``sft``            no           none              no         gold responses       no
 divergence names   yes          the method's own  no         gold responses       yes (*)
+``uld``,           yes, any     the method's own  no         gold responses       no
+``aligned_kl``     tokenizer    (two tokenizers)
 ``gkd``            yes          ``jsd``           λ share    student samples      off-policy
 ``seqkd``          yes          none              no         teacher responses    no
 =================  ===========  ================  =========  ===================  ===========
@@ -19,7 +21,13 @@ divergence names   yes          the method's own  no         gold responses     
 
 Every divergence of the loss registry :data:`kdlab.losses.DIVERGENCES` is an off-policy
 method of the same name, with the loss parameters it reads (:data:`DIVERGENCE_PARAMETERS`)
-taken from the registry: adding a divergence there adds the method here.
+taken from the registry: adding a divergence there adds the method here. Likewise every
+cross-tokenizer loss of :data:`kdlab.losses.CROSS_TOKENIZER_LOSSES` is a method of the same
+name (:data:`CROSS_TOKENIZER_DIVERGENCES`): a teacher and a student with different
+tokenizers, compared at aligned positions of the response (:mod:`kdlab.data.alignment`).
+A run is cross-tokenizer when its divergence is one of them (:meth:`MethodSpec.cross_tokenizer`),
+so ``gkd`` with ``distill.divergence: uld`` is on-policy GKD across tokenizers (the
+student's samples are decoded and re-tokenized for the teacher).
 """
 
 from __future__ import annotations
@@ -29,9 +37,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kdlab.losses.cross_tokenizer import CROSS_TOKENIZER_LOSSES
 from kdlab.losses.divergences import DIVERGENCES
 
 __all__ = [
+    "CROSS_TOKENIZER_DIVERGENCES",
     "DIVERGENCE_PARAMETERS",
     "METHODS",
     "PAPER_METHOD_NAMES",
@@ -40,13 +50,19 @@ __all__ = [
     "get_method",
     "method_choices",
     "teacher_cache_refusal",
+    "unread_message",
     "unread_settings",
 ]
 
+#: The divergences that compare two tokenizers (``distill.divergence`` values and methods of
+#: the same name): the keys of :data:`kdlab.losses.CROSS_TOKENIZER_LOSSES`.
+CROSS_TOKENIZER_DIVERGENCES: frozenset[str] = frozenset(CROSS_TOKENIZER_LOSSES)
 #: Divergence name → the loss parameters it reads besides temperature, reduction and T²
-#: scaling (``distill.<name>``). Every divergence is also an off-policy method of that name.
+#: scaling (``distill.<name>``); the valid ``distill.divergence`` values. Every divergence
+#: is also a method of that name.
 DIVERGENCE_PARAMETERS: Mapping[str, tuple[str, ...]] = {
-    name: divergence.reads for name, divergence in DIVERGENCES.items()
+    **{name: divergence.reads for name, divergence in DIVERGENCES.items()},
+    **dict.fromkeys(CROSS_TOKENIZER_LOSSES, ()),
 }
 #: The paper scripts' ``kd_loss`` names of the divergences they had.
 _PAPER_DIVERGENCE_NAMES = {"forward_kl": "kld", "reverse_kl": "reversekld"}
@@ -64,6 +80,12 @@ _KD_KEYS = frozenset(
         "teacher_cache",
         "teacher_cache_topk",
     }
+)
+#: ``distill.*`` keys read by a run with a cross-tokenizer divergence: the loss reads the
+#: temperature, the reduction and T² scaling only; the alignment covers the response, so
+#: ``loss_on: all`` has no meaning; no noise, no cache (see :func:`teacher_cache_refusal`).
+_CROSS_TOKENIZER_KD_KEYS = frozenset(
+    {"divergence", "kd_weight", "temperature", "scale_by_t2", "reduction"}
 )
 #: ``distill.generation.*`` sampling keys, read only when the method samples.
 _SAMPLING_KEYS = frozenset({"generation.temperature", "generation.top_k", "generation.top_p"})
@@ -123,6 +145,11 @@ class MethodSpec:
             return None
         return settings.divergence or self.default_divergence
 
+    def cross_tokenizer(self, settings: DistillSettingsLike) -> bool:
+        """Whether the run's KD divergence compares two tokenizers (:data:`CROSS_TOKENIZER_DIVERGENCES`):
+        the teacher reads its own tokenization, and the vocabulary check is skipped."""
+        return self.divergence(settings) in CROSS_TOKENIZER_DIVERGENCES
+
     def keys_read(self, settings: DistillSettingsLike) -> frozenset[str]:
         """Every ``distill.*`` key (dotted below ``distill.``) the run reads.
 
@@ -133,7 +160,9 @@ class MethodSpec:
         divergence = self.divergence(settings)
         if self.needs_teacher:
             keys.add("divergence")
-        if divergence is not None:
+        if divergence in CROSS_TOKENIZER_DIVERGENCES:
+            keys |= _CROSS_TOKENIZER_KD_KEYS
+        elif divergence is not None:
             keys |= _KD_KEYS
             keys.update(DIVERGENCE_PARAMETERS.get(divergence, ()))
         if self.on_policy and settings.lambda_on_policy > 0:
@@ -148,7 +177,12 @@ class MethodSpec:
 
     def uses_teacher_cache(self, settings: DistillSettingsLike, cache: str | None) -> bool:
         """Whether the KD term reads the teacher-output cache ``cache`` (a validated config)."""
-        return bool(cache) and self.cacheable and self.divergence(settings) is not None
+        return (
+            bool(cache)
+            and self.cacheable
+            and self.divergence(settings) is not None
+            and not self.cross_tokenizer(settings)
+        )
 
     def needs_live_teacher(self, settings: DistillSettingsLike, *, cached: bool) -> bool:
         """Whether training runs the teacher model: always without a cache; with one, only
@@ -175,6 +209,18 @@ def _off_policy(name: str) -> MethodSpec:
     )
 
 
+def _cross_tokenizer_method(name: str) -> MethodSpec:
+    """The method of cross-tokenizer loss ``name``: KD at aligned positions of the gold
+    responses, for a teacher and a student with any two tokenizers."""
+    doc = (CROSS_TOKENIZER_LOSSES[name].__doc__ or name).strip().splitlines()[0]
+    return MethodSpec(
+        name=name,
+        summary=f"{doc} Any two tokenizers; on the gold responses.",
+        needs_teacher=True,
+        default_divergence=name,
+    )
+
+
 SFT = "sft"
 
 _SPECS: tuple[MethodSpec, ...] = (
@@ -186,6 +232,7 @@ _SPECS: tuple[MethodSpec, ...] = (
         paper_name="",
     ),
     *(_off_policy(name) for name in DIVERGENCES),
+    *(_cross_tokenizer_method(name) for name in CROSS_TOKENIZER_LOSSES),
     MethodSpec(
         name="gkd",
         summary="On-policy GKD: a share λ of batches are the student's own samples (JSD).",
@@ -238,6 +285,9 @@ def teacher_cache_refusal(
 
     - a method without a teacher, or one that trains on teacher responses (seqKD caches
       responses, not logits), has nothing for the cache to hold;
+    - a cross-tokenizer divergence (``uld``, ``aligned_kl``) reads the teacher's whole
+      distribution (ULD sorts all of it) at the teacher's own positions, not the top-k at
+      the student's positions that the cache stores;
     - noise (``noise_std > 0``) is added to teacher logits, which the cache does not hold;
     - temperature ≠ 1 with k < vocabulary: the cache holds T = 1 values and the top-k of
       T = 1. Softened by T, the teacher puts much of its mass outside that top-k (53-57 % at
@@ -249,6 +299,12 @@ def teacher_cache_refusal(
     spec = get_method(settings.method)
     if not spec.needs_teacher:
         return f"distill.method = {spec.name} has no teacher"
+    if spec.cross_tokenizer(settings):
+        return (
+            f"divergence {spec.divergence(settings)} compares two tokenizers, and the cache "
+            "holds the teacher's top-k on the student's tokens; cross-tokenizer runs use the "
+            "live teacher"
+        )
     if not spec.cacheable:
         return f"{spec.name} caches teacher responses, not logits"
     if spec.divergence(settings) is None:
@@ -288,6 +344,19 @@ def _settings_and_defaults(settings: Any, prefix: str = "") -> Iterator[tuple[st
             yield from _settings_and_defaults(value, f"{prefix}{item.name}.")
         else:
             yield f"{prefix}{item.name}", value, _field_default(item)
+
+
+def unread_message(settings: DistillSettingsLike, key: str) -> str:
+    """Why ``distill.<key>`` (a setting :func:`unread_settings` returned) is refused: one
+    line, with the teacher cache's own reason (:func:`teacher_cache_refusal`) for its keys."""
+    divergence = get_method(settings.method).divergence(settings)
+    message = f"has no effect with distill.method = {settings.method}" + (
+        f" (divergence {divergence})" if divergence else " (no KD divergence)"
+    )
+    refusal = teacher_cache_refusal(settings) if key.startswith("teacher_cache") else None
+    if refusal:
+        message += f": the teacher-output cache cannot serve it ({refusal})"
+    return message + "; remove it (kdlab refuses settings a run would ignore)"
 
 
 def unread_settings(settings: DistillSettingsLike) -> list[tuple[str, Any]]:

@@ -19,11 +19,47 @@ from kdlab.config.methods import (
     MethodSpec,
     get_method,
     method_choices,
+    unread_message,
     unread_settings,
 )
 from kdlab.losses.spec import KDLossSpec, LossSpecError
 
 PAPER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+#: The experiment trackers accelerate drives (``accelerate.tracking.LOGGER_TYPE_TO_CLASS``;
+#: a test keeps the two in step). ``train.report_to`` names one or several, or ``all``
+#: (every one installed), or ``none``.
+TRACKERS = (
+    "tensorboard",
+    "wandb",
+    "mlflow",
+    "aim",
+    "comet_ml",
+    "clearml",
+    "dvclive",
+    "swanlab",
+    "trackio",
+)
+#: The record fields ``data.columns`` (and an eval task's ``columns``) can map a dataset's
+#: own column names to (:mod:`kdlab.data.records` describes each format).
+RECORD_COLUMNS = ("instruction", "input", "output", "answer", "messages", "prompt", "completion")
+
+
+def check_columns(columns: Any, field_name: str = "columns") -> None:
+    """``columns`` maps record fields (:data:`RECORD_COLUMNS`) to non-empty column names, or
+    to null: the data's own column of that name is not read (e.g. a stray ``prompt``)."""
+    for target, column in columns.items():
+        check(
+            target in RECORD_COLUMNS,
+            f"{field_name}.{target}",
+            f"is not a record field; fields: {', '.join(RECORD_COLUMNS)} "
+            "(write columns: {FIELD: your_column})",
+        )
+        check(
+            column is None or (isinstance(column, str) and bool(column.strip())),
+            f"{field_name}.{target}",
+            "must name a column of the data (a non-empty string), or be null (not read)",
+        )
 
 
 @dataclass
@@ -150,9 +186,17 @@ class DataConfig:
     val_set_size: int = config_field(500, help="Records held out for validation (0 = none).")
     max_records: int | None = config_field(None, help="Cap on training records after mixing.")
     seed: int = config_field(6, help="Seed for shuffling and the train/validation split.")
+    columns: dict[str, str | None] = config_field(
+        default_factory=dict,
+        help="Your data's column names for kdlab's record fields, e.g. {instruction: "
+        "question, output: answer}; fields: instruction, input, output, answer, messages, "
+        "prompt, completion (docs/data-formats.md). Every record must have each named column; "
+        "null = the data's own column of that name is not read.",
+    )
 
     def __post_init__(self) -> None:
         check(bool(self.train_files), "train_files", "must list at least one source")
+        check_columns(self.columns)
         check(self.cutoff_len >= 8, "cutoff_len", "must be >= 8")
         check(self.val_set_size >= 0, "val_set_size", "must be >= 0")
         check(self.max_records is None or self.max_records >= 1, "max_records", "must be >= 1")
@@ -186,8 +230,16 @@ class TrainConfig:
     load_best_at_end: bool = config_field(
         True, help="Save the best checkpoint's weights as the final adapter/model."
     )
-    report_to: str = config_field(
-        "none", help="Experiment tracker.", choices=("none", "tensorboard", "wandb")
+    report_to: str | list[str] = config_field(
+        "none",
+        help="Experiment tracker(s) accelerate logs every metrics.jsonl line to: none, all (every "
+        f"installed one), or one or a list of {', '.join(TRACKERS)}.",
+        choices=("none", "all", *TRACKERS),
+    )
+    tracker_project: str = config_field(
+        "kdlab",
+        help="Project name given to the trackers (wandb/trackio/comet project, mlflow "
+        "experiment, tensorboard folder <output_dir>/trackers/<project>).",
     )
     seed: int = config_field(6, help="Seed for initialisation, dropout and data order.")
     gradient_checkpointing: bool = config_field(False, help="Trade compute for memory.")
@@ -200,6 +252,16 @@ class TrainConfig:
         1.0,
         help="Fail the run when more than this share of its micro-batches had no response "
         "token to learn from (1.0: fail only when every one had none).",
+    )
+    group_by_length: bool = config_field(
+        True,
+        help="Batches of records of similar length (shuffled, sorted inside mega-batches of "
+        "50 batches, batch order shuffled again): little padding. false = plain shuffle.",
+    )
+    packing: bool = config_field(
+        False,
+        help="Pack each micro-batch into one row without padding (per-record positions, no "
+        "attention across records); refused when the model's attention cannot isolate them.",
     )
 
     def __post_init__(self) -> None:
@@ -221,6 +283,24 @@ class TrainConfig:
         check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
         check(self.logging_steps >= 1, "logging_steps", "must be >= 1")
         check(0.0 <= self.max_skipped_fraction <= 1.0, "max_skipped_fraction", "must be in [0, 1]")
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        check(
+            len(names) == 1 or not {"none", "all"} & set(names),
+            "report_to",
+            "none and all stand alone; otherwise list tracker names",
+        )
+        check(bool(self.tracker_project.strip()), "tracker_project", "must not be empty")
+        check(
+            self.tracker_project == "kdlab" or bool(self.trackers),
+            "tracker_project",
+            "has no effect without a tracker (train.report_to is none)",
+        )
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """The tracker names of ``report_to`` (empty for none; ``("all",)`` for all)."""
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        return tuple(dict.fromkeys(name for name in names if name != "none"))
 
 
 @dataclass
@@ -343,14 +423,7 @@ class DistillSettings:
         except LossSpecError as error:
             raise FieldError(error.field, error.message) from None
         for key, value in unread_settings(self):
-            divergence = self.resolved_divergence
-            raise FieldError(
-                key,
-                f"has no effect with distill.method = {self.method}"
-                + (f" (divergence {divergence})" if divergence else " (no KD divergence)")
-                + "; remove it (kdlab refuses settings a run would ignore)",
-                value=value,
-            )
+            raise FieldError(key, unread_message(self, key), value=value)
 
     @property
     def spec(self) -> MethodSpec:
@@ -381,6 +454,22 @@ class DistillConfig:
     task_family: str = config_field("math", help="Recorded in run.json (math, commonsense, ...).")
 
     def __post_init__(self) -> None:
+        loss_spec = self.distill.loss_spec
+        if self.train.packing and loss_spec is not None and loss_spec.reduction == "sequence":
+            raise FieldError(
+                "train.packing",
+                "cannot be combined with distill.reduction = sequence (the per-sequence mean "
+                "weighs rows, and a packed row holds several records); use reduction token",
+                value=True,
+            )
+        if self.train.packing and self.distill.spec.cross_tokenizer(self.distill):
+            raise FieldError(
+                "train.packing",
+                f"cannot be combined with the cross-tokenizer divergence "
+                f"{self.distill.resolved_divergence} (its batches pair two tokenizations row by "
+                "row); turn packing off",
+                value=True,
+            )
         if self.distill.spec.needs_teacher:
             return
         defaults = TeacherConfig()

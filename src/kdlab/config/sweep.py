@@ -118,6 +118,19 @@ def check_name(name: str, what: str) -> None:
         )
 
 
+def _check_case_collisions(names: Sequence[str], kind: str) -> None:
+    """Names that differ only by case name one directory on a case-insensitive file system
+    (macOS, Windows): refused."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(name.lower(), name)
+        if other != name:
+            raise ConfigError(
+                f"{kind}: {other!r} and {name!r} differ only by case; they would share a run "
+                "directory on a case-insensitive file system (rename one)"
+            )
+
+
 @dataclass
 class ModelEntry:
     """A student of the grid: its model and settings of its own."""
@@ -426,6 +439,8 @@ class SweepConfig:
             check(bool(self.task_families), "task_families", "must name at least one family")
         check(bool(self.students), "students", "must name at least one student")
         check(bool(self.methods), "methods", "must name at least one method")
+        if self.name is not None:
+            check_name(self.name, "sweep")  # sweep_grids/<name>.yaml, sweep_plan.<name>.json
         for kind, names in (
             ("family", self.families),
             ("teacher", self.teachers),
@@ -437,6 +452,12 @@ class SweepConfig:
                     check_name(name, kind)
                 except ConfigError as error:
                     raise ConfigError(f"{kind}s: {error}") from None
+        for kind, names in (
+            ("families", list(self.families)),
+            ("methods", list(self.methods)),
+            ("teachers and students", [*self.teachers, *self.students]),  # share base/<name>
+        ):
+            _check_case_collisions(names, kind)
         for name in self.methods:
             method = self.method_of(name)
             close = difflib.get_close_matches(method, list(method_choices()), n=1)
@@ -575,7 +596,7 @@ def load_sweep_config(path: str | Path | None, overrides: Sequence[str] = ()) ->
     if path is not None:
         data = read_grid_mapping(path)
         if not data.get("name"):
-            data["name"] = Path(path).stem
+            data["name"] = short_name(Path(path).stem)  # a file name may hold any character
     return build_attributed(_build_sweep_config, data, overrides, path)
 
 

@@ -3,13 +3,19 @@
 The paper's scripts indent their Alpaca prompt with runs of spaces and use a slightly
 different string at evaluation than at training (``paper-spec.md``). kdlab builds every
 prompt here, so a model is always evaluated on exactly the text it was trained on.
+
+Records in TRL's formats (:mod:`kdlab.data.records`) bring their own prompt:
+:func:`record_prompt` uses a standard ``prompt`` string verbatim and renders a
+conversational one with the tokenizer's chat template; :func:`chat_completion` renders a
+conversational completion as the text that follows that prompt in the whole conversation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from kdlab.errors import ConfigError
+from kdlab.errors import ConfigError, DataError
 
 INSTRUCTION_MARKER = "### Instruction:"
 INPUT_MARKER = "### Input:"
@@ -56,6 +62,64 @@ def build_prompt(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
     raise ConfigError(f"unknown template {template!r}; choices: {', '.join(TEMPLATES)}")
+
+
+def _chat_tokenizer(tokenizer: Any) -> Any:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            "conversational records (messages, or prompt/completion lists) need a tokenizer "
+            "with a chat template; this model's tokenizer has none"
+        )
+    return tokenizer
+
+
+def record_prompt(record: Mapping[str, Any], *, template: str, tokenizer: Any = None) -> str:
+    """The prompt text of a normalised record; the response follows it directly.
+
+    A standard ``prompt`` string is the whole prompt (no template, as TRL uses it); a
+    conversational ``prompt`` (messages) is rendered with the chat template and its
+    generation prompt, which needs ``template == "chat"``; other records are built by
+    :func:`build_prompt` from ``instruction`` and ``input``.
+    """
+    prompt = record.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        if template != "chat":
+            raise ConfigError(
+                f"a conversational record needs template 'chat' (its prompt is rendered with "
+                f"the chat template), not {template!r}"
+            )
+        return _chat_tokenizer(tokenizer).apply_chat_template(
+            list(prompt), tokenize=False, add_generation_prompt=True
+        )
+    return build_prompt(
+        record["instruction"], record.get("input", ""), template=template, tokenizer=tokenizer
+    )
+
+
+def chat_completion(record: Mapping[str, Any], tokenizer: Any) -> str | None:
+    """The rendered text of a conversational completion, or None for other records.
+
+    It is the whole conversation rendered with the chat template minus the rendered prompt
+    (TRL's rule), so it ends as the template ends an assistant turn (e.g. ``<|im_end|>``):
+    no EOS is appended after it.
+    """
+    completion = record.get("completion")
+    prompt = record.get("prompt")
+    if not isinstance(completion, list) or not isinstance(prompt, list):
+        return None
+    tokenizer = _chat_tokenizer(tokenizer)
+    prompt_text = tokenizer.apply_chat_template(
+        list(prompt), tokenize=False, add_generation_prompt=True
+    )
+    whole = tokenizer.apply_chat_template([*prompt, *completion], tokenize=False)
+    if not whole.startswith(prompt_text):
+        raise DataError(
+            "the chat template renders a prompt differently inside the whole conversation "
+            f"(prompt ends {prompt_text[-40:]!r}); kdlab cannot tell where the completion starts"
+        )
+    return whole[len(prompt_text) :]
 
 
 def strip_continuation(text: str) -> str:

@@ -1,12 +1,17 @@
 """Tokenization with label masks, and batch collation.
 
-A record becomes ``prompt_ids + response_ids + [eos]``. The prompt and the response are
-tokenized separately and concatenated, so the prompt tokens are exactly the tokens that
+A record becomes ``prompt_ids + response_ids + [eos]`` (the prompt:
+:func:`kdlab.data.templates.record_prompt`; a conversational completion is the chat
+template's rendering of the assistant turn, which ends the turn itself: no EOS follows
+it). The prompt and the response are tokenized separately and concatenated, so the prompt tokens are exactly the tokens that
 generation sees (tokenizing the joined string can merge tokens across the boundary and
 shift the mask by one). Labels are -100 on prompt tokens unless ``train_on_inputs``.
 
 Alignment convention used by every loss in kdlab: ``labels`` are *not* shifted here; the
 training step shifts them (logits at position t predict token t+1).
+
+Batches: :class:`Collator` right-pads; :func:`pack_batch` turns a padded batch into one row
+of its records back to back (``train.packing``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Any
 
 import torch
 
-from kdlab.data.templates import build_prompt
+from kdlab.data.templates import chat_completion, record_prompt
+from kdlab.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +64,14 @@ def tokenize_record(
     add_eos: bool = True,
     response: str | None = None,
 ) -> TokenizedRecord:
-    """Tokenize one LLM-Adapters record (``response`` overrides its ``output``)."""
-    prompt = build_prompt(
-        record["instruction"], record.get("input", ""), template=template, tokenizer=tokenizer
-    )
+    """Tokenize one normalised record (``response`` overrides its completion)."""
+    prompt = record_prompt(record, template=template, tokenizer=tokenizer)
     prompt_ids = encode_prompt(tokenizer, prompt)
-    text = record.get("output", "") if response is None else response
+    rendered = chat_completion(record, tokenizer) if response is None else None
+    if rendered is not None:
+        text, add_eos = rendered, False  # the chat template ends the assistant turn
+    else:
+        text = record.get("output", "") if response is None else response
     response_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if add_eos and tokenizer.eos_token_id is not None:
         response_ids.append(int(tokenizer.eos_token_id))
@@ -142,6 +150,66 @@ def split_train_validation(
     validation = [records[i] for i in order[:size]]
     train = [records[i] for i in order[size:]]
     return train, validation
+
+
+#: Batch keys of a padded batch that are laid out ``[batch, seq]`` (packing rewrites them).
+_ROW_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def pack_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A right-padded batch (:class:`Collator`) → one row ``[1, T]``, its records back to back.
+
+    ``T`` is the batch's attended positions: no padding is left. The packed batch holds
+
+    - ``input_ids``, ``labels`` ``[1, T]``; a record's first label becomes ``IGNORE_INDEX``
+      (after the next-token shift it would be the previous record's target: the last token
+      of one record would learn to predict the first of the next; in a padded row position
+      0's label is never a target either, so every loss term is unchanged);
+    - ``position_ids`` ``[1, T]``: ``0 .. l−1`` for each record (its own rotary positions,
+      and what tells the attention kernel where records start: see
+      :func:`kdlab.training.forward.final_hidden_states`);
+    - ``attention_mask`` ``[1, T]``, all ones (token counts and loss masks read it; it is
+      *not* passed to the model, which would then attend across records);
+    - the per-record keys (``prompt_lengths``, ``index``) and scalars unchanged, one entry
+      per record, in row-major order: record ``i`` of the batch is the ``i``-th record of
+      the row. Any other ``[batch, ...]`` tensor (a cross-tokenizer batch's teacher tokens,
+      say) cannot follow the packing: :class:`~kdlab.errors.DataError`, one line.
+    """
+    attended = batch["attention_mask"].bool()
+    labels = batch["labels"].clone()
+    labels[:, 0] = IGNORE_INDEX
+    packed = {
+        "input_ids": batch["input_ids"][attended].unsqueeze(0),
+        "attention_mask": torch.ones(
+            (1, int(attended.sum())), dtype=torch.long, device=attended.device
+        ),
+        "labels": labels[attended].unsqueeze(0),
+        "position_ids": (attended.long().cumsum(dim=1) - 1)[attended].unsqueeze(0),
+    }
+    records = attended.shape[0]
+    for key, value in batch.items():
+        if key in _ROW_KEYS:
+            continue
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != records):
+            # e.g. a second tokenization's [batch, seq_T] tensors, position-aligned masks
+            raise DataError(
+                f"train.packing: batch key {key!r} {list(value.shape)} is laid out by row, "
+                "not by record, so this batch cannot be packed; set train.packing=false"
+            )
+        packed[key] = value
+    return packed
+
+
+def record_spans(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(row, start, length)`` of every record of a packed ``[rows, T]`` position tensor,
+    in row-major order (a record starts where its position is 0)."""
+    spans = []
+    for row, positions in enumerate(position_ids.tolist()):
+        starts = [index for index, position in enumerate(positions) if position == 0]
+        for number, start in enumerate(starts):
+            end = starts[number + 1] if number + 1 < len(starts) else len(positions)
+            spans.append((row, start, end - start))
+    return spans
 
 
 @dataclass

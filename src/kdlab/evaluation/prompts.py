@@ -59,6 +59,17 @@ def render_prompt(template: str, instruction: str, input: str = "", tokenizer: A
     return build_prompt(instruction, input, template=template, tokenizer=tokenizer)
 
 
+def render_record_prompt(template: str, record: dict[str, Any], tokenizer: Any = None) -> str:
+    """The prompt of one evaluation record: its own TRL-format prompt when it has one
+    (:func:`kdlab.data.templates.record_prompt`: a string verbatim, messages through the
+    chat template), else :func:`render_prompt` of its instruction and input."""
+    if "prompt" in record and isinstance(record["prompt"], (str, list)):
+        from kdlab.data.templates import record_prompt
+
+        return record_prompt(record, template=template, tokenizer=tokenizer)
+    return render_prompt(template, record["instruction"], record.get("input", ""), tokenizer)
+
+
 def continuation_delimiter(template: str) -> str:
     """What joins a log-likelihood context and its continuation.
 

@@ -13,6 +13,7 @@ Output (``docs/run-layout.md``)::
     <out>/summary.csv, summary.md    one row per model: task columns + Average (+ intervals)
     <out>/run.json                   the evaluated model's identity
     <out>/DONE                       written last
+    <run_dir>/{adapter,model}/README.md   an evaluated run's model card gets these results
 
 Items keep the index they have in their test file. ``decontaminate_against`` removes test
 items whose question occurs in the training file(s) before ``limit`` takes the first N of
@@ -32,7 +33,6 @@ import csv
 import io
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -56,13 +56,20 @@ from kdlab.evaluation.tasks import (
 )
 from kdlab.models.generation import FINISH_REASONS, derive_seed
 from kdlab.models.quantization import quantization_identity
+from kdlab.training.rundir import (
+    EVAL_FILES,
+    EVAL_LAYOUT,
+    EVAL_RESUME_SAFE,
+    RunDirectory,
+    content_entries,
+    prepare_directory,
+)
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.intervals import accuracy_fields
 from kdlab.utils.io import (
     append_jsonl,
     atomic_write_json,
     atomic_write_text,
-    atomic_write_yaml,
     mark_done,
     read_jsonl,
 )
@@ -72,17 +79,7 @@ logger = logging.getLogger(__name__)
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 #: Files of an evaluation directory besides the per-task folders.
-RUN_FILES = ("config.yaml", "run.json", "summary.csv", "summary.md", "DONE")
-#: Config keys that must match for ``resume`` to continue an earlier evaluation.
-RESUME_KEYS = (
-    "model",
-    "adapter",
-    "run_dir",
-    "template",
-    "scoring",
-    "generation",
-    "decontaminate_against",
-)
+RUN_FILES = EVAL_FILES
 
 
 # --------------------------------------------------------------------------- planning
@@ -157,16 +154,22 @@ def resolve_tasks(config: EvalConfig) -> list[Task]:
 
 def _custom_task(entry: CustomTaskConfig, data_dir: str | None) -> Task:
     if entry.type is None:
-        return get_task(entry.name) if entry.path is None else custom_task(entry.name, entry.path)
+        if entry.path is None and not entry.columns:
+            return get_task(entry.name)
+        path = entry.path or default_data_source(entry.name, data_dir)
+        return custom_task(entry.name, path, columns=entry.columns)
     path = entry.path or default_data_source(entry.name, data_dir)
     golds: list[str] = []
     if entry.type.lower() == "commonsense" and not entry.choices:
-        from kdlab.data.records import load_records
+        from kdlab.evaluation.tasks import load_task_records
 
         if not path.startswith("hf:") and not Path(path).exists():
             raise DataError(f"task {entry.name}: data file {path} not found")
-        golds = [record["answer"] for record in load_records(path)]
-    return custom_task(entry.name, path, entry.type, choices=entry.choices, golds=golds)
+        records = load_task_records(path, name=entry.name, columns=entry.columns)
+        golds = [record["answer"] for record in records]
+    return custom_task(
+        entry.name, path, entry.type, choices=entry.choices, golds=golds, columns=entry.columns
+    )
 
 
 def plan_tasks(config: EvalConfig, tasks: Sequence[Task] | None = None) -> list[TaskPlan]:
@@ -237,59 +240,40 @@ def default_output_dir(config: EvalConfig, identity: ModelIdentity) -> Path:
     name = short_model_name(identity.model)
     if identity.adapter:
         name += "+" + short_model_name(identity.adapter.rstrip("/").removesuffix("/adapter"))
+    if name.strip(".") == "":  # a model path ending in ".." must not name runs/ itself
+        name = "model"
     return Path("runs") / "eval" / name
 
 
-def _owned(entry: Path) -> bool:
-    if entry.name in RUN_FILES or entry.name.startswith("."):
-        return True
-    if entry.is_dir():
-        return all(
-            child.name in (PREDICTIONS_FILE, METRICS_FILE) or child.name.startswith(".")
-            for child in entry.iterdir()
-        )
-    return False
+def _nothing_to_lose(out_dir: Path) -> bool:
+    """Only ``config.yaml`` and empty task folders (a model that failed to load)."""
+    return all(
+        entry.name == "config.yaml" or (entry.is_dir() and not any(entry.iterdir()))
+        for entry in content_entries(out_dir)
+    )
 
 
 def prepare_output_dir(
     out_dir: Path, config: EvalConfig, *, resume: bool = False, overwrite: bool = False
-) -> None:
-    """Refuse to mix results: an existing non-empty directory needs resume or overwrite."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise KdlabError(f"output_dir {out_dir} exists and is not a directory")
-    # Only config.yaml and empty task folders (a model that failed to load): nothing to lose.
-    if not out_dir.exists() or all(
-        e.name == "config.yaml" or (e.is_dir() and not any(e.iterdir())) for e in out_dir.iterdir()
-    ):
-        return
-    if overwrite:
-        foreign = [entry.name for entry in out_dir.iterdir() if not _owned(entry)]
-        if foreign:
-            raise KdlabError(
-                f"output_dir {out_dir} holds files kdlab eval did not write ({foreign[0]}, ...): "
-                "refusing to delete it; choose another output_dir"
-            )
-        logger.info("overwrite: deleting the earlier evaluation in %s", out_dir)
-        shutil.rmtree(out_dir)
-        return
-    if not resume:
-        raise KdlabError(
-            f"output_dir {out_dir} already holds an evaluation: pass --resume to continue it "
-            "or --overwrite to start again (or choose another output_dir)"
-        )
-    saved_file = out_dir / "config.yaml"
-    if saved_file.is_file():
-        import yaml
+) -> RunDirectory:
+    """Lock ``out_dir`` and check the flags (:func:`kdlab.training.rundir.prepare_directory`).
 
-        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
-        current = compact_dict(config)
-        for key in RESUME_KEYS:
-            if saved.get(key) != current.get(key):
-                raise KdlabError(
-                    f"cannot resume {out_dir}: it was evaluated with a different '{key}' "
-                    f"({saved.get(key)!r}, now {current.get(key)!r}); use --overwrite or "
-                    "another output_dir"
-                )
+    An existing evaluation needs ``--resume`` (the saved config must match, but for the keys
+    of :data:`~kdlab.training.rundir.EVAL_RESUME_SAFE`) or ``--overwrite`` (which replaces
+    only a kdlab evaluation, and only at :meth:`~kdlab.training.rundir.RunDirectory.start`).
+    A folder holding only ``config.yaml`` (a model that failed to load) is not an evaluation.
+    """
+    return prepare_directory(
+        out_dir,
+        EVAL_LAYOUT,
+        resume=resume,
+        overwrite=overwrite,
+        what="output_dir",
+        config=compact_dict(config),
+        resume_safe=EVAL_RESUME_SAFE,
+        nothing_to_lose=_nothing_to_lose,
+        resume_finished=True,  # e.g. a finished evaluation resumed with another task
+    )
 
 
 # --------------------------------------------------------------------------- running
@@ -335,9 +319,9 @@ GeneratorFactory = Callable[[], Generator]
 
 def _prompt(task: Task, item: dict[str, Any], tokenizer: Any) -> str:
     """The rendered prompt of one item (``task.template`` is the evaluation's template)."""
-    from kdlab.evaluation.prompts import render_prompt
+    from kdlab.evaluation.prompts import render_record_prompt
 
-    return render_prompt(task.template, item["instruction"], item.get("input", ""), tokenizer)
+    return render_record_prompt(task.template, item, tokenizer)
 
 
 def _load_done(path: Path, plan: TaskPlan) -> dict[int, dict[str, Any]]:
@@ -947,8 +931,11 @@ def evaluate(
     """Evaluate one model on the configured tasks; see the module docstring for outputs.
 
     ``resume`` continues an interrupted evaluation in the output directory (items already
-    in ``predictions.jsonl`` are kept); ``overwrite`` deletes an earlier one first. Without
-    either, an output directory holding an evaluation is refused.
+    in ``predictions.jsonl`` are kept; the config must match the saved one but for
+    :data:`~kdlab.training.rundir.EVAL_RESUME_SAFE`); ``overwrite`` replaces an earlier
+    kdlab evaluation once the model has loaded (a model or adapter that fails to load
+    leaves it as it was). Without either, an output directory holding an evaluation is
+    refused. The output directory is locked while the evaluation runs.
 
     ``generator`` (or an already loaded ``model`` + ``tokenizer``) replaces loading the model
     from the config: tests and benchmarks use it, and so can a caller holding the model.
@@ -965,10 +952,10 @@ def evaluate(
         _check_loglikelihood_tasks(tasks)
     plans = plan_tasks(config, tasks)
     out_dir = default_output_dir(config, identity)
-    prepare_output_dir(out_dir, config, resume=resume, overwrite=overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
     resolved = replace(config, output_dir=str(out_dir))
-    atomic_write_yaml(out_dir / "config.yaml", compact_dict(resolved))
+    run = prepare_output_dir(out_dir, resolved, resume=resume, overwrite=overwrite)
+    if not run.replaces:
+        run.start(compact_dict(resolved))  # config.yaml first (before the model loads)
 
     if generator is not None:
         backend = generator.backend
@@ -1019,6 +1006,9 @@ def evaluate(
         template_origin,
         config.scoring,
     )
+    if run.replaces:  # --overwrite: the model loads before the earlier evaluation goes
+        get_scorer() if loglikelihood else get_generator()
+        run.start(compact_dict(resolved))
     if loglikelihood:
         results = [
             run_loglikelihood_task(plan, config, out_dir, get_scorer, context=context)
@@ -1043,7 +1033,24 @@ def evaluate(
             "backend": backend,
         },
     )
+    if identity.run_dir is not None:
+        _update_run_card(identity.run_dir, out_dir, results)
+    run.close()
     return report
+
+
+def _update_run_card(run_dir: str, out_dir: Path, results: Sequence[TaskResult]) -> None:
+    """Add this evaluation's results to the model card of the evaluated run's weights."""
+    from kdlab.errors import RunDirError
+    from kdlab.models.card import update_run_card_evaluation
+
+    try:
+        card = update_run_card_evaluation(run_dir, out_dir, [(r.task, r.metrics) for r in results])
+    except RunDirError as error:
+        logger.warning("model card of %s not updated: %s", run_dir, error)
+        return
+    if card is not None:
+        logger.info("model card updated with these results: %s", card)
 
 
 def _build_generator(

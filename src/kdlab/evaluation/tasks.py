@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,8 @@ class Task:
     """The paper scripts' rule for the same answers (``accuracy_paper_rule``)."""
     choices: MultipleChoice | None = field(default=None, repr=False)
     """How the options are scored by log-likelihood; ``None``: generative scoring only."""
+    columns: tuple[tuple[str, str | None], ...] = ()
+    """The data's column for each record field (a custom task's ``columns``), as pairs."""
 
     def extract(self, text: str) -> str | None:
         """The answer in a model's generated continuation (cut at a new instruction block)."""
@@ -117,9 +119,11 @@ class Task:
         return default_data_source(self.name, data_dir)
 
     def load(self, data_dir: str | Path | None = None, limit: int | None = None) -> list[dict]:
-        """The task's records (``instruction``, ``input``, ``answer``), the first ``limit``."""
-        from kdlab.data.records import load_records
+        """The task's records (``instruction``, ``input``, ``answer``), the first ``limit``.
 
+        The task's ``columns`` map the file's own column names; conversational records
+        (TRL's ``messages``, prompt lists) are refused unless the template is ``chat``.
+        """
         source = self.data_source(data_dir)
         if (
             not _is_hub_id(source)
@@ -127,8 +131,35 @@ class Task:
             and not Path(source).exists()
         ):
             raise DataError(f"task {self.name}: data file {source} not found")
-        records = load_records(source, required_fields=("instruction", "answer"))
+        records = load_task_records(
+            source, name=self.name, columns=self.columns, template=self.template
+        )
         return list(records if limit is None else records[:limit])
+
+
+def load_task_records(
+    source: str,
+    *,
+    name: str,
+    columns: Mapping[str, str | None] | Iterable[tuple[str, str | None]] = (),
+    template: str | None = None,
+) -> list[dict[str, Any]]:
+    """The records of task ``name`` in ``source``: its ``columns`` map the file's own column
+    names; conversational records (TRL's ``messages``, prompt lists) are refused when the
+    prompts are built with a ``template`` other than ``chat`` (None: accepted)."""
+    from kdlab.data.records import RecordFormat, load_records
+
+    refusal = None
+    if template is not None and template != "chat":
+        refusal = f"the evaluation's template is {template!r}: set template: chat"
+    record_format = RecordFormat(
+        columns=dict(columns),
+        columns_key=f"tasks[{name}].columns",
+        refuse_conversational=refusal,
+    )
+    return load_records(
+        source, required_fields=("instruction", "answer"), record_format=record_format
+    )
 
 
 def default_data_source(name: str, data_dir: str | Path | None) -> str:
@@ -322,6 +353,7 @@ def custom_task(
     *,
     choices: Sequence[str] | None = None,
     golds: Sequence[str] | None = None,
+    columns: Mapping[str, str | None] | None = None,
 ) -> Task:
     """A task for a file in the LLM-Adapters format, scored with an extractor family.
 
@@ -333,9 +365,10 @@ def custom_task(
     """
     from kdlab.evaluation.extractors import EXTRACTOR_TYPES, infer_keyword_set, make_extractor
 
+    pairs = tuple((columns or {}).items())
     if kind is None:
         try:
-            return replace(get_task(name), source=path)
+            return replace(get_task(name), source=path, columns=pairs)
         except KdlabError:
             raise KdlabError(
                 f"custom task {name!r} ({path}) needs a type: one of "
@@ -366,4 +399,5 @@ def custom_task(
         extractor=extractor,
         source=path,
         paper_extractor=paper_rule_for(extractor),
+        columns=pairs,
     )

@@ -18,6 +18,10 @@ Public API:
   (:class:`HiddenStates`) or cached (:class:`SparseTeacher`).
 * :func:`sparse_distillation_loss`: dense student logits against a :class:`SparseTeacher`
   (k + 1 buckets).
+* :func:`cross_tokenizer_loss`: a teacher and a student with different tokenizers, compared
+  at aligned positions (``uld``, ``aligned_kl``: :data:`CROSS_TOKENIZER_LOSSES`), from
+  :class:`HiddenStates`, chunked like the rest; :class:`TokenAlignment` and
+  :class:`SharedVocabulary` come from :mod:`kdlab.data.alignment`.
 * :func:`per_token_divergence`: unreduced per-position values, for analysis.
 * :data:`DIVERGENCES` / :func:`get_divergence`: name → :class:`Divergence` (per-position
   function on log-probs and the spec fields it reads).
@@ -32,6 +36,12 @@ from kdlab.losses.chunked import (
     chunked_distillation_loss,
     default_chunk_size,
 )
+from kdlab.losses.cross_tokenizer import (
+    CROSS_TOKENIZER_LOSSES,
+    SharedVocabulary,
+    TokenAlignment,
+    cross_tokenizer_loss,
+)
 from kdlab.losses.distillation import distillation_loss, per_token_divergence
 from kdlab.losses.divergences import DIVERGENCES, Divergence, get_divergence
 from kdlab.losses.inputs import HiddenStates, SparseTeacher
@@ -41,6 +51,7 @@ from kdlab.losses.spec import KDLossSpec, LossSpecError
 from kdlab.losses.vocab import trim_to_shared_vocab
 
 __all__ = [
+    "CROSS_TOKENIZER_LOSSES",
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_CUDA_CHUNK_BYTES",
     "DIVERGENCES",
@@ -48,9 +59,12 @@ __all__ = [
     "HiddenStates",
     "KDLossSpec",
     "LossSpecError",
+    "SharedVocabulary",
     "SparseTeacher",
+    "TokenAlignment",
     "add_teacher_noise",
     "chunked_distillation_loss",
+    "cross_tokenizer_loss",
     "default_chunk_size",
     "distillation_loss",
     "get_divergence",

@@ -15,9 +15,15 @@ from kdlab.losses.spec import KDLossSpec
 
 
 def check_spec(spec: KDLossSpec) -> None:
-    """Raise ``ValueError`` unless ``spec`` is a :class:`KDLossSpec` (validated when built)."""
+    """Raise ``ValueError`` unless ``spec`` is a :class:`KDLossSpec` (validated when built)
+    of a one-vocabulary divergence (the cross-tokenizer ones have their own loss)."""
     if not isinstance(spec, KDLossSpec):
         raise ValueError(f"spec must be a KDLossSpec, got {type(spec).__name__}")
+    if spec.divergence not in DIVERGENCES:
+        raise ValueError(
+            f"divergence {spec.divergence!r} compares two vocabularies at aligned positions: "
+            "use kdlab.losses.cross_tokenizer_loss"
+        )
 
 
 def check_loss_mask(

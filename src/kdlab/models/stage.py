@@ -24,6 +24,8 @@ def main(args: argparse.Namespace) -> int:
     if args.models_command == "resolve":
         source = resolve_model_source(args.name)
         result = {"name": args.name, "kind": source.kind, "location": source.location}
+        if source.hub_id:
+            result["hub_id"] = source.hub_id  # what saved adapters name as their base
         if source.gguf_file:
             from kdlab.models.loading import _gguf_cache_dir
 

@@ -3,33 +3,50 @@
 Token-level KD compares distributions over the same vocabulary, so teacher and student must
 share a tokenizer. Logit widths may still differ by padding rows (Qwen2.5 7B/14B: 152,064
 rows; the small ones: 151,936): those rows correspond to no token and are trimmed.
+Teachers with another tokenizer need a cross-tokenizer method (``uld``, ``aligned_kl``:
+:data:`kdlab.config.methods.CROSS_TOKENIZER_DIVERGENCES`), which skips this check.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from kdlab.config.methods import CROSS_TOKENIZER_DIVERGENCES
 from kdlab.config.schema import ModelConfig
 from kdlab.errors import ModelError
 from kdlab.models.loading import materialise_gguf, resolve_model_source
 
 
-def check_vocab_compatibility(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
-    """Raise :class:`ModelError` unless both tokenizers map every token to the same id."""
+def same_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any) -> bool:
+    """Whether both tokenizers map every token to the same id (one vocabulary)."""
+    return bool(teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab())
+
+
+def check_vocab_compatibility(
+    teacher_tokenizer: Any, student_tokenizer: Any, *, method: str | None = None
+) -> None:
+    """Raise :class:`ModelError` unless both tokenizers map every token to the same id.
+
+    The message names both vocabulary sizes and the cross-tokenizer methods that would
+    distil across them (``method``: the run's ``distill.method``, for the message).
+    """
+    if same_tokenizer(teacher_tokenizer, student_tokenizer):
+        return
     teacher_vocab = teacher_tokenizer.get_vocab()
     student_vocab = student_tokenizer.get_vocab()
-    if teacher_vocab == student_vocab:
-        return
     only_teacher = len(set(teacher_vocab) - set(student_vocab))
     only_student = len(set(student_vocab) - set(teacher_vocab))
     moved = sum(
         1 for token, index in student_vocab.items() if teacher_vocab.get(token, index) != index
     )
+    choices = " or ".join(sorted(CROSS_TOKENIZER_DIVERGENCES, reverse=True))
+    what = f"distill.method = {method}" if method else "token-level distillation"
     raise ModelError(
-        "teacher and student tokenizers differ "
-        f"({len(teacher_vocab)} vs {len(student_vocab)} tokens; {only_teacher} only in the "
-        f"teacher, {only_student} only in the student, {moved} with different ids): "
-        "token-level distillation needs the same tokenizer"
+        f"teacher and student tokenizers differ (teacher vocabulary {len(teacher_vocab):,} "
+        f"tokens, student {len(student_vocab):,}; {only_teacher:,} only in the teacher, "
+        f"{only_student:,} only in the student, {moved:,} with different ids): {what} "
+        f"needs the same tokenizer; to distil across tokenizers use distill.method = "
+        f"{choices} (or gkd with distill.divergence = {choices})"
     )
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from kdlab.sweep.design import (
     config_record,
     execute,
     load_grid,
+    owned_output,
     read_timings,
     relative_key,
     stage_name,
@@ -223,21 +223,19 @@ def run(config: DemoConfig, *, resume: bool = False, overwrite: bool = False) ->
     """The stage contract (:mod:`kdlab.stages`): run the demo; returns what it did.
 
     The demo always continues (a run whose ``DONE`` exists is skipped), so ``resume``
-    changes nothing; ``overwrite`` deletes the output directory first (with everything in
-    it: also a study that shares it).
+    changes nothing; ``overwrite`` empties the output directory first (also a study that
+    shares it), and only when a demo or a study made it (:func:`owned_output`).
     """
     del resume  # always on
-    out = Path(config.out_dir)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
     plan = demo_plan(config)
-    outcome = execute(plan, extra_files={"demo.config.yaml": config_record(config)})
-    title = "kdlab demo: summary"
-    if config.quick:
-        title += " (quick: tiny sizes, nothing to read into the numbers)"
-    text = summary_text(plan, title)
-    path = out / SUMMARY_FILE
-    atomic_write_text(path, text)
+    with owned_output(plan, overwrite=overwrite) as out:
+        outcome = execute(plan, extra_files={"demo.config.yaml": config_record(config)})
+        title = "kdlab demo: summary"
+        if config.quick:
+            title += " (quick: tiny sizes, nothing to read into the numbers)"
+        text = summary_text(plan, title)
+        path = out / SUMMARY_FILE
+        atomic_write_text(path, text)
     return DemoResult(plan=plan, outcome=outcome, summary=text, summary_path=path)
 
 

@@ -11,6 +11,9 @@ a run made with other settings refused. This module holds the pieces around that
   an SFT step), and the first run of each cache pays its build (one teacher forward over
   every training record);
 - :func:`budget_rows`: seconds per stage (the demo's budget table);
+- :func:`owned_output`: the ``out`` folder, locked for the command's whole run;
+  ``--overwrite`` replaces only a folder a demo or a study made (never a folder holding
+  anything else), and only once every check before the runs has passed;
 - :func:`execute`: the sweep runner, plus two things the demo always did: each unit's wall
   time is kept in ``<out>/timings.json`` (summed over attempts, kept across restarts), and
   the last checkpoint of a *full* fine-tune (weights + AdamW state, ~1.4 GB for the demo's
@@ -23,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -36,6 +40,8 @@ from kdlab.sweep.executors import make_executor
 from kdlab.sweep.grid import GridPlanner, PlannedRun, SweepPlan, count_training_records
 from kdlab.sweep.runner import SweepOutcome, SweepRunner, UnitResult
 from kdlab.sweep.stage import missing_inputs
+from kdlab.sweep.status import STATUS_FILE
+from kdlab.training.rundir import RunLayout, prepare_directory
 from kdlab.utils.io import atomic_write_json, atomic_write_yaml, is_done
 
 logger = logging.getLogger(__name__)
@@ -291,6 +297,51 @@ class RecordingExecutor:
         self.inner.run(units, on_start=on_start, on_result=result)
 
 
+#: What a demo or a study writes at the top of its ``out`` folder besides its runs' folders
+#: (a study may share the demo's folder and reuse its runs).
+DESIGN_FILES = frozenset(
+    {"summary.md", "claims.md", "claims.csv", "claims.tex", TIMINGS_FILE, STATUS_FILE}
+)
+#: Every demo or study folder holds one of these (the command's own config record).
+DESIGN_MARKERS = ("sweep_grids/demo.config.yaml", "sweep_grids/study.config.yaml")
+
+
+def design_layout(plan: SweepPlan) -> RunLayout:
+    """What ``--overwrite`` may replace in ``plan.out_dir``: the files above, the grids' copy
+    and the top-level folders of the plan's runs (families, the analysis)."""
+    out = plan.out_dir.resolve()
+    folders = {"sweep_grids"}
+    for run in plan.runs:
+        try:
+            folders.add(run.run_dir.resolve().relative_to(out).parts[0])
+        except (ValueError, IndexError):  # a run outside out (a reused teacher elsewhere)
+            continue
+    return RunLayout(
+        kind="kdlab demo/study",
+        markers=DESIGN_MARKERS,
+        files=DESIGN_FILES,
+        folders=frozenset(folders),
+    )
+
+
+@contextmanager
+def owned_output(plan: SweepPlan, *, overwrite: bool) -> Iterator[Path]:
+    """Hold ``plan.out_dir`` (its lock) while the command runs.
+
+    Without ``overwrite`` an earlier demo or study there is continued; with it, the folder
+    is emptied first, but only when it is a demo's or a study's (anything else there is
+    refused, naming it, and nothing is deleted). A folder of other files is refused too.
+    """
+    directory = prepare_directory(
+        plan.out_dir, design_layout(plan), resume=not overwrite, overwrite=overwrite, what="out"
+    )
+    try:
+        directory.start()
+        yield directory.path
+    finally:
+        directory.close()
+
+
 def execute(plan: SweepPlan, *, extra_files: dict[str, Any]) -> SweepOutcome:
     """Run ``plan`` with the sweep runner (resumable); its grid is copied to
     ``<out>/sweep_grids/<name>.yaml``, with ``extra_files`` (the command's own config)."""
@@ -326,6 +377,8 @@ def config_record(config: Any) -> dict[str, Any]:
 
 __all__ = [
     "ANALYSIS_SECONDS",
+    "DESIGN_FILES",
+    "DESIGN_MARKERS",
     "PACKAGED_GRIDS",
     "SETUP_SECONDS",
     "TIMINGS_FILE",
@@ -335,8 +388,10 @@ __all__ = [
     "budget_rows",
     "cache_aware_estimates",
     "config_record",
+    "design_layout",
     "execute",
     "load_grid",
+    "owned_output",
     "packaged_grid",
     "prune_checkpoints",
     "read_timings",

@@ -675,7 +675,10 @@ def _moved(run: PlannedRun, new_dir: Path) -> PlannedRun:
 
 
 def plan_sweep(config: SweepConfig, *, grid_path: str | None = None) -> SweepPlan:
-    """Expand ``config`` into a :class:`SweepPlan`."""
+    """Expand ``config`` into a :class:`SweepPlan` (an ``out_dir`` that is a file: refused)."""
+    out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out_dir '{out_dir}' exists and is not a directory")
     return GridPlanner(config, grid_path=grid_path).plan()
 
 

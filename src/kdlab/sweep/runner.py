@@ -10,7 +10,8 @@ teacher complete. For each run:
 - otherwise it runs: a ``FAILED.json`` from an earlier attempt is removed, and a non-empty
   directory (an interrupted run) is continued with ``resume=True``;
 - an exception is recorded in ``<run_dir>/FAILED.json`` and in ``sweep_status.json``, and
-  the sweep goes on. ``KeyboardInterrupt``/``SystemExit`` stop the sweep: the run stays
+  the sweep goes on; a run another process holds (its directory's lock) is ``busy``, with
+  no FAILED.json written into it. ``KeyboardInterrupt``/``SystemExit`` stop the sweep: the run stays
   unfinished and is continued next time.
 """
 
@@ -39,7 +40,9 @@ from kdlab.sweep.status import (
     run_state,
     write_failure,
 )
+from kdlab.training.rundir import content_entries
 from kdlab.utils.io import atomic_write_json
+from kdlab.utils.locking import DirectoryBusyError
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ class UnitResult:
     """What executing one run gave (picklable: it travels back from submitit jobs)."""
 
     status: str
-    """``done`` or ``failed``."""
+    """``done``, ``failed`` or ``busy`` (another process holds the run's directory)."""
     seconds: float = 0.0
     error_type: str | None = None
     message: str | None = None
@@ -63,7 +66,7 @@ class UnitResult:
 
 
 def _has_files(directory: Path) -> bool:
-    return directory.is_dir() and any(directory.iterdir())
+    return bool(content_entries(directory))  # kdlab's lock file alone: nothing to resume
 
 
 def _call_stage(run: PlannedRun, out_dir: Path | None) -> dict[str, Any]:
@@ -124,6 +127,14 @@ def execute_unit(
         logger.info("sweep: %s %s → %s", run.stage, run.name, run.run_dir)
         try:
             summary = _call_stage(run, out_dir)
+        except DirectoryBusyError as error:  # another process runs it: not a failure of it
+            logger.error("sweep: %s %s: %s", run.stage, run.name, error.one_line())
+            return UnitResult(
+                status="busy",
+                seconds=time.perf_counter() - started,
+                error_type=type(error).__name__,
+                message=error.one_line(),
+            )
         except Exception as error:
             seconds = time.perf_counter() - started
             record = write_failure(run, error, extra={"seconds": round(seconds, 3)})

@@ -31,6 +31,7 @@ from kdlab.sweep.grid import plan_sweep
 from kdlab.sweep.runner import SweepOutcome, SweepRunner
 from kdlab.sweep.status import changed_keys, disk_state, run_state
 from kdlab.utils.io import atomic_write_json, atomic_write_yaml
+from kdlab.utils.locking import lock_directory
 
 logger = logging.getLogger(__name__)
 
@@ -348,8 +349,11 @@ def run(
         run_analysis=run_analysis,
     )
     runner.check_changed()
-    atomic_write_yaml(plan.out_dir / "sweep_grids" / f"{plan.name}.yaml", to_dict(config))
-    return runner.run()
+    # One sweep process per directory (sweep_status.json and the runs are shared); the
+    # runs' own locks keep a stage and a user's command off one run directory.
+    with lock_directory(plan.out_dir, what="sweep directory"):
+        atomic_write_yaml(plan.out_dir / "sweep_grids" / f"{plan.name}.yaml", to_dict(config))
+        return runner.run()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ import yaml
 
 from kdlab.config.core import to_dict
 from kdlab.sweep.grid import PlannedRun, SweepPlan, config_differences
+from kdlab.training.rundir import content_entries
 from kdlab.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def disk_state(run_dir: str | Path) -> str:
         return "done"
     if (directory / FAILED_FILE).is_file():
         return "failed"
-    if directory.is_dir() and any(directory.iterdir()):
+    if content_entries(directory):  # kdlab's lock file alone is not a started run
         return "partial"
     return "todo"
 

@@ -26,7 +26,6 @@ outcome. See ``docs/study.md``.
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,6 +48,7 @@ from kdlab.sweep.design import (
     config_record,
     execute,
     load_grid,
+    owned_output,
 )
 from kdlab.sweep.grid import GridPlanner, PlannedRun, SweepPlan, estimate_plan
 from kdlab.sweep.runner import SweepOutcome
@@ -239,17 +239,15 @@ class StudyResult:
 def run(config: StudyConfig, *, resume: bool = False, overwrite: bool = False) -> StudyResult:
     """The stage contract (:mod:`kdlab.stages`): run the study; returns what it did.
 
-    Always continues (``resume`` changes nothing); ``overwrite`` deletes the output
-    directory first, with everything in it (the demo's runs too when it is the demo's).
+    Always continues (``resume`` changes nothing); ``overwrite`` empties the output
+    directory first (the demo's runs too when it is the demo's), and only when a demo or a
+    study made it (:func:`kdlab.sweep.design.owned_output`).
     """
     del resume  # always on
-    out = Path(config.out_dir)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
     plan = study_plan(config)
-    record = {"study.config.yaml": config_record(config)}
-    outcome = execute(plan, extra_files=record)
-    text = write_claims(plan)
+    with owned_output(plan, overwrite=overwrite) as out:
+        outcome = execute(plan, extra_files={"study.config.yaml": config_record(config)})
+        text = write_claims(plan)
     return StudyResult(plan, outcome, text, out / f"{CLAIMS_STEM}.md")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +14,36 @@ from kdlab.config.run_identity import read_run_identity
 from kdlab.config.schema import DataConfig, PeftConfig, TrainConfig
 from kdlab.data.tokenize import IGNORE_INDEX, split_train_validation, tokenize_records
 from kdlab.errors import ConfigError, DataError
+from kdlab.models.card import write_run_card
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import atomic_directory, atomic_write_json, mark_done
 
 logger = logging.getLogger(__name__)
 
 
+def training_record_format(data: DataConfig) -> Any:
+    """The :class:`~kdlab.data.records.RecordFormat` of ``data``: its column map, and
+    conversational records refused unless ``data.template`` is ``chat``."""
+    from kdlab.data.records import RecordFormat
+
+    return RecordFormat(
+        columns=dict(data.columns),
+        columns_key="data.columns",
+        refuse_conversational=None
+        if data.template == "chat"
+        else f"data.template is {data.template!r}: set data.template: chat",
+    )
+
+
 def load_training_records(data: DataConfig) -> list[dict[str, Any]]:
+    """The training records of ``data`` (sources mixed, column map and formats applied)."""
     from kdlab.data.records import load_mixture
 
     records = load_mixture(
-        list(data.train_files), seed=data.seed, required_fields=("instruction", "output")
+        list(data.train_files),
+        seed=data.seed,
+        required_fields=("instruction", "output"),
+        record_format=training_record_format(data),
     )
     if data.max_records is not None:
         records = records[: data.max_records]
@@ -40,13 +60,16 @@ def build_examples(
     train_on_inputs: bool | None = None,
     responses: list[str] | None = None,
     complete: list[bool] | None = None,
+    tokenize: Callable[..., list[dict[str, Any]]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Tokenize and split into (train, validation) examples by ``data.seed``.
 
-    Refuses (exit 2) data where no record keeps a response token within
-    ``data.cutoff_len``: such a run would train on nothing and still report success.
+    ``tokenize`` replaces :func:`~kdlab.data.tokenize.tokenize_records` (same arguments):
+    cross-tokenizer runs tokenize for both models. Refuses (exit 2) data where no record
+    keeps a response token within ``data.cutoff_len``: such a run would train on nothing
+    and still report success.
     """
-    examples = tokenize_records(
+    examples = (tokenize or tokenize_records)(
         records,
         tokenizer,
         template=data.template,
@@ -62,6 +85,11 @@ def build_examples(
             f"data.cutoff_len = {data.cutoff_len}: no record keeps a response token (the "
             f"shortest prompt is {shortest} tokens); raise cutoff_len or shorten the prompts"
         )
+    if data.val_set_size >= len(examples):  # the split would leave one record to train on
+        raise DataError(
+            f"data.val_set_size = {data.val_set_size} is not smaller than the {len(examples)} "
+            "training records; hold out fewer (0 = no validation)"
+        )
     train, validation = split_train_validation(examples, data.val_set_size, data.seed)
     if not train:
         raise DataError("no training records left after the validation split")
@@ -73,9 +101,40 @@ def has_response_token(example: dict[str, Any]) -> bool:
     return any(label != IGNORE_INDEX for label in example["labels"][1:])
 
 
+#: The PyPI package of each tracker (``train.report_to``), for the refusal's install hint.
+_TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
+#: Per-tracker ``init_trackers`` keywords naming the run (the project is ``tracker_project``).
+_TRACKER_RUN_NAME = {"wandb": "name", "mlflow": "run_name", "trackio": "name"}
+
+
+def check_trackers(train: TrainConfig) -> None:
+    """Refuse a ``train.report_to`` tracker whose package is not installed (exit 2).
+
+    accelerate itself only logs a debug line and trains untracked; call this before the run
+    directory is touched. ``all`` takes whatever is installed.
+    """
+    if not train.trackers or train.trackers == ("all",):
+        return
+    import accelerate.utils
+
+    for name in train.trackers:
+        available = getattr(accelerate.utils, f"is_{name}_available")
+        if not available():
+            package = _TRACKER_PACKAGES.get(name, name)
+            raise ConfigError(
+                f"train.report_to = {name}: the {name} package is not installed "
+                f"(pip install {package}), so accelerate cannot log to it"
+            )
+
+
 def make_accelerator(train: TrainConfig) -> Any:
+    """The run's ``Accelerator``: mixed precision and the trackers of ``train.report_to``.
+
+    Trackers that write files (tensorboard, aim) write under ``<output_dir>/trackers``.
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import ProjectConfiguration
 
     precision = train.mixed_precision
     if precision == "auto":
@@ -84,45 +143,91 @@ def make_accelerator(train: TrainConfig) -> Any:
         # Several runs in one process (a sweep, the demo, tests) may ask for different mixed
         # precision; accelerate's state is a process-wide singleton, so reset it between runs.
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=precision, log_with=None)
+    trackers = list(train.trackers)
+    project = None
+    if trackers:
+        output_dir = Path(train.output_dir)
+        project = ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "trackers")
+        )
+    return Accelerator(mixed_precision=precision, log_with=trackers or None, project_config=project)
 
 
-def init_trackers(train: TrainConfig, run_dir: Path) -> Any:
-    """Optional tensorboard/wandb logging of metrics.jsonl lines."""
-    if train.report_to == "none":
-        return None
-    if train.report_to == "tensorboard":
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:
-            raise ConfigError(f"train.report_to = tensorboard needs tensorboard: {error}") from None
-        return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-    try:
-        import wandb
-    except ImportError:
-        raise ConfigError("train.report_to = wandb needs `pip install wandb`") from None
-    identity = read_run_identity(run_dir)
-    return wandb.init(dir=str(run_dir), config=identity.to_dict() if identity else {})
+def tracker_config(run_dir: Path) -> dict[str, Any]:
+    """The run's identity and resolved config as one flat mapping of scalars (trackers'
+    hyperparameters): ``run.<field>`` and dotted config keys; lists and mappings as JSON."""
+    import json
 
+    import yaml
 
-def forward_to_trackers(tracker: Any, run_dir: Path) -> None:
-    if tracker is None:
-        return
-    from kdlab.utils.io import read_jsonl
+    flat: dict[str, Any] = {}
 
-    for record in read_jsonl(run_dir / "metrics.jsonl"):
-        step = int(record.get("step", 0))
-        values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-        if hasattr(tracker, "add_scalar"):
-            prefix = record.get("split", "train")
-            for key, value in values.items():
-                tracker.add_scalar(f"{prefix}/{key}", value, step)
+    def add(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                add(f"{prefix}.{key}" if prefix else str(key), item)
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            flat[prefix] = value
         else:
-            tracker.log(values, step=step)
-    if hasattr(tracker, "close"):
-        tracker.close()
-    elif hasattr(tracker, "finish"):
+            flat[prefix] = json.dumps(value)
+
+    identity = read_run_identity(run_dir)
+    if identity is not None:
+        add("run", identity.to_dict())
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        add("", yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
+    return flat
+
+
+def init_trackers(accelerator: Any, train: TrainConfig, run_dir: Path) -> None:
+    """Start the trackers of ``train.report_to`` (``accelerator.init_trackers``).
+
+    The project is ``train.tracker_project``, the run is named after the run directory, and
+    the identity and resolved config are the run's hyperparameters. Every process may call
+    it (accelerate starts trackers on the main process only); no-op without trackers.
+    """
+    if not accelerator.log_with:
+        return
+    init_kwargs = {name: {keyword: run_dir.name} for name, keyword in _TRACKER_RUN_NAME.items()}
+    init_kwargs["wandb"]["dir"] = str(run_dir)
+    accelerator.init_trackers(
+        train.tracker_project, config=tracker_config(run_dir), init_kwargs=init_kwargs
+    )
+
+
+def tracker_values(record: dict[str, Any]) -> tuple[dict[str, float], int]:
+    """(values, step) a metrics.jsonl line is logged as: numeric fields as ``<split>/<key>``
+    (split ``train`` unless the line says ``val``); ``step`` and null fields left out."""
+    split = record.get("split", "train")
+    values = {
+        f"{split}/{key}": value
+        for key, value in record.items()
+        if key not in ("step", "split")
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+    }
+    return values, int(record.get("step", 0))
+
+
+def log_to_trackers(accelerator: Any, record: dict[str, Any]) -> None:
+    """Log one metrics.jsonl line to the run's trackers (main process; no-op without any)."""
+    if not getattr(accelerator, "trackers", None):
+        return
+    values, step = tracker_values(record)
+    accelerator.log(values, step=step)
+
+
+def finish_trackers(accelerator: Any) -> None:
+    """Close the run's trackers (flush event files, finish wandb runs).
+
+    This is ``accelerator.end_training()`` without its last act, destroying the process
+    group: a sweep or the demo runs further stages in the same process.
+    """
+    for tracker in list(getattr(accelerator, "trackers", ())):
         tracker.finish()
+    if getattr(accelerator, "trackers", None):
+        accelerator.trackers.clear()
 
 
 def save_final(
@@ -153,11 +258,34 @@ def save_final(
         with atomic_directory(run_dir / name) as staging:
             unwrapped.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
+            if name == "adapter":
+                _record_public_base(staging, run_dir)
+            write_run_card(staging, run_dir, kind=name, summary=summary)
         with atomic_directory(run_dir / "tokenizer") as staging:
             tokenizer.save_pretrained(staging)
         atomic_write_json(run_dir / "train_summary.json", summary)
         mark_done(run_dir, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     accelerator.wait_for_everyone()
+
+
+def _record_public_base(adapter_dir: Path, run_dir: Path) -> None:
+    """Name the public hub model as the adapter's base (``base_model_name_or_path``).
+
+    PEFT records the loaded model's path, for an alias a kdlab cache folder no other
+    machine has; an alias's hub id (or a hub id itself) is what transformers, peft and
+    lm-evaluation-harness can fetch. kdlab reloads from config.yaml, not from this field.
+    """
+    import json
+
+    from kdlab.models.loading import public_model_id, read_run_model_config
+
+    hub_id = public_model_id(read_run_model_config(run_dir))
+    if hub_id is None:
+        return
+    file = adapter_dir / "adapter_config.json"
+    adapter_config = json.loads(file.read_text(encoding="utf-8"))
+    adapter_config["base_model_name_or_path"] = hub_id
+    atomic_write_json(file, adapter_config)
 
 
 def train_summary(
@@ -175,6 +303,7 @@ def train_summary(
         "tokens": result.tokens,
         "seconds": round(result.seconds, 3),
         "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+        "pad_share": result.pad_share,
         "seconds_per_step": result.seconds / max(result.steps, 1),
         "best_metric_name": train.best_metric,
         "best_metric": result.best_metric,

@@ -9,6 +9,12 @@ the teacher cache) is asked of the method table, :mod:`kdlab.config.methods`.
 With accelerate data parallelism every process holds its own teacher copy; the student is
 wrapped by accelerate (DDP) and only it is synchronised.
 
+Cross-tokenizer methods (``uld``, ``aligned_kl``, or ``gkd`` with one of them as its
+divergence: ``spec.cross_tokenizer``) skip the vocabulary check: the records are tokenized
+for both models and aligned (:mod:`kdlab.data.alignment`), the teacher runs on its own
+tokens, and :class:`~kdlab.training.objectives.CrossTokenizerObjective` computes the KD term.
+They never use the teacher-output cache.
+
 ``distill.teacher_cache`` (a directory, or ``auto`` for one per fingerprint under
 ``$KDLAB_CACHE/teacher-topk/``): the teacher's top-k outputs are precomputed once for every
 example (:mod:`kdlab.training.teacher_cache`); the teacher model is then loaded only to
@@ -32,8 +38,9 @@ import torch
 from kdlab.config.methods import teacher_cache_refusal
 from kdlab.config.run_identity import RunIdentity
 from kdlab.config.schema import DistillConfig, ModelConfig
+from kdlab.data.alignment import VocabularyMap, build_vocabulary_map, tokenize_record_pairs
 from kdlab.data.tokenize import Collator
-from kdlab.errors import ConfigError
+from kdlab.errors import ConfigError, ModelError
 from kdlab.models.fingerprint import model_fingerprint
 from kdlab.models.loading import (
     load_model_and_tokenizer,
@@ -55,7 +62,8 @@ from kdlab.models.vocab import (
 )
 from kdlab.training.common import (
     build_examples,
-    forward_to_trackers,
+    check_trackers,
+    finish_trackers,
     init_trackers,
     load_training_records,
     make_accelerator,
@@ -63,8 +71,8 @@ from kdlab.training.common import (
     train_summary,
 )
 from kdlab.training.loop import TrainingLoop
-from kdlab.training.objectives import DistillationObjective
-from kdlab.training.rundir import prepare_run_dir, write_run_files
+from kdlab.training.objectives import CrossTokenizerObjective, DistillationObjective
+from kdlab.training.rundir import prepare_run_dir
 from kdlab.training.seqkd import teacher_responses
 from kdlab.training.teacher_cache import (
     CacheFingerprint,
@@ -123,6 +131,12 @@ def validate_config(config: DistillConfig) -> None:
             f"distill.method = {settings.method!r} needs a teacher: set teacher.run_dir "
             "(a finetune run) or teacher.model (and teacher.adapter)"
         )
+    if method.teacher_responses and method.cross_tokenizer(settings):
+        raise ConfigError(
+            f"distill.divergence = {settings.divergence}: {method.name} generates its teacher "
+            "responses from the student's tokenization, so it takes no cross-tokenizer "
+            "divergence"
+        )
     if settings.teacher_cache:
         # Model-free refusals here; temperature vs k needs the vocabulary (run_distill).
         refusal = teacher_cache_refusal(settings, check_temperature=False)
@@ -167,6 +181,7 @@ def run_distill(
 ) -> dict[str, Any]:
     """Run one distillation; returns the training summary."""
     validate_config(config)
+    check_trackers(config.train)
     settings = config.distill
     method = settings.spec
     source = resolve_teacher(config) if method.needs_teacher else None
@@ -182,12 +197,22 @@ def run_distill(
             raise ConfigError(f"distill.teacher_cache: {refusal}")
     # Tokenizers first: a mismatch fails before any model is loaded.
     student_tokenizer = load_tokenizer(config.student)
-    if source is not None:
-        check_vocab_compatibility(load_tokenizer(source.model), student_tokenizer)
+    teacher_tokenizer = load_tokenizer(source.model) if source is not None else None
+    cross = _CrossTokenizer.of(config, student_tokenizer, teacher_tokenizer)
+    if teacher_tokenizer is not None and cross is None:
+        check_vocab_compatibility(teacher_tokenizer, student_tokenizer, method=settings.method)
     examples = None
     if not method.teacher_responses:  # seqKD's examples wait for the teacher's responses
-        examples = build_examples(records, student_tokenizer, config.data)
-    run_dir = prepare_run_dir(config.train.output_dir, resume=resume, overwrite=overwrite)
+        examples = build_examples(
+            records,
+            student_tokenizer,
+            config.data,
+            tokenize=cross.tokenize if cross is not None else None,
+        )
+    run = prepare_run_dir(
+        config.train.output_dir, resume=resume, overwrite=overwrite, config=config
+    )  # nothing is written (or replaced) before run.start()
+    run_dir = run.path
     accelerator = make_accelerator(config.train)
     teacher_fingerprint = (
         model_fingerprint(source.model, source.adapter, device=accelerator.device)
@@ -208,7 +233,10 @@ def run_distill(
     )
     student_parameters = count_parameters(student)[1]
     vocab = None
-    if teacher_width is not None:
+    if cross is not None:
+        assert teacher is not None and source is not None
+        cross.check_widths(teacher, student, source)
+    elif teacher_width is not None:
         # The loaded teacher's own lm_head when there is one; else its config's width (the
         # cache may spare loading it; _checked_loader verifies it if it is loaded later).
         width = output_width(teacher) if teacher is not None else teacher_width
@@ -243,8 +271,6 @@ def run_distill(
         peft=config.peft.method,
         num_processes=accelerator.num_processes,
     )
-    if accelerator.is_main_process:
-        write_run_files(run_dir, config, identity)
     responses, complete = None, None
     seqkd_info: dict[str, Any] = {}
     if method.teacher_responses:
@@ -288,29 +314,46 @@ def run_distill(
         )
         cache, teacher, cache_info = prepared.cache, prepared.teacher, prepared.info
         gc.collect()  # a teacher loaded only to build the cache is released here
-    objective = DistillationObjective(
-        settings=settings,
-        teacher=teacher,
-        tokenizer=tokenizer,
-        vocab_size=vocab,
-        seed=config.train.seed,
-        cutoff_len=config.data.cutoff_len,
-        unwrap=accelerator.unwrap_model,
-        teacher_cache=cache,
-    )
-    tracker = init_trackers(config.train, run_dir) if accelerator.is_main_process else None
+    objective: DistillationObjective
+    if cross is not None:
+        objective = CrossTokenizerObjective(
+            settings=settings,
+            teacher=teacher,
+            tokenizer=tokenizer,
+            teacher_tokenizer=cross.teacher_tokenizer,
+            vocabulary=cross.vocabulary,
+            seed=config.train.seed,
+            cutoff_len=config.data.cutoff_len,
+            unwrap=accelerator.unwrap_model,
+        )
+        collate: Callable[..., Any] = objective.collate
+    else:
+        objective = DistillationObjective(
+            settings=settings,
+            teacher=teacher,
+            tokenizer=tokenizer,
+            vocab_size=vocab,
+            seed=config.train.seed,
+            cutoff_len=config.data.cutoff_len,
+            unwrap=accelerator.unwrap_model,
+            teacher_cache=cache,
+        )
+        collate = Collator(tokenizer.pad_token_id)
     loop = TrainingLoop(
         config=config.train,
         model=student,
         train_examples=train_examples,
         validation_examples=validation_examples,
-        collate=Collator(tokenizer.pad_token_id),
+        collate=collate,
         objective=objective,
         run_dir=run_dir,
         accelerator=accelerator,
         resume=resume,
         description=f"distill {settings.method} {run_dir.name}",
     )
+    if accelerator.is_main_process:  # training starts: an earlier run is replaced only now
+        run.start(config, identity)
+    init_trackers(accelerator, config.train, run_dir)
     result = loop.run()
     best = loop.load_best() if config.train.load_best_at_end else None
     summary = {
@@ -326,6 +369,7 @@ def run_distill(
         "stats": result.stats,
         "seqkd": seqkd_info,
         "teacher_cache": cache_info,
+        **({"cross_tokenizer": cross.summary()} if cross is not None else {}),
     }
     save_final(
         model=loop.model,
@@ -336,9 +380,62 @@ def run_distill(
         summary=summary,
         sliced=bool(config.student.slice_layers),
     )
-    if accelerator.is_main_process:
-        forward_to_trackers(tracker, run_dir)
+    finish_trackers(accelerator)
+    run.close()
     return summary
+
+
+@dataclass(frozen=True)
+class _CrossTokenizer:
+    """What a cross-tokenizer run adds (``spec.cross_tokenizer``): the teacher's tokenizer,
+    the map of the tokens both vocabularies share, and paired tokenization."""
+
+    teacher_tokenizer: Any
+    vocabulary: VocabularyMap
+
+    @classmethod
+    def of(
+        cls, config: DistillConfig, student_tokenizer: Any, teacher_tokenizer: Any | None
+    ) -> _CrossTokenizer | None:
+        """The run's cross-tokenizer parts; None for a same-vocabulary method."""
+        settings = config.distill
+        if teacher_tokenizer is None or not settings.spec.cross_tokenizer(settings):
+            return None
+        vocabulary = build_vocabulary_map(student_tokenizer, teacher_tokenizer)
+        logger.info(
+            "cross-tokenizer %s: student %d tokens, teacher %d tokens, %d shared",
+            settings.resolved_divergence,
+            vocabulary.student_size,
+            vocabulary.teacher_size,
+            vocabulary.num_shared,
+        )
+        return cls(teacher_tokenizer, vocabulary)
+
+    def tokenize(self, records: list[dict[str, Any]], tokenizer: Any, **kwargs: Any) -> list:
+        """:func:`~kdlab.data.alignment.tokenize_record_pairs` with ``tokenize_records``'
+        signature (``build_examples`` calls it with the student's tokenizer)."""
+        return tokenize_record_pairs(
+            records, tokenizer, self.teacher_tokenizer, self.vocabulary, **kwargs
+        )
+
+    def check_widths(self, teacher: Any, student: Any, source: TeacherSource) -> None:
+        """Each lm_head must have a row for every token of its own tokenizer."""
+        for name, model, size in (
+            (f"teacher {source.model.name_or_path}", teacher, self.vocabulary.teacher_size),
+            ("student", student, self.vocabulary.student_size),
+        ):
+            if output_width(model) < size:
+                raise ModelError(
+                    f"{name}: lm_head has {output_width(model)} rows for a tokenizer of "
+                    f"{size} tokens"
+                )
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "student_tokens": self.vocabulary.student_size,
+            "teacher_tokens": self.vocabulary.teacher_size,
+            "shared_tokens": self.vocabulary.num_shared,
+        }
 
 
 def teacher_cache_fingerprint_for(

@@ -25,7 +25,8 @@ from kdlab.models.peft_utils import apply_peft, build_peft_config, count_paramet
 from kdlab.models.quantization import check_quantization, quantization_identity
 from kdlab.training.common import (
     build_examples,
-    forward_to_trackers,
+    check_trackers,
+    finish_trackers,
     init_trackers,
     load_training_records,
     make_accelerator,
@@ -34,7 +35,7 @@ from kdlab.training.common import (
 )
 from kdlab.training.loop import TrainingLoop
 from kdlab.training.objectives import CrossEntropyObjective
-from kdlab.training.rundir import prepare_run_dir, write_run_files
+from kdlab.training.rundir import prepare_run_dir
 from kdlab.utils.processes import is_main_launch_process
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
     """Run one fine-tune; returns the training summary."""
     # Bad data, a model path, a PEFT method or data that trains on nothing fail before the
     # run dir is touched (--overwrite deletes it) and before a model is loaded.
+    check_trackers(config.train)
     records = load_training_records(config.data)
     resolve_model_source(config.model.name_or_path, config.model.gguf_file)
     build_peft_config(config.peft)
@@ -55,7 +57,10 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
     train_examples, validation_examples = build_examples(
         records, load_tokenizer(config.model), config.data
     )
-    run_dir = prepare_run_dir(config.train.output_dir, resume=resume, overwrite=overwrite)
+    run = prepare_run_dir(
+        config.train.output_dir, resume=resume, overwrite=overwrite, config=config
+    )  # nothing is written (or replaced) before run.start()
+    run_dir = run.path
     accelerator = make_accelerator(config.train)
     torch.manual_seed(config.train.seed)
     model, tokenizer = load_model_and_tokenizer(
@@ -86,9 +91,6 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
         peft=config.peft.method,
         num_processes=accelerator.num_processes,
     )
-    if accelerator.is_main_process:
-        write_run_files(run_dir, config, identity)
-    tracker = init_trackers(config.train, run_dir) if accelerator.is_main_process else None
     loop = TrainingLoop(
         config=config.train,
         model=model,
@@ -101,6 +103,9 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
         resume=resume,
         description=f"finetune {run_dir.name}",
     )
+    if accelerator.is_main_process:  # training starts: an earlier run is replaced only now
+        run.start(config, identity)
+    init_trackers(accelerator, config.train, run_dir)
     result = loop.run()
     best = loop.load_best() if config.train.load_best_at_end else None
     summary = train_summary(
@@ -120,8 +125,8 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
         summary=summary,
         sliced=bool(config.model.slice_layers),
     )
-    if accelerator.is_main_process:
-        forward_to_trackers(tracker, run_dir)
+    finish_trackers(accelerator)
+    run.close()
     return summary
 
 

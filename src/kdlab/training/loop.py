@@ -11,7 +11,8 @@ paper's scripts lack:
   weights: the per-token (or per-sequence) mean of one batch of ``batch_size``.
 
 - **Exact resume.** The data stream is a pure function of the step: epoch ``e`` is the
-  permutation drawn from ``seed + e``, and the micro-batch for (step, accumulation index,
+  permutation drawn from ``seed + e`` (length-grouped by default, ``train.group_by_length``:
+  :func:`length_grouped_order`), and the micro-batch for (step, accumulation index,
   process) is found by arithmetic, not by iterating a loader. Every step re-seeds torch from
   ``(seed, step)`` before its forward passes, so dropout masks, on-policy sampling and
   teacher noise are the same whether or not the run was interrupted. A checkpoint holds the
@@ -24,7 +25,12 @@ paper's scripts lack:
   truncated away) adds nothing and is counted as skipped, never turned into a NaN; it still
   back-propagates a zero, so no process of a group waits for another.
 - **Validation** reports student CE *and* the distillation divergence; the best checkpoint is
-  chosen by a configurable metric.
+  chosen by a configurable metric. Its batches are length-sorted too (with grouping on).
+- **Little padding.** ``train.group_by_length`` puts records of similar length in the same
+  step; ``train.packing`` packs each micro-batch into one row (:func:`kdlab.data.tokenize.
+  pack_batch`) once :func:`kdlab.training.forward.packing_isolation_error` has shown the
+  models keep packed records apart. ``metrics.jsonl`` logs ``pad_share`` (padding among
+  the computed positions) and ``tokens_per_s`` counts content tokens only.
 """
 
 from __future__ import annotations
@@ -44,7 +50,9 @@ from typing import Any, Protocol
 import torch
 
 from kdlab.config.schema import TrainConfig
+from kdlab.data.tokenize import pack_batch
 from kdlab.errors import KdlabError
+from kdlab.training.common import log_to_trackers
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import (
     append_jsonl,
@@ -105,6 +113,52 @@ class Objective(Protocol):
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], training: bool) -> StepLoss: ...
 
 
+#: Mega-batches of length grouping hold this many optimizer-step batches (fewer for small
+#: data: at most a quarter of the epoch's batches), HF Trainer's ``group_by_length`` rule.
+MEGA_BATCH_STEPS = 50
+
+
+def length_grouped_order(
+    order: Sequence[int],
+    lengths: Sequence[int],
+    group_size: int,
+    *,
+    head: int,
+    generator: torch.Generator,
+) -> list[int]:
+    """``order`` (a shuffled epoch) rearranged into groups of similar length, in random order.
+
+    HF Trainer's ``group_by_length`` scheme, aligned with optimizer steps: after the first
+    ``head`` positions (the end of a step that began in the previous epoch, sorted among
+    themselves), the shuffled order is cut into mega-batches of ``k · group_size``
+    positions (``k`` = :data:`MEGA_BATCH_STEPS`, at most a quarter of the epoch's groups,
+    at least 1), each sorted longest first and cut into groups of ``group_size``; the full
+    groups are then shuffled with ``generator`` and the one partial group (if any) stays
+    last, where the next epoch's head completes its step. Every group of ``group_size``
+    thus fills exactly one optimizer step with records of nearly the same length, while
+    which records form a group, and when it comes, stay random.
+    """
+    if head >= len(order):
+        return list(order)
+
+    def longest_first(indices: Sequence[int]) -> list[int]:
+        return sorted(indices, key=lambda index: -lengths[index])
+
+    rest = order[head:]
+    multiple = max(1, min(len(rest) // (4 * group_size), MEGA_BATCH_STEPS))
+    mega = multiple * group_size
+    groups: list[list[int]] = []
+    for start in range(0, len(rest), mega):
+        chunk = longest_first(rest[start : start + mega])
+        groups.extend(chunk[i : i + group_size] for i in range(0, len(chunk), group_size))
+    tail = groups.pop() if groups and len(groups[-1]) < group_size else []
+    shuffled = torch.randperm(len(groups), generator=generator).tolist()
+    result = longest_first(order[:head])
+    for index in shuffled:
+        result.extend(groups[index])
+    return result + tail
+
+
 class DataStream:
     """Deterministic examples as a function of their position in the run.
 
@@ -114,21 +168,57 @@ class DataStream:
     index ``g`` (accumulation index ``a``, process ``r``: ``g = a·W + r`` within the step)
     takes ``micro_batch_size`` of them. Any split of a step into micro-batches and processes
     therefore covers the same examples, and a resumed run finds every batch by arithmetic.
+
+    ``group_by_length`` changes the epoch order only (:func:`length_grouped_order`): each
+    step's ``B`` positions hold records of nearly equal length (sorted longest first, so
+    each micro-batch is nearly pad-free too); which records meet and the order of the steps
+    stay random. Everything above still holds: the order is a pure function of the seed,
+    the epoch and the example lengths.
     """
 
-    def __init__(self, examples: Sequence[dict[str, Any]], micro_batch_size: int, seed: int):
+    def __init__(
+        self,
+        examples: Sequence[dict[str, Any]],
+        micro_batch_size: int,
+        seed: int,
+        *,
+        batch_size: int | None = None,
+        group_by_length: bool = False,
+    ):
         if not examples:
             raise KdlabError("no training examples")
         self.examples = examples
         self.micro_batch_size = micro_batch_size
+        self.batch_size = batch_size or micro_batch_size
         self.seed = seed
+        self.group_by_length = group_by_length
+        self.lengths = [len(example["input_ids"]) for example in examples]
         self._orders: dict[int, list[int]] = {}
+
+    @classmethod
+    def from_config(cls, examples: Sequence[dict[str, Any]], config: TrainConfig) -> DataStream:
+        """The stream a run with ``config`` reads (what tests should rebuild)."""
+        return cls(
+            examples,
+            config.micro_batch_size,
+            config.seed,
+            batch_size=config.batch_size,
+            group_by_length=config.group_by_length,
+        )
 
     def order(self, epoch: int) -> list[int]:
         """The permutation of example indices read in ``epoch``."""
         if epoch not in self._orders:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._orders = {epoch: torch.randperm(len(self.examples), generator=generator).tolist()}
+            order = torch.randperm(len(self.examples), generator=generator).tolist()
+            if self.group_by_length:
+                head = -epoch * len(self.examples) % self.batch_size
+                order = length_grouped_order(
+                    order, self.lengths, self.batch_size, head=head, generator=generator
+                )
+            # two epochs kept: a step at an epoch boundary reads both
+            self._orders = {e: o for e, o in self._orders.items() if abs(e - epoch) == 1}
+            self._orders[epoch] = order
         return self._orders[epoch]
 
     def micro_batch(self, index: int) -> list[dict[str, Any]]:
@@ -142,6 +232,16 @@ class DataStream:
     def epochs_done(self, micro_batches: int) -> float:
         """Epochs read after ``micro_batches`` micro-batches."""
         return micro_batches * self.micro_batch_size / len(self.examples)
+
+
+def validation_order(examples: Sequence[dict[str, Any]], group_by_length: bool) -> list[int]:
+    """Indices of the validation examples in the order they are batched: longest first
+    with ``group_by_length`` (nearly pad-free batches; validation sums every term, so the
+    order changes nothing but rounding), else as given."""
+    indices = list(range(len(examples)))
+    if group_by_length:
+        indices.sort(key=lambda index: -len(examples[index]["input_ids"]))
+    return indices
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -193,6 +293,12 @@ class LoopResult:
     num_processes: int = 1
     resumed_from_step: int | None = None
     steps_run: int = 0
+    positions: int = 0  # positions computed (padding included); tokens / positions = 1 − pad
+
+    @property
+    def pad_share(self) -> float | None:
+        """Share of the computed positions that were padding (None: nothing computed)."""
+        return _pad_share(self.tokens, self.positions)
 
 
 class TrainingLoop:
@@ -215,7 +321,7 @@ class TrainingLoop:
         self.config = config
         self.accelerator = accelerator
         self.run_dir = run_dir
-        self.collate = collate
+        self._collate = collate
         self.objective = objective
         #: terms that enter the optimised loss, in a fixed order (all-reduced as a vector)
         self.terms = sorted(objective.weights)
@@ -230,7 +336,7 @@ class TrainingLoop:
                 f"micro_batch_size × processes = {per_step}"
             )
         self.accumulation = config.batch_size // per_step
-        self.stream = DataStream(train_examples, config.micro_batch_size, config.seed)
+        self.stream = DataStream.from_config(train_examples, config)
         if config.max_steps > 0:
             self.total_steps = config.max_steps
         else:
@@ -245,11 +351,14 @@ class TrainingLoop:
         )
         self.scheduler = self._scheduler(optimizer)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        if config.packing:
+            self._check_packing(objective)
         self.start_step = 0
         self.best_metric: float | None = None
         self.best_step: int | None = None
         self.skipped = 0
         self.tokens = 0
+        self.positions = 0  # positions computed, padding included (tokens / positions: pad share)
         self.elapsed = 0.0
         self.stats: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}  # the latest validation (kept in checkpoints)
@@ -273,6 +382,33 @@ class TrainingLoop:
     @property
     def unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
+
+    def _check_packing(self, objective: Objective) -> None:
+        """``train.packing``: refuse (one line) a model whose attention mixes packed records.
+
+        Checks the trained model and the objective's live teacher (``objective.teacher``,
+        when it has one): both run on the packed rows.
+        """
+        from kdlab.training.forward import packing_isolation_error
+
+        models = {"the model": self.unwrapped, "the teacher": getattr(objective, "teacher", None)}
+        for name, model in models.items():
+            if model is None:
+                continue
+            error = packing_isolation_error(model, context=self.accelerator.autocast)
+            if error:
+                raise KdlabError(f"train.packing: {name}: {error}")
+
+    def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The validation batch of ``examples``: padded by the stage's collator, then packed
+        into one row with ``train.packing`` (:func:`kdlab.data.tokenize.pack_batch`).
+        Training batches are packed after ``objective.prepare`` (:meth:`_prepare_step`)."""
+        batch = self._collate(examples)
+        return pack_batch(batch) if self.config.packing else batch
+
+    def _data_order(self) -> dict[str, Any]:
+        """The settings the example order depends on, besides the seed (kept in checkpoints)."""
+        return {"group_by_length": self.config.group_by_length}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -300,7 +436,9 @@ class TrainingLoop:
             "best_step": self.best_step,
             "skipped_batches": self.skipped,
             "tokens": self.tokens,
+            "positions": self.positions,
             "elapsed": self.elapsed,
+            "data_order": self._data_order(),
             "stats": self.stats,
             "last_validation": self.last_metrics,
             "total_steps": self.total_steps,
@@ -328,11 +466,24 @@ class TrainingLoop:
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         state = json.loads((path / "trainer_state.json").read_text())
+        # A checkpoint without the key predates grouping: its run read the plain shuffle.
+        stored = state.get("data_order", {"group_by_length": False})
+        if stored != self._data_order():
+            changed = ", ".join(
+                f"train.{key} = {stored.get(key)} there, {value} now"
+                for key, value in self._data_order().items()
+                if stored.get(key) != value
+            )
+            raise KdlabError(
+                f"--resume: {path} was trained with another data order ({changed}); resuming "
+                "would not continue the same run: set it back, or start a new run"
+            )
         self.start_step = int(state["step"])
         self.best_metric = state.get("best_metric")
         self.best_step = state.get("best_step")
         self.skipped = int(state.get("skipped_batches", 0))
         self.tokens = int(state.get("tokens", 0))
+        self.positions = int(state.get("positions", 0))
         self.elapsed = float(state.get("elapsed", 0.0))
         self.stats = dict(state.get("stats", {}))
         self.last_metrics = dict(state.get("last_validation", {}))
@@ -354,6 +505,7 @@ class TrainingLoop:
     def _log(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
             append_jsonl(self.run_dir / "metrics.jsonl", record)
+            log_to_trackers(self.accelerator, record)  # train.report_to (training/common)
 
     def _reduce(self, values: list[float]) -> list[float]:
         """Sum ``values`` over every process (float64; a no-op with one process)."""
@@ -390,9 +542,10 @@ class TrainingLoop:
         counts = dict.fromkeys(terms, 0.0)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         size = self.config.micro_batch_size
+        order = validation_order(self.validation_examples, self.config.group_by_length)
         batches = [
-            self.validation_examples[i : i + size]
-            for i in range(0, len(self.validation_examples), size)
+            [self.validation_examples[index] for index in order[i : i + size]]
+            for i in range(0, len(order), size)
         ]
         with torch.no_grad():
             for batch_index, examples in enumerate(batches):
@@ -430,12 +583,18 @@ class TrainingLoop:
         for accumulation_index in range(self.accumulation):
             global_index = (step * self.accumulation + accumulation_index) * world + rank
             examples = self.stream.micro_batch(global_index)
-            batch = self._to_device(self.collate(examples))
+            batch = self._to_device(self._collate(examples))
             batch[STEP_KEY] = torch.tensor(step)
             batch[MICRO_KEY] = torch.tensor(global_index)
+            # prepare sees the padded batch (on-policy sampling reads one prompt per row);
+            # what it returns, the batch or the student's samples, is packed afterwards
             batch = self.objective.prepare(self.model, batch, True)
+            if self.config.packing:
+                batch = pack_batch(batch)
             batches.append(batch)
-            counts.append(self.objective.counts(batch))
+            counts.append(
+                {**self.objective.counts(batch), "positions": float(batch["input_ids"].numel())}
+            )
         return batches, counts
 
     def _train_step(self, step: int) -> dict[str, Any] | None:
@@ -450,14 +609,19 @@ class TrainingLoop:
         accelerator = self.accelerator
         world = accelerator.num_processes
         batches, counts = self._prepare_step(step)
-        names = [*self.terms, "tokens"]
+        weights = self.objective.weights
+        weighted = [t for t in self.terms if weights[t] > 0]
+        # micro-batches of this process that count nothing weighted, summed over processes
+        # with the counts: every process keeps the run's total (a rank whose own batches
+        # were all empty must not fail a run the others trained)
+        for batch_counts in counts:
+            batch_counts["empty"] = float(not any(batch_counts.get(t, 0.0) > 0 for t in weighted))
+        names = [*self.terms, "tokens", "positions", "empty"]
         step_counts = dict(
             zip(names, self._reduce([sum(c.get(n, 0.0) for c in counts) for n in names]))
         )
-        weights = self.objective.weights
-        active = [t for t in self.terms if weights[t] > 0 and step_counts[t] > 0]
-        empty = sum(1 for c in counts if not any(c.get(t, 0.0) > 0 for t in active))
-        self.skipped += empty
+        active = [t for t in weighted if step_counts[t] > 0]
+        self.skipped += int(step_counts["empty"])
         if not active:
             return None
         sums = dict.fromkeys(self.terms, 0.0)
@@ -503,6 +667,21 @@ class TrainingLoop:
             {t: reduced[t] for t in self.terms if step_counts[t] > 0}, step_counts
         )
         metrics["tokens"] = step_counts["tokens"]
+        metrics["positions"] = step_counts["positions"]
+        return metrics
+
+    def train_step(self, step: int) -> dict[str, Any] | None:
+        """Optimizer step ``step`` of the run, exactly as :meth:`run` takes it (seeded from
+        ``(seed, step)``, schedule advanced, gradients cleared); its metrics (``tokens``:
+        content tokens, ``positions``: padding included) or None when nothing counted."""
+        torch.manual_seed(step_seed(self.config.seed, step))
+        metrics = self._train_step(step)
+        with warnings.catch_warnings():
+            # A step whose micro-batches were all skipped still advances the schedule,
+            # so the learning rate stays a function of the step number.
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return metrics
 
     def run(self) -> LoopResult:
@@ -523,24 +702,20 @@ class TrainingLoop:
             )
         self.model.train()
         last_metrics = self.last_metrics
-        window_tokens = 0.0
+        window_tokens = window_positions = 0.0
         window_start = time.perf_counter()
         window: list[dict[str, Any]] = []
         for step in range(self.start_step, self.total_steps):
             step_start = time.perf_counter()
-            torch.manual_seed(step_seed(config.seed, step))
-            metrics = self._train_step(step)
-            with warnings.catch_warnings():
-                # A step whose micro-batches were all skipped still advances the schedule,
-                # so the learning rate stays a function of the step number.
-                warnings.simplefilter("ignore", UserWarning)
-                self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            metrics = self.train_step(step)
             done = step + 1
             maybe_fault("step", done)
             step_tokens = metrics["tokens"] if metrics else 0.0
+            step_positions = metrics["positions"] if metrics else 0.0
             self.tokens += int(step_tokens)
+            self.positions += int(step_positions)
             window_tokens += step_tokens
+            window_positions += step_positions
             if metrics:
                 window.append(metrics)
             self.elapsed += time.perf_counter() - step_start
@@ -565,12 +740,13 @@ class TrainingLoop:
                         "kd": _mean([m.get("kd") for m in window]),
                         "lr": self.scheduler.get_last_lr()[0],
                         "tokens_per_s": window_tokens / seconds,
+                        "pad_share": _pad_share(window_tokens, window_positions),
                         "wall_s": self.elapsed,
                         "skipped_batches": self.skipped,
                     }
                 )
                 maybe_fault("metrics", done)
-                window_tokens = 0.0
+                window_tokens = window_positions = 0.0
                 window = []
                 window_start = time.perf_counter()
             evaluate_now = (config.eval_steps and done % config.eval_steps == 0) or (
@@ -594,6 +770,7 @@ class TrainingLoop:
             steps=self.total_steps,
             tokens=self.tokens,
             seconds=self.elapsed,
+            positions=self.positions,
             best_metric=self.best_metric,
             best_step=self.best_step,
             skipped_batches=self.skipped,
@@ -605,10 +782,13 @@ class TrainingLoop:
         )
 
     def _check_skipped(self) -> None:
-        """Warn about micro-batches that counted nothing; fail past the configured share."""
+        """Warn about micro-batches that counted nothing; fail past the configured share.
+
+        ``self.skipped`` counts the micro-batches of every process (all-reduced per step).
+        """
         if not self.skipped:
             return
-        total = self.total_steps * self.accumulation
+        total = self.total_steps * self.accumulation * self.accelerator.num_processes
         share = self.skipped / max(total, 1)
         limit = self.config.max_skipped_fraction
         message = (
@@ -642,6 +822,11 @@ class _null:
 
     def __exit__(self, *args: object) -> None:
         return None
+
+
+def _pad_share(tokens: float, positions: float) -> float | None:
+    """``1 − tokens / positions``, rounded; None when no position was computed."""
+    return round(1.0 - tokens / positions, 5) if positions > 0 else None
 
 
 def _format(value: float | None) -> str:

@@ -27,6 +27,9 @@ of :func:`kdlab.losses.chunked_distillation_loss` (top-k + tail bucket).
 Positions: ``loss_on: response`` (default) covers the positions that predict a response
 token; ``loss_on: all`` covers every attended position, as the paper's scripts do.
 
+Cross-tokenizer runs (a teacher with another tokenizer: :class:`CrossTokenizerObjective`)
+compare the aligned positions of the response only, with the teacher on its own tokens.
+
 On-policy (GKD): with probability λ per micro-batch, drawn from a generator seeded by the
 step and the micro-batch's global index, :meth:`DistillationObjective.prepare` replaces
 the batch by the student's own samples from its prompts (before the step's counts are
@@ -43,9 +46,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kdlab.config.schema import DistillSettings
+from kdlab.data.alignment import (
+    CrossTokenizerCollator,
+    VocabularyMap,
+    batch_alignment,
+    pair_sampled_record,
+)
 from kdlab.data.tokenize import IGNORE_INDEX
 from kdlab.errors import KdlabError
-from kdlab.losses import HiddenStates, KDLossSpec, chunked_distillation_loss
+from kdlab.losses import (
+    HiddenStates,
+    KDLossSpec,
+    chunked_distillation_loss,
+    cross_tokenizer_loss,
+)
 from kdlab.models.generation import Sampling, derive_seed, generate_tokens
 from kdlab.training.forward import (
     chunked_cross_entropy,
@@ -53,6 +67,7 @@ from kdlab.training.forward import (
     kd_loss_mask,
     next_token_targets,
     output_projection,
+    record_counts,
     resolve_chunk_size,
     response_mask,
     teacher_hidden_states,
@@ -102,7 +117,9 @@ class CrossEntropyObjective:
         }
 
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], training: bool) -> StepLoss:
-        hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        hidden = final_hidden_states(
+            model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
+        )
         weight, bias = output_projection(self.unwrap(model))
         hidden = hidden.to(weight.dtype)
         mask = response_mask(batch["labels"])
@@ -231,6 +248,14 @@ class DistillationObjective:
             if was_training:
                 model.train()
         rows = [(prompt, result.tokens) for prompt, result in zip(prompts, results)]
+        return self.samples_batch(rows, batch)
+
+    def samples_batch(
+        self, rows: list[tuple[list[int], list[int]]], batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The batch of ``(prompt ids, sampled ids)`` rows: labels on the sampled tokens."""
+        pad = self.tokenizer.pad_token_id
+        device = batch["input_ids"].device
         width = max(len(p) + len(t) for p, t in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -240,7 +265,6 @@ class DistillationObjective:
             input_ids[row, : len(sequence)] = torch.tensor(sequence)
             labels[row, len(prompt) : len(sequence)] = torch.tensor(tokens, dtype=torch.long)
             attention[row, : len(sequence)] = 1
-        device = batch["input_ids"].device
         return {
             "input_ids": input_ids.to(device),
             "attention_mask": attention.to(device),
@@ -257,15 +281,25 @@ class DistillationObjective:
         ce_mask = response_mask(labels)
         if on_policy:
             ce_mask = torch.zeros_like(ce_mask)
-        kd_mask = kd_loss_mask(
-            batch["attention_mask"], labels, self.settings.loss_on, on_policy=on_policy
+        return ce_mask, self._kd_mask(batch, on_policy), on_policy
+
+    def _kd_mask(self, batch: dict[str, torch.Tensor], on_policy: bool) -> torch.Tensor:
+        """``[batch, seq]`` bool: the student positions the KD term compares."""
+        return kd_loss_mask(
+            batch["attention_mask"],
+            batch["labels"],
+            self.settings.loss_on,
+            on_policy=on_policy,
+            position_ids=batch.get("position_ids"),
         )
-        return ce_mask, kd_mask, on_policy
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         ce_mask, kd_mask, _ = self._masks(batch)
         counts = {"ce": float(ce_mask.sum()), "tokens": float(batch["attention_mask"].sum())}
         if self.loss_spec is not None:
+            if self.loss_spec.reduction == "sequence" and "position_ids" in batch:
+                # the config loader refuses this; rows are not records in a packed batch
+                raise KdlabError("train.packing cannot be combined with distill.reduction=sequence")
             counts["kd"] = counted_units(kd_mask, self.loss_spec.reduction)
         return counts
 
@@ -285,7 +319,9 @@ class DistillationObjective:
             # Teacher first: its forward's transient buffers are gone before the student's
             # activations (kept for backward) exist, so the two peaks do not add up.
             teacher_hidden = self._live_teacher_hidden(batch)
-        student_hidden = final_hidden_states(student, batch["input_ids"], batch["attention_mask"])
+        student_hidden = final_hidden_states(
+            student, batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
+        )
         weight, bias = output_projection(self.unwrap(student))
         # Under autocast (or with bf16 weights) the final norm may return another dtype than
         # the output projection's; the chunked matmuls need them equal.
@@ -323,7 +359,12 @@ class DistillationObjective:
                 "cache was given"
             )
         with torch.inference_mode():
-            return teacher_hidden_states(self.teacher, batch["input_ids"], batch["attention_mask"])
+            return teacher_hidden_states(
+                self.teacher,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch.get("position_ids"),
+            )
 
     def _kd_term(
         self,
@@ -352,7 +393,9 @@ class DistillationObjective:
             # [N, k] top-k log-probs / ids and [N] tail mass, in the row-major order of
             # student_hidden[kd_mask]: the sparse (k + 1 buckets) path of the chunked loss.
             teacher = self.teacher_cache.lookup(
-                batch["index"].tolist(), kd_mask.sum(dim=1).tolist(), device=student_hidden.device
+                batch["index"].tolist(),
+                record_counts(kd_mask, batch.get("position_ids")),
+                device=student_hidden.device,
             )
             return chunked_distillation_loss(
                 student, teacher, kd_mask, spec, chunk_size=chunk_size, vocab_size=self.vocab_size
@@ -373,4 +416,114 @@ class DistillationObjective:
             vocab_size=self.vocab_size,
             # Validation compares with the clean teacher: noise is a training perturbation.
             noise_std=self.settings.noise_std if training else 0.0,
+        )
+
+
+class CrossTokenizerObjective(DistillationObjective):
+    """:class:`DistillationObjective` for a teacher with another tokenizer (``uld``,
+    ``aligned_kl``, ``gkd`` with one of them as its divergence).
+
+    Batches come from :class:`kdlab.data.alignment.CrossTokenizerCollator`: the student's
+    usual keys plus the teacher's own tokens (``teacher_input_ids``, ...) and the aligned
+    positions (``align_student_mask``, ``align_teacher_mask``, ``align_matched``). What
+    differs from the base class, and nothing else:
+
+    - the KD positions are the aligned student positions (the response's aligned groups),
+      counted like any KD term (tokens, or sequences);
+    - the teacher runs on its own tokens, always live (no teacher-output cache);
+    - the KD term is :func:`kdlab.losses.cross_tokenizer_loss` (chunked, like every loss);
+    - on-policy samples keep the student's sampled ids; their text is re-tokenized for the
+      teacher and aligned (:func:`kdlab.data.alignment.pair_sampled_record`).
+
+    The CE term, the mixing weights, the on-policy draws and the counting are the base
+    class's.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: DistillSettings,
+        teacher: Any,
+        tokenizer: Any,
+        teacher_tokenizer: Any,
+        vocabulary: VocabularyMap,
+        seed: int,
+        cutoff_len: int,
+        unwrap: Any,
+    ) -> None:
+        super().__init__(
+            settings=settings,
+            teacher=teacher,
+            tokenizer=tokenizer,
+            vocab_size=None,
+            seed=seed,
+            cutoff_len=cutoff_len,
+            unwrap=unwrap,
+        )
+        self.teacher_tokenizer = teacher_tokenizer
+        self.vocabulary = vocabulary
+        self.collate = CrossTokenizerCollator(
+            tokenizer.pad_token_id, teacher_tokenizer.pad_token_id
+        )
+
+    def samples_batch(
+        self, rows: list[tuple[list[int], list[int]]], batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Student samples paired with their re-tokenization for the teacher, collated."""
+        examples = []
+        for row, (prompt, tokens) in enumerate(rows):
+            teacher_prompt_length = int(batch["teacher_prompt_lengths"][row])
+            teacher_prompt = batch["teacher_input_ids"][row, :teacher_prompt_length].tolist()
+            pair = pair_sampled_record(
+                prompt,
+                tokens,
+                teacher_prompt,
+                self.tokenizer,
+                self.teacher_tokenizer,
+                self.vocabulary,
+                cutoff_len=self.cutoff_len,
+            )
+            examples.append(pair.as_dict())
+        device = batch["input_ids"].device
+        return {key: value.to(device) for key, value in self.collate(examples).items()}
+
+    def _kd_mask(self, batch: dict[str, torch.Tensor], on_policy: bool) -> torch.Tensor:
+        return batch["align_student_mask"]
+
+    def _needs_live_teacher(self, on_policy: bool) -> bool:
+        return True
+
+    def _live_teacher_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[batch, seq_T, hidden_T]``: the teacher on its own tokenization."""
+        with torch.inference_mode():
+            return teacher_hidden_states(
+                self.teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"]
+            )
+
+    def _kd_term(
+        self,
+        batch: dict[str, torch.Tensor],
+        student_hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        kd_mask: torch.Tensor,
+        teacher_hidden: torch.Tensor | None,
+        training: bool,
+    ) -> torch.Tensor:
+        """The cross-tokenizer divergence at the aligned pairs (mean over the units, T²)."""
+        spec = self.loss_spec
+        assert spec is not None and teacher_hidden is not None
+        teacher_weight, teacher_bias = output_projection(self.teacher)
+        # Trap: teacher_hidden is an inference tensor; the loss only selects its aligned
+        # rows (a new, normal tensor) and never saves it for backward.
+        teacher = HiddenStates(
+            teacher_hidden.to(teacher_weight.dtype), teacher_weight, teacher_bias
+        )
+        return cross_tokenizer_loss(
+            HiddenStates(student_hidden, weight, bias),
+            teacher,
+            batch_alignment(batch),
+            self.vocabulary.shared,
+            spec,
+            chunk_size=self.settings.chunk_size,
         )

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kdlab.config.schema import DistillSettings
-from kdlab.data.templates import STOP_TEXTS, build_prompt, strip_continuation
+from kdlab.data.templates import STOP_TEXTS, record_prompt, strip_continuation
 from kdlab.data.tokenize import encode_prompt
 from kdlab.errors import DataError
 from kdlab.models.fingerprint import fingerprint_key
@@ -44,6 +44,7 @@ from kdlab.models.generation import (
 from kdlab.models.loading import cache_root
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import append_jsonl, atomic_write_json, read_jsonl
+from kdlab.utils.locking import is_main_rank, lock_directory
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +83,19 @@ def seqkd_fingerprint(
         "top_k": None if settings.seqkd_greedy else generation.top_k,
         "top_p": None if settings.seqkd_greedy else generation.top_p,
         "batch_size": settings.seqkd_batch_size,
+        # A TRL-format record's prompt (system turns, a verbatim string) is part of what the
+        # teacher answers; instruction records hash as before, so their caches stay valid.
         "records": hashlib.sha256(
-            json.dumps([[r["instruction"], r.get("input", "")] for r in records]).encode()
+            json.dumps(
+                [
+                    [
+                        r["instruction"],
+                        r.get("input", ""),
+                        *([r["prompt"]] if "prompt" in r else []),
+                    ]
+                    for r in records
+                ]
+            ).encode()
         ).hexdigest()[:16],
         "num_records": len(records),
     }
@@ -129,18 +141,13 @@ def teacher_responses(
             )
     else:
         atomic_write_json(meta_file, meta)
-    try:
-        cached = read_jsonl(directory / "responses.jsonl", repair=True)
-        done = {
-            int(r["index"]): TeacherResponse(str(r["response"]), str(r["finish_reason"]))
-            for r in cached
-        }
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise DataError(
-            f"seqKD cache {directory / 'responses.jsonl'} is damaged ({type(error).__name__}: "
-            f"{error}); delete it to regenerate the teacher responses"
-        ) from None
+    done = _cached_responses(directory)
     todo = [i for i in range(len(records)) if i not in done]
+    lock = None
+    if todo and is_main_rank():  # one job generates; another waits, then reads
+        lock = lock_directory(directory, what="seqKD cache", wait=True)
+        done = _cached_responses(directory)
+        todo = [i for i in range(len(records)) if i not in done]
     if todo:
         logger.info(
             "seqKD: teacher generates %d of %d responses → %s", len(todo), len(records), directory
@@ -158,6 +165,8 @@ def teacher_responses(
         )
     else:
         logger.info("seqKD: all %d teacher responses read from %s", len(records), directory)
+    if lock is not None:
+        lock.release()
     responses = [done[i] for i in range(len(records))]
     truncated = sum(1 for response in responses if not response.complete)
     if truncated:
@@ -176,6 +185,21 @@ def teacher_responses(
         "truncated": truncated,
     }
     return responses, info
+
+
+def _cached_responses(directory: Path) -> dict[int, TeacherResponse]:
+    """The responses already in ``responses.jsonl`` (a torn last line is repaired)."""
+    try:
+        cached = read_jsonl(directory / "responses.jsonl", repair=True)
+        return {
+            int(r["index"]): TeacherResponse(str(r["response"]), str(r["finish_reason"]))
+            for r in cached
+        }
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise DataError(
+            f"seqKD cache {directory / 'responses.jsonl'} is damaged ({type(error).__name__}: "
+            f"{error}); delete it to regenerate the teacher responses"
+        ) from None
 
 
 def _generate(
@@ -199,15 +223,7 @@ def _generate(
     """
     generation = settings.generation
     prompts = [
-        encode_prompt(
-            tokenizer,
-            build_prompt(
-                records[i]["instruction"],
-                records[i].get("input", ""),
-                template=template,
-                tokenizer=tokenizer,
-            ),
-        )
+        encode_prompt(tokenizer, record_prompt(records[i], template=template, tokenizer=tokenizer))
         for i in todo
     ]
     sampling = (

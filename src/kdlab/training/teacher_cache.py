@@ -74,6 +74,7 @@ from kdlab.models.loading import cache_root
 from kdlab.training.forward import kd_loss_mask, output_projection, teacher_hidden_states
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import atomic_write_bytes, atomic_write_json
+from kdlab.utils.locking import is_main_rank, lock_directory
 
 logger = logging.getLogger(__name__)
 
@@ -595,6 +596,10 @@ def prepare_teacher_cache(
         examples_per_shard=examples_per_shard,
     )
     missing_before = cache.missing_shards()
+    lock = None
+    if missing_before and is_main_rank():  # one job builds; another waits, then reads
+        lock = lock_directory(directory, what="teacher cache", wait=True)
+        missing_before = cache.missing_shards()
     report = BuildReport([], cache.num_shards - len(missing_before), 0.0, 0)
     loaded = teacher is not None
     if missing_before:
@@ -613,6 +618,8 @@ def prepare_teacher_cache(
         )
     if wait_for_everyone is not None and num_processes > 1:
         wait_for_everyone()
+    if lock is not None:
+        lock.release()
     still_missing = cache.missing_shards()
     if still_missing:
         raise TeacherCacheError(

@@ -28,6 +28,7 @@ point                  where                                                   v
 ``atomic_write``       any atomic file write, temp file written, before rename  file name
 ``seqkd_output``       seqKD: after a teacher response is appended to the cache hit count
 ``eval_output``        eval: after a prediction line is appended                hit count
+``replace``            --overwrite: an old entry moved aside (``DONE`` first)   entry name
 =====================  ======================================================  ==========
 """
 

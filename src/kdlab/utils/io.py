@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from kdlab.errors import DamagedFileError
 from kdlab.utils.faults import maybe_fault
 
 
@@ -35,6 +36,13 @@ _UMASK = _read_umask()
 #: Names a killed atomic writer can leave behind: ``.NAME.XXXXXXXX.tmp`` and ``.NAME.old``.
 _STAGING = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
 _OLD = re.compile(r"^\.(?P<name>.+)\.old$")
+
+
+def staged_name(name: str) -> str | None:
+    """The target name of a killed atomic writer's leftover (``.NAME.XXXXXXXX.tmp`` or
+    ``.NAME.old`` → ``NAME``), or None for any other name."""
+    match = _STAGING.match(name) or _OLD.match(name)
+    return match.group("name") if match else None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -161,25 +169,36 @@ def read_jsonl(path: str | os.PathLike[str], *, repair: bool = False) -> list[di
     """Read a JSON-lines file, dropping a torn last line (left by a killed writer).
 
     With ``repair=True`` the file is rewritten without the torn line, so later appends
-    start on a clean line.
+    start on a clean line. A damaged line before the last one (or bytes that are not UTF-8)
+    is a :class:`~kdlab.errors.DamagedFileError` naming the file and the line: it is never
+    skipped silently.
     """
     target = Path(path)
     if not target.exists():
         return []
     records: list[dict[str, Any]] = []
-    raw = target.read_text(encoding="utf-8")
+    try:
+        raw = target.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DamagedFileError(f"{target} is damaged (not UTF-8 at byte {error.start})") from None
     lines = raw.split("\n")
     torn = False
     for number, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             if number == len(lines) - 1 or all(not rest.strip() for rest in lines[number + 1 :]):
                 torn = True
                 break
-            raise
+            raise DamagedFileError(
+                f"{target} is damaged: line {number + 1} is not JSON (a line before the last "
+                "cannot be a torn write)"
+            ) from None
+        if not isinstance(record, dict):  # a torn object line never parses as another value
+            raise DamagedFileError(f"{target} is damaged: line {number + 1} is not a JSON object")
+        records.append(record)
     if torn and repair:
         atomic_write_text(
             target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
