@@ -23,11 +23,13 @@ from kdlab.cli import main as cli_main
 from kdlab.config.core import to_dict
 from kdlab.config.demo import DemoConfig, StudyConfig
 from kdlab.config.sweep import load_sweep_config
-from kdlab.errors import ConfigError
+from kdlab.errors import ConfigError, RunDirError
 from kdlab.sweep.demo import demo_plan
-from kdlab.sweep.design import packaged_grid
+from kdlab.sweep.design import owned_output, packaged_grid
 from kdlab.sweep.grid import plan_sweep
 from kdlab.sweep.study import study_plan
+from kdlab.utils.locking import LOCK_FILE
+from kdlab_testing import tree_bytes
 
 
 def kdlab(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -70,6 +72,39 @@ def test_dry_runs_print_the_plan_and_budget_and_write_nothing(tmp_path: Path) ->
         assert f"slice26__forward_kl__{ablation}__from-smollm2__s7" not in result.stdout
     assert "| students: forward_kl_T5 | 1 |" in result.stdout
     assert not out.exists()  # a dry run writes nothing
+
+
+def test_overwrite_replaces_only_a_demo_folder(tmp_path: Path) -> None:
+    """``kdlab demo --overwrite`` on a folder of the user's files exits 2 naming what is
+    there and changes nothing (old code: ``shutil.rmtree``); on an earlier demo's folder it
+    empties it, and a demo folder holding a user's file is refused as a whole."""
+    users = tmp_path / "thesis"
+    (users / "chapters").mkdir(parents=True)
+    (users / "chapters" / "ch1.tex").write_text("precious", encoding="utf-8")
+    (users / "results.csv").write_text("a,b\n1,2\n", encoding="utf-8")
+    before = tree_bytes(users)
+    for command in ("demo", "study"):
+        result = kdlab(command, f"out={users}", "--overwrite", cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        error = result.stderr.strip().splitlines()
+        assert len(error) == 1 and "results.csv" in error[0], error
+        assert tree_bytes(users) == before
+
+    plan = demo_plan(DemoConfig(out=str(tmp_path / "demo")))
+    earlier = plan.out_dir
+    (earlier / "sweep_grids").mkdir(parents=True)
+    (earlier / "sweep_grids" / "demo.config.yaml").write_text("quick: false\n", "utf-8")
+    (earlier / "math" / "students").mkdir(parents=True)
+    (earlier / "summary.md").write_text("old summary", encoding="utf-8")
+    (earlier / "notes.txt").write_text("mine", encoding="utf-8")
+    kept = tree_bytes(earlier)
+    with pytest.raises(RunDirError, match=r"notes\.txt"), owned_output(plan, overwrite=True):
+        pass
+    assert tree_bytes(earlier) == kept
+    (earlier / "notes.txt").unlink()
+    with owned_output(plan, overwrite=True) as out:
+        assert out == earlier
+        assert [entry.name for entry in out.iterdir() if entry.name != LOCK_FILE] == []
 
 
 def test_the_studys_first_seed_is_the_demo() -> None:
