@@ -1,5 +1,7 @@
-# kdlab: the two commands of the README, each doing its own set-up.
-#   make demo   the whole pipeline in miniature on the embedded SmolLM2-135M
+# kdlab: the commands of the README, each doing its own set-up.
+#   make demo   the whole pipeline in miniature on the embedded SmolLM2-135M (~19 min on 2 CPUs)
+#   make study  the paper's claims tested at small scale: the demo over 3 seeds + ablations
+#               (~45 min after make demo, whose runs it reuses; ~64 min alone)
 #   make test   lint + format check + the test suite
 #   make mutate mutation testing of the numeric core (slow, not in CI; docs/testing.md)
 
@@ -9,8 +11,9 @@ PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 STAMP   = $(VENV)/.kdlab-installed
 DEMO_OUT ?= runs/demo
+STUDY_OUT ?= $(DEMO_OUT)
 
-.PHONY: setup test demo demo-quick lint format bench mutate clean
+.PHONY: setup test demo demo-quick study study-quick lint format bench mutate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +39,13 @@ demo: setup
 
 demo-quick: setup
 	$(VENV)/bin/kdlab demo --quick --out $(DEMO_OUT)-quick
+
+# The study's seed-6 runs are the demo's: in the demo's directory they are reused.
+study: setup
+	$(VENV)/bin/kdlab study --out $(STUDY_OUT) $(STUDY_ARGS)
+
+study-quick: setup
+	$(VENV)/bin/kdlab study --quick --out $(STUDY_OUT)-quick
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -143,6 +143,17 @@ COMMANDS: dict[str, Command] = {
             overwrite_help="Start from scratch (delete the output directory first).",
         ),
     ),
+    "study": Command(
+        "kdlab.sweep.study",
+        "The paper's claims tested at small scale: the demo over 3 seeds plus its ablations.",
+        StageConfig(
+            Ref("kdlab.config.demo:StudyConfig"),
+            resume_help="Accepted for symmetry: the study always continues (runs whose DONE "
+            "exists are skipped).",
+            overwrite_help="Start from scratch: delete the output directory first (by "
+            "default the demo's, with the demo's runs).",
+        ),
+    ),
     "sweep": Command(
         "kdlab.sweep.stage",
         "Run a grid of teachers, students and methods; resumable.",

@@ -23,6 +23,7 @@ STAGE_KEYS = {
     "eval": ("generation.max_new_tokens", "9"),
     "sweep": ("executor.name", "submitit"),
     "demo": ("out", "elsewhere"),
+    "study": ("out", "elsewhere"),
 }
 #: The smallest valid command line of each configured stage (a sweep needs a student).
 STAGE_ARGS = {"sweep": ["students=[x]", "methods=[sft]"]}
@@ -161,7 +162,7 @@ def test_print_config_keeps_stdout_yaml_and_logs_unwrapped_on_stderr(tmp_path: P
 
 def test_demo_flags_are_its_config_keys(capsys: pytest.CaptureFixture[str]) -> None:
     printed = printed_config(capsys, ["demo", "--quick", "--out", "x/demo", "--print-config"])
-    assert printed == {"out": "x/demo", "quick": True, "model": "smollm2-135m"}
+    assert printed == {"out": "x/demo", "quick": True, "grid": None, "model": None}
 
 
 def test_sweep_executor_flag_is_an_override(capsys: pytest.CaptureFixture[str]) -> None:

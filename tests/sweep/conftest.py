@@ -86,3 +86,52 @@ def make_grid(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def tiny_demo_grid(tmp_path: Path, tiny_teacher_dir: Path) -> Callable[[str], Path]:
+    """A grid file extending the packaged quick demo (or quick study) grid at tiny sizes:
+    the tiny teacher, a 2-of-4-layer slice of it as the student, 6 test items."""
+    from kdlab.sweep.design import packaged_grid
+
+    def write(command: str = "demo") -> Path:
+        test_split = "generated:arithmetic?split=test&n=6&seed=11"
+        grid = {
+            "extends": str(packaged_grid(command, quick=True)),
+            "name": f"{command}-tiny",
+            "families": {
+                "math": {
+                    "defaults": {
+                        "data": {"train_files": ["generated:arithmetic?split=train&n=40&seed=0"]}
+                    },
+                    "eval": {
+                        "tasks": [{"name": "arithmetic", "path": test_split, "type": "numeric"}]
+                    },
+                    "estimate": {"eval_items": 6},
+                }
+            },
+            "teachers": {"smollm2": {"model": str(tiny_teacher_dir), "size_b": 0.0002}},
+            "students": {
+                "slice26": {
+                    "model": {
+                        "name_or_path": str(tiny_teacher_dir),
+                        "slice_layers": 2,
+                        "slice_strategy": "ends",
+                    },
+                    "size_b": 0.0001,
+                    "defaults": {"train": {"max_steps": 2}},
+                }
+            },
+            "defaults": {
+                "data": {"cutoff_len": 256, "val_set_size": 4},
+                "train": {"batch_size": 2, "micro_batch_size": 2},
+            },
+            "eval": {"generation": {"max_new_tokens": 8}},
+            "analysis": {"token_fidelity_data": test_split, "token_fidelity_records": 4,
+                         "token_fidelity_cutoff_len": 256},
+        }  # fmt: skip
+        path = tmp_path / f"{command}-tiny.yaml"
+        path.write_text(yaml.safe_dump(grid, sort_keys=False), encoding="utf-8")
+        return path
+
+    return write

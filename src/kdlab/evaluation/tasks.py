@@ -125,7 +125,11 @@ class Task:
         (TRL's ``messages``, prompt lists) are refused unless the template is ``chat``.
         """
         source = self.data_source(data_dir)
-        if not _is_hub_id(source) and not Path(source).exists():
+        if (
+            not _is_hub_id(source)
+            and not source.startswith("generated:")
+            and not Path(source).exists()
+        ):
             raise DataError(f"task {self.name}: data file {source} not found")
         records = load_task_records(
             source, name=self.name, columns=self.columns, template=self.template

