@@ -130,11 +130,12 @@ def test_the_studys_first_seed_is_the_demo() -> None:
     ablations = [run for run in students if run.params["temperature"] == 5.0
                  or run.params["noise_std"] or run.params["base_teacher"]]  # fmt: skip
     assert len(ablations) == 3 and {run.params["seed"] for run in ablations} == {6}
-    # cache: every T = 1 run without noise (the base teacher too); the live teacher otherwise
+    # cache: every run without noise (the hidden-state cache serves T = 5 too, and the base
+    # teacher has its own); the live teacher for σ = 5
     for run in students:
         if run.kind != "kd":
             continue
-        live = run.params["temperature"] == 5.0 or run.params["noise_std"] > 0
+        live = run.params["noise_std"] > 0
         assert run.config.distill.teacher_cache == (None if live else "auto"), run.name
     (analysis,) = [run for run in study.runs if run.stage == "analysis"]
     assert analysis.run_dir == study.out_dir / "study-analysis"
@@ -158,8 +159,10 @@ def test_the_estimates_know_the_teacher_cache() -> None:
     # the base model is another teacher: its own cache
     base = seconds["slice26__forward_kl__T1__base-teacher__from-smollm2__s6"]
     assert base == pytest.approx(sft + build)
-    # T = 5 and σ = 5 run the live teacher: the sweep's estimate, with its teacher term
-    live = seconds["slice26__forward_kl__T5__from-smollm2__s6"]
+    # T = 5 reads the T = 1 runs' hidden-state cache (one cache per teacher and data)
+    assert seconds["slice26__forward_kl__T5__from-smollm2__s6"] == pytest.approx(sft)
+    # σ = 5 runs the live teacher: the sweep's estimate, with its teacher term
+    live = seconds["slice26__forward_kl__T1__noise5__from-smollm2__s6"]
     teacher_term = 60 * 8 * 128 / 1000 * 0.135 * grid.estimate.teacher_s_per_ktoken_per_b
     assert live == pytest.approx(sft + teacher_term)
 

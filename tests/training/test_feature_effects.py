@@ -81,7 +81,7 @@ def first_step_kd(config: DistillConfig, student: Any, teacher: Any, spec: KDLos
     student (LoRA starts as the identity) and of ``teacher``, the dense loss of ``spec``."""
     tokenizer = load_tokenizer(config.student)
     train, _ = build_examples(load_training_records(config.data), tokenizer, config.data)
-    stream = DataStream(train, config.train.micro_batch_size, config.train.seed)
+    stream = DataStream.from_config(train, config.train)
     collate = Collator(tokenizer.pad_token_id)
     total, count = 0.0, 0
     for index in range(config.train.batch_size // config.train.micro_batch_size):

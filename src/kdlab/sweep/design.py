@@ -36,7 +36,7 @@ from typing import Any
 from kdlab.config.core import deep_merge, from_mapping, to_dict
 from kdlab.config.sweep import EstimateSection, SweepConfig, load_sweep_config
 from kdlab.errors import ConfigError, DataError
-from kdlab.sweep.executors import make_executor
+from kdlab.sweep.executors import LOGS_DIR, SUBMITIT_DIR, make_executor
 from kdlab.sweep.grid import GridPlanner, PlannedRun, SweepPlan, count_training_records
 from kdlab.sweep.runner import SweepOutcome, SweepRunner, UnitResult
 from kdlab.sweep.stage import missing_inputs
@@ -310,7 +310,7 @@ def design_layout(plan: SweepPlan) -> RunLayout:
     """What ``--overwrite`` may replace in ``plan.out_dir``: the files above, the grids' copy
     and the top-level folders of the plan's runs (families, the analysis)."""
     out = plan.out_dir.resolve()
-    folders = {"sweep_grids"}
+    folders = {"sweep_grids", LOGS_DIR, SUBMITIT_DIR}
     for run in plan.runs:
         try:
             folders.add(run.run_dir.resolve().relative_to(out).parts[0])

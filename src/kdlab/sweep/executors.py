@@ -42,13 +42,18 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+#: Where the executors keep their files inside a sweep's ``out_dir`` (hidden folders).
+LOGS_DIR = ".logs"
+SUBMITIT_DIR = ".submitit"
+
+
 def log_file_of(run: PlannedRun, out_dir: Path) -> Path:
     """``<out>/.logs/<run path relative to out>.log`` (hidden: analysis ignores it)."""
     try:
         relative = run.run_dir.resolve().relative_to(out_dir.resolve())
     except ValueError:
         relative = Path(run.run_dir.name)
-    return out_dir / ".logs" / f"{relative}.log"
+    return out_dir / LOGS_DIR / f"{relative}.log"
 
 
 class LocalExecutor:
@@ -84,7 +89,7 @@ class SubmititExecutor:
         self.settings = settings
         self.out_dir = Path(out_dir)
         self.sweep_name = sweep_name
-        self.folder = Path(settings.folder) if settings.folder else self.out_dir / ".submitit"
+        self.folder = Path(settings.folder) if settings.folder else self.out_dir / SUBMITIT_DIR
 
     def _executor(self, stage: str) -> Any:
         executor = submitit.AutoExecutor(folder=self.folder / "%j", cluster=self.settings.cluster)
