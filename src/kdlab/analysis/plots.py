@@ -102,6 +102,14 @@ def _size_order(students: Sequence[str]) -> list[str]:
     return sorted(dict.fromkeys(students), key=key)
 
 
+def _one_value_only(what: str, value: str, drawing: str, table: str) -> Plot:
+    """The skipped plot of data with a single ``what`` (``value``): ``drawing`` needs two or
+    more, and the ``table`` table has the numbers."""
+    return Plot.skipped(
+        f"one {what} only ({value}): {drawing} needs two or more; the {table} table has the numbers"
+    )
+
+
 def plot_accuracy_by_temperature(
     accuracy: pd.DataFrame, *, column: str = AVERAGE, title: str = ""
 ) -> Plot:
@@ -124,9 +132,8 @@ def plot_accuracy_by_temperature(
         return Plot.skipped("no KD run to plot")
     temperatures = sorted(set(kd["_temperature"]))
     if len(temperatures) < 2:
-        return Plot.skipped(
-            f"one temperature only (T = {temperatures[0]:g}): a curve over temperature needs "
-            "two or more; the accuracy table has the numbers"
+        return _one_value_only(
+            "temperature", f"T = {temperatures[0]:g}", "a curve over temperature", "accuracy"
         )
     sft = table[table["_kind"] == KIND_SFT].groupby(STUDENT)[column].mean()
     students = _size_order(list(kd[STUDENT]))
@@ -200,9 +207,8 @@ def plot_improvement_vs_size(
         return Plot.skipped("no student size known (record model_params, or name the size)")
     sizes_present = sorted(set(subset["student_size"]))
     if len(sizes_present) < 2:
-        return Plot.skipped(
-            f"one student size only ({sizes_present[0]:g}B): a trend over size needs two or "
-            "more; the improvement table has the numbers"
+        return _one_value_only(
+            "student size", f"{sizes_present[0]:g}B", "a trend over size", "improvement"
         )
     families = list(dict.fromkeys(subset[METHOD]))
     colors = _palette(families)

@@ -32,8 +32,9 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -382,6 +383,18 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
+def _statistic_and_p(
+    test: Callable[..., Any], *args: Any, **keywords: Any
+) -> tuple[float, float] | None:
+    """(statistic, p-value) of the scipy ``test(*args, **keywords)``, its warnings on
+    degenerate data silenced; None when either is not finite (NaN, inf)."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        result = test(*args, **keywords)
+    statistic, p_value = float(result.statistic), float(result.pvalue)
+    return (statistic, p_value) if _finite(statistic) and _finite(p_value) else None
+
+
 def _refused(
     hypothesis: str, test: str, column: str, group: str, n: int, subject: str, reason: str,
     *, unit: str, mean: float | None = None, family: str = "",
@@ -422,13 +435,11 @@ def one_sided_ttest(
         reason = f"every value is {format_value(data[0])}: no spread to test"
         return _refused(hypothesis, test, column, group, n, subject, reason, unit=unit,
                         mean=mean, family=family)  # fmt: skip
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        result = stats.ttest_1samp(data, 0.0, alternative="greater")
-    statistic, p_value = float(result.statistic), float(result.pvalue)
-    if not (_finite(statistic) and _finite(p_value)):
+    computed = _statistic_and_p(stats.ttest_1samp, data, 0.0, alternative="greater")
+    if computed is None:
         return _refused(hypothesis, test, column, group, n, subject, "the t statistic is not "
                         "finite", unit=unit, mean=mean, family=family)  # fmt: skip
+    statistic, p_value = computed
     sentence = (
         f"{subject}: t = {statistic:.2f}, p = {format_p(p_value)} ({test}, {tested}; "
         f"n = {count_text(n, unit)})"
@@ -463,13 +474,11 @@ def one_way_anova(
         reason = "every value is the same"
     if reason is not None:
         return _refused(hypothesis, test, column, label, n, subject, reason, unit=unit)
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        result = stats.f_oneway(*cleaned.values())
-    statistic, p_value = float(result.statistic), float(result.pvalue)
-    if not (_finite(statistic) and _finite(p_value)):
+    computed = _statistic_and_p(stats.f_oneway, *cleaned.values())
+    if computed is None:
         reason = "the F statistic is not finite (no spread within the groups)"
         return _refused(hypothesis, test, column, label, n, subject, reason, unit=unit)
+    statistic, p_value = computed
     sentence = (
         f"{subject}: F = {statistic:.2f}, p = {format_p(p_value)} ({test} across "
         f"{len(cleaned)} methods; n = {count_text(n, unit)})"
@@ -505,13 +514,11 @@ def spearman(
         reason = f"the second variable is constant ({format_value(y[0])})"
     if reason is not None:
         return _refused(hypothesis, test, column, group, n, subject, reason, unit=unit)
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        result = stats.spearmanr(x, y)
-    statistic, p_value = float(result.statistic), float(result.pvalue)
-    if not (_finite(statistic) and _finite(p_value)):
+    computed = _statistic_and_p(stats.spearmanr, x, y)
+    if computed is None:
         reason = "the correlation is not finite"
         return _refused(hypothesis, test, column, group, n, subject, reason, unit=unit)
+    statistic, p_value = computed
     sentence = (
         f"{subject}: rho = {statistic:.2f}, p = {format_p(p_value)} (n = {count_text(n, unit)})"
     )
