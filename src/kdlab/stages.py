@@ -77,6 +77,24 @@ class Command:
     """A typed config the command builds from its own flags (``kdlab config`` shows it)."""
 
 
+def _training_command(stage: str, config_class_name: str, help_text: str) -> Command:
+    """The command of training stage ``stage`` (``kdlab.training.<stage>``).
+
+    Its config is ``kdlab.config.schema:<config_class_name>``; ``--from-paper-args`` imports
+    the paper's ``train_args.json`` for that stage, and ``--resume`` continues from the last
+    checkpoint.
+    """
+    return Command(
+        f"kdlab.training.{stage}",
+        help_text,
+        StageConfig(
+            Ref(f"kdlab.config.schema:{config_class_name}"),
+            paper_args=Ref("kdlab.config.paper_args:import_paper_train_args", (("stage", stage),)),
+            resume_help="Continue from the last checkpoint.",
+        ),
+    )
+
+
 #: subcommand → (module, help, config of a configured stage)
 COMMANDS: dict[str, Command] = {
     "data": Command("kdlab.data.stage", "Validate, inspect, decontaminate and generate datasets."),
@@ -85,27 +103,11 @@ COMMANDS: dict[str, Command] = {
         "kdlab.config.stage",
         "Show every config key of a stage (defaults, help); list and print example configs.",
     ),
-    "finetune": Command(
-        "kdlab.training.finetune",
-        "Supervised fine-tuning (teachers, SFT students).",
-        StageConfig(
-            Ref("kdlab.config.schema:FinetuneConfig"),
-            paper_args=Ref(
-                "kdlab.config.paper_args:import_paper_train_args", (("stage", "finetune"),)
-            ),
-            resume_help="Continue from the last checkpoint.",
-        ),
+    "finetune": _training_command(
+        "finetune", "FinetuneConfig", "Supervised fine-tuning (teachers, SFT students)."
     ),
-    "distill": Command(
-        "kdlab.training.distill",
-        "Train a student against a frozen teacher.",
-        StageConfig(
-            Ref("kdlab.config.schema:DistillConfig"),
-            paper_args=Ref(
-                "kdlab.config.paper_args:import_paper_train_args", (("stage", "distill"),)
-            ),
-            resume_help="Continue from the last checkpoint.",
-        ),
+    "distill": _training_command(
+        "distill", "DistillConfig", "Train a student against a frozen teacher."
     ),
     "eval": Command(
         "kdlab.evaluation.stage",

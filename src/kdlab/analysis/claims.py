@@ -152,6 +152,11 @@ class Claim:
     def expected(self) -> str:
         return f"{self.first} {'>' if self.direction > 0 else '<'} {self.second}"
 
+    @property
+    def comparison(self) -> str:
+        """``first − second`` (``forward_kl_T5 − forward_kl_T1``), as results name it."""
+        return f"{self.first} − {self.second}"
+
 
 def paper_claims() -> tuple[Claim, ...]:
     """The paper's directional claims (see the module table)."""
@@ -261,22 +266,22 @@ def _seed_text(row: PairedRow) -> str:
 def _seeds_test(claim: Claim, rows: Sequence[PairedRow], alpha: float) -> ClaimResult:
     differences = [row.difference for row in rows if row.difference is not None]
     oriented = [claim.direction * value for value in differences]
-    subject = f"{claim.title}: {claim.first} − {claim.second}"
-    tested = f"mean of {claim.direction:+d} × ({claim.first} − {claim.second}) > 0 across seeds"
+    subject = f"{claim.title}: {claim.comparison}"
+    tested = f"mean of {claim.direction:+d} × ({claim.comparison}) > 0 across seeds"
     test = one_sided_ttest(
         oriented, subject=subject, hypothesis=claim.key, group=claim.title,
         unit=SEEDS_UNIT, tested=tested, family=CLAIMS_FAMILY,
     )  # fmt: skip
     interval = t_interval(differences, alpha=alpha, unit=SEEDS_UNIT)
     return ClaimResult(
-        claim=claim.title, comparison=f"{claim.first} − {claim.second}", expected=claim.expected,
+        claim=claim.title, comparison=claim.comparison, expected=claim.expected,
         test=test, difference=interval.estimate, low=interval.low, high=interval.high,
         per_seed=list(rows), direction=claim.direction,
     )  # fmt: skip
 
 
 def _items_test(claim: Claim, row: PairedRow, alpha: float) -> ClaimResult:
-    subject = f"{claim.title}: {claim.first} − {claim.second} (seed {row.seed})"
+    subject = f"{claim.title}: {claim.comparison} (seed {row.seed})"
     if row.p_value is None or row.difference is None:
         reason = row.note or "no item scored by both runs"
         test = StatResult(
@@ -303,7 +308,7 @@ def _items_test(claim: Claim, row: PairedRow, alpha: float) -> ClaimResult:
             family=CLAIMS_FAMILY,
         )  # fmt: skip
     return ClaimResult(
-        claim=claim.title, comparison=f"{claim.first} − {claim.second}", expected=claim.expected,
+        claim=claim.title, comparison=claim.comparison, expected=claim.expected,
         test=test, difference=row.difference, low=row.low, high=row.high, per_seed=[row],
         direction=claim.direction,
     )  # fmt: skip
@@ -382,7 +387,7 @@ def evaluate_claims(
         rows, reason = _per_seed(outputs, claim)
         if not rows:
             result = ClaimResult(
-                claim=claim.title, comparison=f"{claim.first} − {claim.second}",
+                claim=claim.title, comparison=claim.comparison,
                 expected=claim.expected, test=None, direction=claim.direction, reason=reason,
             )  # fmt: skip
         elif len(rows) == 1:

@@ -338,6 +338,26 @@ def _per_seed_text(seeds: Sequence[Any], values: Sequence[float], signed: bool =
     return "; ".join(shown)
 
 
+def _seed_interval_columns(
+    group: tuple[str, str, str], column: str, mean_name: str, interval: Interval
+) -> dict[str, Any]:
+    """The leading columns of a row of :func:`seed_table` and :func:`seed_differences`, in
+    the tables' order: (Teacher, Student, Method) ``group``, the ``column`` (task) and the
+    t-interval over seeds, its estimate under ``mean_name``."""
+    teacher, student, method = group
+    return {
+        TEACHER: teacher,
+        STUDENT: student,
+        METHOD: method,
+        "column": column,
+        "n": interval.n,
+        "unit": "seeds",
+        mean_name: interval.estimate,
+        "CI low": interval.low,
+        "CI high": interval.high,
+    }
+
+
 def seed_table(per_run: pd.DataFrame, columns: Sequence[str], *, alpha: float) -> pd.DataFrame:
     """Mean ± t-interval over seeds of each (Teacher, Student, Method) with several runs."""
     rows: list[dict[str, Any]] = []
@@ -360,15 +380,7 @@ def seed_table(per_run: pd.DataFrame, columns: Sequence[str], *, alpha: float) -
                 )
             rows.append(
                 {
-                    TEACHER: teacher,
-                    STUDENT: student,
-                    METHOD: method,
-                    "column": column,
-                    "n": interval.n,
-                    "unit": "seeds",
-                    "mean": interval.estimate,
-                    "CI low": interval.low,
-                    "CI high": interval.high,
+                    **_seed_interval_columns((teacher, student, method), column, "mean", interval),
                     "per seed": _per_seed_text(seeds, values),
                     "note": note,
                 }
@@ -464,15 +476,9 @@ def seed_differences(
             )
             rows.append(
                 {
-                    TEACHER: teacher,
-                    STUDENT: student,
-                    METHOD: method,
-                    "column": column,
-                    "n": interval.n,
-                    "unit": "seeds",
-                    "mean Δ KD−SFT (points)": interval.estimate,
-                    "CI low": interval.low,
-                    "CI high": interval.high,
+                    **_seed_interval_columns(
+                        (teacher, student, method), column, "mean Δ KD−SFT (points)", interval
+                    ),
                     "t": statistic,
                     "p": p_value,
                     "Holm p": None,

@@ -102,6 +102,41 @@ def _size_order(students: Sequence[str]) -> list[str]:
     return sorted(dict.fromkeys(students), key=key)
 
 
+@dataclass(frozen=True)
+class _XAxis:
+    """The x-axis of a plot over a quantity: it needs two or more distinct values."""
+
+    column: str
+    """The column of the frame holding the quantity."""
+    what: str
+    """The quantity's name (``temperature``)."""
+    shown: str
+    """How the one value is named when there is only one (``"T = {:g}"``)."""
+    drawing: str
+    """What the plot draws over it (``a curve over temperature``)."""
+    table: str
+    """The table that has the numbers when the plot is skipped."""
+
+    def values(self, frame: pd.DataFrame, *, empty: str) -> list[float] | Plot:
+        """The distinct values of ``frame[column]``, sorted; or the skipped plot (``empty``
+        when ``frame`` has no rows)."""
+        if frame.empty:
+            return Plot.skipped(empty)
+        values = sorted(set(frame[self.column]))
+        if len(values) < 2:
+            return Plot.skipped(
+                f"one {self.what} only ({self.shown.format(values[0])}): {self.drawing} needs "
+                f"two or more; the {self.table} table has the numbers"
+            )
+        return values
+
+
+_TEMPERATURES = _XAxis(
+    "_temperature", "temperature", "T = {:g}", "a curve over temperature", "accuracy"
+)
+_STUDENT_SIZES = _XAxis("student_size", "student size", "{:g}B", "a trend over size", "improvement")
+
+
 def plot_accuracy_by_temperature(
     accuracy: pd.DataFrame, *, column: str = AVERAGE, title: str = ""
 ) -> Plot:
@@ -120,14 +155,9 @@ def plot_accuracy_by_temperature(
     known_models = set(table[STUDENT])
     table[TEACHER] = [normalize_teacher(name, known_models) for name in table[TEACHER]]
     kd = table[(table["_kind"] == KIND_KD) & table[column].notna()]
-    if kd.empty:
-        return Plot.skipped("no KD run to plot")
-    temperatures = sorted(set(kd["_temperature"]))
-    if len(temperatures) < 2:
-        return Plot.skipped(
-            f"one temperature only (T = {temperatures[0]:g}): a curve over temperature needs "
-            "two or more; the accuracy table has the numbers"
-        )
+    temperatures = _TEMPERATURES.values(kd, empty="no KD run to plot")
+    if isinstance(temperatures, Plot):
+        return temperatures
     sft = table[table["_kind"] == KIND_SFT].groupby(STUDENT)[column].mean()
     students = _size_order(list(kd[STUDENT]))
     families = list(dict.fromkeys(kd["_family"]))
@@ -196,14 +226,11 @@ def plot_improvement_vs_size(
         & improvements["student_size"].notna()
         & improvements["improvement"].notna()
     ]
-    if subset.empty:
-        return Plot.skipped("no student size known (record model_params, or name the size)")
-    sizes_present = sorted(set(subset["student_size"]))
-    if len(sizes_present) < 2:
-        return Plot.skipped(
-            f"one student size only ({sizes_present[0]:g}B): a trend over size needs two or "
-            "more; the improvement table has the numbers"
-        )
+    sizes_present = _STUDENT_SIZES.values(
+        subset, empty="no student size known (record model_params, or name the size)"
+    )
+    if isinstance(sizes_present, Plot):
+        return sizes_present
     families = list(dict.fromkeys(subset[METHOD]))
     colors = _palette(families)
     figure = Figure(figsize=(6.4, 4.4))

@@ -26,7 +26,7 @@ import pandas as pd
 from kdlab.analysis.numbers import format_p, format_value
 from kdlab.analysis.paper_tables import AVERAGE
 from kdlab.analysis.plots import FORMATS
-from kdlab.analysis.statistics import StatResult, statistics_table
+from kdlab.analysis.statistics import STATISTICS_COLUMNS, StatResult, statistics_table
 from kdlab.utils.io import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -228,22 +228,9 @@ def latex_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the statistics table's columns shown in reports: all but significant, family and sentence
 STATISTICS_DISPLAY_COLUMNS = [
-    "hypothesis",
-    "test",
-    "column",
-    "group",
-    "statistic",
-    "p_value",
-    "p_holm",
-    "family_size",
-    "n",
-    "unit",
-    "mean",
-    "ci_low",
-    "ci_high",
-    "status",
-    "reason",
+    column for column in STATISTICS_COLUMNS if column not in ("significant", "family", "sentence")
 ]
 STATISTICS_TEX = "statistics.tex"
 

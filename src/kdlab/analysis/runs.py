@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, NoReturn, TypeVar, overload
 
 from kdlab.config.methods import METHODS
 from kdlab.config.run_identity import RUN_FILE, RunIdentity, read_run_identity
@@ -79,6 +79,40 @@ class TaskEvaluation:
         return self._predictions
 
 
+_Value = TypeVar("_Value")
+
+
+class _IdentityField(Generic[_Value]):
+    """A read-only :class:`Run` attribute: the field of the same name of its ``run.json``.
+
+    ``empty_as_none``: a falsy value (``""``: not recorded) reads as None.
+    Assigning to it raises AttributeError, as for a property.
+    """
+
+    def __init__(self, doc: str, *, empty_as_none: bool = False) -> None:
+        self.__doc__ = doc
+        self.empty_as_none = empty_as_none
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, run: None, owner: type | None = None) -> _IdentityField[_Value]: ...
+
+    @overload
+    def __get__(self, run: Run, owner: type | None = None) -> _Value: ...
+
+    def __get__(self, run: Run | None, owner: type | None = None) -> Any:
+        if run is None:
+            return self
+        value = getattr(run.identity, self.name)
+        return (value or None) if self.empty_as_none else value
+
+    def __set__(self, run: Run, value: object) -> NoReturn:
+        raise AttributeError(f"{self.name} is read from the run's identity (run.json)")
+
+
 @dataclass
 class Run:
     """One run directory: its identity (``run.json``) and its evaluation, if any."""
@@ -96,75 +130,35 @@ class Run:
         """The human-readable run name (falls back to the directory name)."""
         return self.identity.name or self.run_dir.name
 
-    @property
-    def stage(self) -> str:
-        """``finetune``, ``distill`` or ``eval``."""
-        return self.identity.stage
-
-    @property
-    def role(self) -> str:
-        """``teacher``, ``student`` or ``base``."""
-        return self.identity.role
-
-    @property
-    def model(self) -> str:
-        """Identity of the trained or evaluated model."""
-        return self.identity.model
+    stage = _IdentityField[str]("``finetune``, ``distill`` or ``eval``.")
+    role = _IdentityField[str]("``teacher``, ``student`` or ``base``.")
+    model = _IdentityField[str]("Identity of the trained or evaluated model.")
 
     @property
     def method(self) -> str:
         """Training method, lower case (``sft``, ``forward_kl``, ...)."""
         return self.identity.method.lower()
 
-    @property
-    def teacher(self) -> str | None:
-        """Identity of the teacher model, ``None`` for a fine-tune."""
-        return self.identity.teacher or None
-
-    @property
-    def teacher_adapter(self) -> str | None:
-        """Path of the teacher's adapter, ``None`` for a base teacher."""
-        return self.identity.teacher_adapter or None
-
-    @property
-    def teacher_run(self) -> str | None:
-        """Path of the teacher's run directory, if recorded."""
-        return self.identity.teacher_run or None
-
-    @property
-    def temperature(self) -> float | None:
-        """Distillation temperature."""
-        return self.identity.temperature
-
-    @property
-    def noise_std(self) -> float:
-        """Standard deviation of the Gaussian noise added to the teacher logits."""
-        return self.identity.noise_std
-
-    @property
-    def kd_weight(self) -> float | None:
-        """Weight of the KD term in the loss (1 = pure KD)."""
-        return self.identity.kd_weight
-
-    @property
-    def base_teacher(self) -> bool:
-        """Whether the teacher is the pretrained model without its task adapter."""
-        return self.identity.base_teacher
-
-    @property
-    def seed(self) -> int | None:
-        """Training seed."""
-        return self.identity.seed
-
-    @property
-    def task_family(self) -> str:
-        """``math``, ``commonsense`` or ``custom``."""
-        return self.identity.task_family
-
-    @property
-    def student_layers(self) -> Any:
-        """The layers a sliced student keeps, or ``None``."""
-        return self.identity.student_layers
+    teacher = _IdentityField[str | None](
+        "Identity of the teacher model, ``None`` for a fine-tune.", empty_as_none=True
+    )
+    teacher_adapter = _IdentityField[str | None](
+        "Path of the teacher's adapter, ``None`` for a base teacher.", empty_as_none=True
+    )
+    teacher_run = _IdentityField[str | None](
+        "Path of the teacher's run directory, if recorded.", empty_as_none=True
+    )
+    temperature = _IdentityField[float | None]("Distillation temperature.")
+    noise_std = _IdentityField[float](
+        "Standard deviation of the Gaussian noise added to the teacher logits."
+    )
+    kd_weight = _IdentityField[float | None]("Weight of the KD term in the loss (1 = pure KD).")
+    base_teacher = _IdentityField[bool](
+        "Whether the teacher is the pretrained model without its task adapter."
+    )
+    seed = _IdentityField[int | None]("Training seed.")
+    task_family = _IdentityField[str]("``math``, ``commonsense`` or ``custom``.")
+    student_layers = _IdentityField[Any]("The layers a sliced student keeps, or ``None``.")
 
     @property
     def model_params(self) -> int | None:
@@ -180,10 +174,10 @@ class Run:
             return False
         return self.stage == "distill" or bool(self.identity.teacher)
 
-    @property
-    def adapter(self) -> str | None:
-        """The adapter a standalone evaluation (``kdlab eval --adapter``) recorded, if any."""
-        return self.identity.adapter or None
+    adapter = _IdentityField[str | None](
+        "The adapter a standalone evaluation (``kdlab eval --adapter``) recorded, if any.",
+        empty_as_none=True,
+    )
 
     @property
     def is_sft(self) -> bool:

@@ -32,8 +32,9 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -382,6 +383,24 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
+def _statistic_and_p(
+    refusal: str | None, not_finite: str, test: Callable[..., Any], *args: Any, **keywords: Any
+) -> tuple[float, float] | str:
+    """(statistic, p-value) of the scipy ``test(*args, **keywords)``, or why there is none.
+
+    ``refusal`` (a reason found in the data beforehand): returned, the test is not run.
+    Otherwise the test runs with its warnings on degenerate data silenced, and ``not_finite``
+    is returned when the statistic or the p-value is NaN or infinite.
+    """
+    if refusal is not None:
+        return refusal
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        result = test(*args, **keywords)
+    statistic, p_value = float(result.statistic), float(result.pvalue)
+    return (statistic, p_value) if _finite(statistic) and _finite(p_value) else not_finite
+
+
 def _refused(
     hypothesis: str, test: str, column: str, group: str, n: int, subject: str, reason: str,
     *, unit: str, mean: float | None = None, family: str = "",
@@ -414,21 +433,18 @@ def one_sided_ttest(
     data = _clean(values)
     n = int(data.size)
     mean = float(data.mean()) if n else None
+    reason = None
     if n < MIN_TTEST_N:
         reason = f"a one-sample t-test needs n >= {MIN_TTEST_N}, got {n}"
-        return _refused(hypothesis, test, column, group, n, subject, reason, unit=unit,
-                        mean=mean, family=family)  # fmt: skip
-    if _is_constant(data):
+    elif _is_constant(data):
         reason = f"every value is {format_value(data[0])}: no spread to test"
-        return _refused(hypothesis, test, column, group, n, subject, reason, unit=unit,
+    computed = _statistic_and_p(
+        reason, "the t statistic is not finite", stats.ttest_1samp, data, 0.0, alternative="greater"
+    )
+    if isinstance(computed, str):
+        return _refused(hypothesis, test, column, group, n, subject, computed, unit=unit,
                         mean=mean, family=family)  # fmt: skip
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        result = stats.ttest_1samp(data, 0.0, alternative="greater")
-    statistic, p_value = float(result.statistic), float(result.pvalue)
-    if not (_finite(statistic) and _finite(p_value)):
-        return _refused(hypothesis, test, column, group, n, subject, "the t statistic is not "
-                        "finite", unit=unit, mean=mean, family=family)  # fmt: skip
+    statistic, p_value = computed
     sentence = (
         f"{subject}: t = {statistic:.2f}, p = {format_p(p_value)} ({test}, {tested}; "
         f"n = {count_text(n, unit)})"
@@ -461,15 +477,11 @@ def one_way_anova(
         reason = f"an ANOVA of {len(cleaned)} groups needs more than {len(cleaned)} values"
     elif _is_constant(everything):
         reason = "every value is the same"
-    if reason is not None:
-        return _refused(hypothesis, test, column, label, n, subject, reason, unit=unit)
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        result = stats.f_oneway(*cleaned.values())
-    statistic, p_value = float(result.statistic), float(result.pvalue)
-    if not (_finite(statistic) and _finite(p_value)):
-        reason = "the F statistic is not finite (no spread within the groups)"
-        return _refused(hypothesis, test, column, label, n, subject, reason, unit=unit)
+    not_finite = "the F statistic is not finite (no spread within the groups)"
+    computed = _statistic_and_p(reason, not_finite, stats.f_oneway, *cleaned.values())
+    if isinstance(computed, str):
+        return _refused(hypothesis, test, column, label, n, subject, computed, unit=unit)
+    statistic, p_value = computed
     sentence = (
         f"{subject}: F = {statistic:.2f}, p = {format_p(p_value)} ({test} across "
         f"{len(cleaned)} methods; n = {count_text(n, unit)})"
@@ -503,15 +515,10 @@ def spearman(
         reason = f"the first variable is constant ({format_value(x[0])})"
     elif _is_constant(y):
         reason = f"the second variable is constant ({format_value(y[0])})"
-    if reason is not None:
-        return _refused(hypothesis, test, column, group, n, subject, reason, unit=unit)
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        result = stats.spearmanr(x, y)
-    statistic, p_value = float(result.statistic), float(result.pvalue)
-    if not (_finite(statistic) and _finite(p_value)):
-        reason = "the correlation is not finite"
-        return _refused(hypothesis, test, column, group, n, subject, reason, unit=unit)
+    computed = _statistic_and_p(reason, "the correlation is not finite", stats.spearmanr, x, y)
+    if isinstance(computed, str):
+        return _refused(hypothesis, test, column, group, n, subject, computed, unit=unit)
+    statistic, p_value = computed
     sentence = (
         f"{subject}: rho = {statistic:.2f}, p = {format_p(p_value)} (n = {count_text(n, unit)})"
     )

@@ -74,6 +74,12 @@ EVAL_TEMPLATES = ("alpaca", "chat", "raw")
 SCORING_MODES = ("generate", "loglikelihood")
 
 
+def _preset_setting(description: str) -> Any:
+    """A decoding setting of :class:`EvalGenerationConfig`: null (the default) takes the
+    preset's value; the help is ``description`` plus that."""
+    return config_field(None, help=f"{description}; null = the preset's value.")
+
+
 @dataclass
 class EvalGenerationConfig:
     """Decoding settings (unset fields take the preset's value)."""
@@ -83,24 +89,12 @@ class EvalGenerationConfig:
         help="greedy (default) or paper (sampling T=1, top_p=1, top_k=0, 256 tokens).",
         choices=tuple(GENERATION_PRESETS),
     )
-    do_sample: bool | None = config_field(
-        None, help="Sample instead of greedy decoding; null = the preset's value."
-    )
-    temperature: float | None = config_field(
-        None, help="Sampling temperature; null = the preset's value."
-    )
-    top_p: float | None = config_field(
-        None, help="Nucleus sampling p (1 = off); null = the preset's value."
-    )
-    top_k: int | None = config_field(
-        None, help="Top-k sampling (0 = off); null = the preset's value."
-    )
-    num_beams: int | None = config_field(
-        None, help="Beam search width (1 = off); null = the preset's value."
-    )
-    max_new_tokens: int | None = config_field(
-        None, help="Longest generated response; null = the preset's value."
-    )
+    do_sample: bool | None = _preset_setting("Sample instead of greedy decoding")
+    temperature: float | None = _preset_setting("Sampling temperature")
+    top_p: float | None = _preset_setting("Nucleus sampling p (1 = off)")
+    top_k: int | None = _preset_setting("Top-k sampling (0 = off)")
+    num_beams: int | None = _preset_setting("Beam search width (1 = off)")
+    max_new_tokens: int | None = _preset_setting("Longest generated response")
     seed: int = config_field(
         6, help="Seed; item i is sampled with its own generator seeded by a hash of (seed, i)."
     )

@@ -31,6 +31,9 @@ TRL = "TRL"
 PEFT = "PEFT/TRL"
 TORCHTUNE = "torchtune"
 PAPER = "the paper's scripts"
+#: the origin of a name both of them use
+HF_TORCHTUNE = f"{HF}/{TORCHTUNE}"
+TORCHTUNE_PAPER = f"{TORCHTUNE}/{PAPER}"
 
 
 @dataclass(frozen=True)
@@ -49,110 +52,108 @@ class ForeignKey:
             raise ValueError(f"foreign key {self.name}: give exactly one of target and suggest")
 
 
-FOREIGN_KEYS: tuple[ForeignKey, ...] = (
-    # ------------------------------------------------------------------ train: same meaning
-    ForeignKey("per_device_train_batch_size", _TRAIN, HF, target="micro_batch_size"),
-    ForeignKey("num_train_epochs", _TRAIN, HF, target="num_epochs"),
-    ForeignKey("epochs", _TRAIN, TORCHTUNE, target="num_epochs"),
-    ForeignKey("lr", _TRAIN, TORCHTUNE, target="learning_rate"),
-    ForeignKey("num_warmup_steps", _TRAIN, TORCHTUNE, target="warmup_steps"),
-    ForeignKey("log_every_n_steps", _TRAIN, TORCHTUNE, target="logging_steps"),
-    ForeignKey("enable_activation_checkpointing", _TRAIN, TORCHTUNE,
-               target="gradient_checkpointing"),
-    ForeignKey("load_best_model_at_end", _TRAIN, HF, target="load_best_at_end"),
-    ForeignKey("metric_for_best_model", _TRAIN, HF, target="best_metric"),
-    # ------------------------------------------------------------------ train: suggestions
-    ForeignKey("gradient_accumulation_steps", _TRAIN, f"{HF}/{TORCHTUNE}",
-               suggest="{prefix}batch_size",
-               note="kdlab has no accumulation count: {prefix}batch_size is the effective batch "
-               "per optimizer step, {prefix}micro_batch_size the batch per forward pass and "
-               "process; accumulation steps = batch_size / (micro_batch_size × processes)"),
-    ForeignKey("per_device_eval_batch_size", _TRAIN, HF, suggest="{prefix}micro_batch_size",
-               note="validation batches have {prefix}micro_batch_size records too"),
-    ForeignKey("bf16", _TRAIN, HF, suggest="{prefix}mixed_precision",
-               note="write {prefix}mixed_precision=bf16"),
-    ForeignKey("fp16", _TRAIN, HF, suggest="{prefix}mixed_precision",
-               note="write {prefix}mixed_precision=fp16"),
-    ForeignKey("warmup_ratio", _TRAIN, HF, suggest="{prefix}warmup_steps",
-               note="kdlab counts warm-up in optimizer steps"),
-    ForeignKey("lr_scheduler_type", _TRAIN, HF, suggest="{prefix}lr_scheduler",
-               note="linear, cosine or constant: the schedule after {prefix}warmup_steps"),
-    ForeignKey("eval_strategy", _TRAIN, HF, suggest="{prefix}eval_steps",
-               note="kdlab validates every {prefix}eval_steps optimizer steps (0 = at the end)"),
-    ForeignKey("evaluation_strategy", _TRAIN, HF, suggest="{prefix}eval_steps",
-               note="kdlab validates every {prefix}eval_steps optimizer steps (0 = at the end)"),
-    ForeignKey("save_strategy", _TRAIN, HF, suggest="{prefix}save_steps",
-               note="kdlab saves every {prefix}save_steps optimizer steps (0 = off)"),
-    ForeignKey("optim", _TRAIN, HF, suggest="{prefix}learning_rate",
-               note="kdlab trains with AdamW ({prefix}learning_rate, {prefix}weight_decay)"),
-    ForeignKey("resume_from_checkpoint", (*_TRAIN, "FinetuneConfig", "DistillConfig"),
-               f"{HF}/{TORCHTUNE}", suggest="--resume",
-               note="a command-line flag: it continues from the last checkpoint in "
-               "train.output_dir"),
-    ForeignKey("max_length", _TRAIN, TRL, suggest="{parent}data.cutoff_len",
-               note="the token cutoff of training records"),
-    ForeignKey("max_seq_length", _TRAIN, TRL, suggest="{parent}data.cutoff_len",
-               note="the token cutoff of training records"),
-    # ------------------------------------------------------------------ data
-    ForeignKey("max_length", _DATA, TRL, target="cutoff_len"),
-    ForeignKey("max_seq_length", _DATA, TRL, target="cutoff_len"),
-    ForeignKey("max_seq_len", _DATA, TORCHTUNE, target="cutoff_len"),
-    ForeignKey("train_on_input", _DATA, TORCHTUNE, target="train_on_inputs"),
-    ForeignKey("completion_only_loss", _DATA, TRL, suggest="{prefix}train_on_inputs",
-               note="the loss covers the response only unless {prefix}train_on_inputs=true"),
-    ForeignKey("data_path", _DATA, PAPER, suggest="{prefix}train_files",
-               note="a list of sources: {prefix}train_files=[PATH]"),
-    ForeignKey("dataset", _DATA, TORCHTUNE, suggest="{prefix}train_files",
-               note="a list of sources (paths, hf:owner/name[:split], generated:...)"),
-    ForeignKey("dataset_name", _DATA, TRL, suggest="{prefix}train_files",
-               note="a list of sources: {prefix}train_files=[hf:owner/name]"),
-    # ------------------------------------------------------------------ peft
-    ForeignKey("lora_r", _PEFT, PEFT, target="r"),
-    ForeignKey("lora_rank", _PEFT, TORCHTUNE, target="r"),
-    ForeignKey("lora_alpha", _PEFT, PEFT, target="alpha"),
-    ForeignKey("lora_dropout", _PEFT, PEFT, target="dropout"),
-    ForeignKey("lora_target_modules", _PEFT, PEFT, target="target_modules"),
-    ForeignKey("lora_attn_modules", _PEFT, TORCHTUNE, suggest="{prefix}target_modules",
-               note="Hugging Face module names, e.g. [q_proj, k_proj, v_proj, o_proj, up_proj]"),
-    ForeignKey("use_peft", _PEFT, TRL, suggest="{prefix}method",
-               note="lora (the default), dora, ia3, ... or full"),
-    ForeignKey("use_dora", _PEFT, TRL, suggest="{prefix}method",
-               note="write {prefix}method=dora"),
-    ForeignKey("use_rslora", _PEFT, TRL, suggest="{prefix}options",
-               note="write {prefix}options={{use_rslora: true}}"),
-    # ------------------------------------------------------------------ models
-    ForeignKey("model_name_or_path", _MODEL, TRL, target="name_or_path"),
-    ForeignKey("torch_dtype", _MODEL, HF, target="dtype"),
-    ForeignKey("model_revision", _MODEL, TRL, target="revision"),
-    ForeignKey("teacher_model_name_or_path", ("DistillConfig",), TRL,
-               suggest="{prefix}teacher.model.name_or_path",
-               note="or teacher.run_dir: a kdlab finetune run brings model and adapter"),
-    ForeignKey("teacher_model_name_or_path", _DISTILL, TRL,
-               suggest="{parent}teacher.model.name_or_path",
-               note="or teacher.run_dir: a kdlab finetune run brings model and adapter"),
-    # ------------------------------------------------------------------ distillation
-    ForeignKey("lmbda", _DISTILL, TRL, target="lambda_on_policy"),
-    ForeignKey("kd_ratio", _DISTILL, TORCHTUNE, target="kd_weight"),
-    ForeignKey("kd_loss_weight", _DISTILL, PAPER, target="kd_weight"),
-    ForeignKey("kd_temperature", _DISTILL, PAPER, target="temperature"),
-    ForeignKey("kd_loss", _DISTILL, f"{TORCHTUNE}/{PAPER}", suggest="{prefix}method",
-               note="sft, forward_kl, reverse_kl, jsd, skew_*, tvd, gkd or seqkd (the paper's "
-               "kld/reversekld/gkd are accepted); {prefix}divergence overrides the divergence"),
-    ForeignKey("seq_kd", _DISTILL, TRL, suggest="{prefix}method",
-               note="write {prefix}method=seqkd"),
-    ForeignKey("max_completion_length", _DISTILL, TRL,
-               suggest="{prefix}generation.max_new_tokens",
-               note="the longest on-policy (GKD) or seqKD generation"),
-    # ------------------------------------------------------------------ evaluation
-    ForeignKey("per_device_eval_batch_size", ("EvalConfig",), HF, target="batch_size"),
-    ForeignKey("pretrained", ("EvalConfig",), "lm-evaluation-harness",
-               suggest="{prefix}model", note="a hub id, path or alias; or run_dir"),
-    # ------------------------------------------------------------------ flags, not keys
-    ForeignKey("resume", ("*",), "kdlab", suggest="--resume",
-               note="it is a command-line flag, not a config key"),
-    ForeignKey("overwrite", ("*",), "kdlab", suggest="--overwrite",
-               note="it is a command-line flag, not a config key"),
+#: Foreign names with exactly the kdlab meaning: (name, sections, origin, target), by section.
+_SAME_MEANING: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
+    ("per_device_train_batch_size", _TRAIN, HF, "micro_batch_size"),
+    ("num_train_epochs", _TRAIN, HF, "num_epochs"),
+    ("epochs", _TRAIN, TORCHTUNE, "num_epochs"),
+    ("lr", _TRAIN, TORCHTUNE, "learning_rate"),
+    ("num_warmup_steps", _TRAIN, TORCHTUNE, "warmup_steps"),
+    ("log_every_n_steps", _TRAIN, TORCHTUNE, "logging_steps"),
+    ("enable_activation_checkpointing", _TRAIN, TORCHTUNE, "gradient_checkpointing"),
+    ("load_best_model_at_end", _TRAIN, HF, "load_best_at_end"),
+    ("metric_for_best_model", _TRAIN, HF, "best_metric"),
+    ("max_length", _DATA, TRL, "cutoff_len"),
+    ("max_seq_length", _DATA, TRL, "cutoff_len"),
+    ("max_seq_len", _DATA, TORCHTUNE, "cutoff_len"),
+    ("train_on_input", _DATA, TORCHTUNE, "train_on_inputs"),
+    ("lora_r", _PEFT, PEFT, "r"),
+    ("lora_rank", _PEFT, TORCHTUNE, "r"),
+    ("lora_alpha", _PEFT, PEFT, "alpha"),
+    ("lora_dropout", _PEFT, PEFT, "dropout"),
+    ("lora_target_modules", _PEFT, PEFT, "target_modules"),
+    ("model_name_or_path", _MODEL, TRL, "name_or_path"),
+    ("torch_dtype", _MODEL, HF, "dtype"),
+    ("model_revision", _MODEL, TRL, "revision"),
+    ("lmbda", _DISTILL, TRL, "lambda_on_policy"),
+    ("kd_ratio", _DISTILL, TORCHTUNE, "kd_weight"),
+    ("kd_loss_weight", _DISTILL, PAPER, "kd_weight"),
+    ("kd_temperature", _DISTILL, PAPER, "temperature"),
+    ("per_device_eval_batch_size", ("EvalConfig",), HF, "batch_size"),
 )  # fmt: skip
+
+#: Foreign names without it: (name, sections, origin, suggest, note), by section; the flags last.
+_SUGGESTIONS: tuple[tuple[str, tuple[str, ...], str, str, str], ...] = (
+    ("gradient_accumulation_steps", _TRAIN, HF_TORCHTUNE, "{prefix}batch_size",
+     "kdlab has no accumulation count: {prefix}batch_size is the effective batch per optimizer step, {prefix}micro_batch_size the batch per forward pass and process; accumulation steps = batch_size / (micro_batch_size × processes)"),
+    ("per_device_eval_batch_size", _TRAIN, HF, "{prefix}micro_batch_size",
+     "validation batches have {prefix}micro_batch_size records too"),
+    ("bf16", _TRAIN, HF, "{prefix}mixed_precision",
+     "write {prefix}mixed_precision=bf16"),
+    ("fp16", _TRAIN, HF, "{prefix}mixed_precision",
+     "write {prefix}mixed_precision=fp16"),
+    ("warmup_ratio", _TRAIN, HF, "{prefix}warmup_steps",
+     "kdlab counts warm-up in optimizer steps"),
+    ("lr_scheduler_type", _TRAIN, HF, "{prefix}lr_scheduler",
+     "linear, cosine or constant: the schedule after {prefix}warmup_steps"),
+    ("eval_strategy", _TRAIN, HF, "{prefix}eval_steps",
+     "kdlab validates every {prefix}eval_steps optimizer steps (0 = at the end)"),
+    ("evaluation_strategy", _TRAIN, HF, "{prefix}eval_steps",
+     "kdlab validates every {prefix}eval_steps optimizer steps (0 = at the end)"),
+    ("save_strategy", _TRAIN, HF, "{prefix}save_steps",
+     "kdlab saves every {prefix}save_steps optimizer steps (0 = off)"),
+    ("optim", _TRAIN, HF, "{prefix}learning_rate",
+     "kdlab trains with AdamW ({prefix}learning_rate, {prefix}weight_decay)"),
+    ("resume_from_checkpoint", (*_TRAIN, "FinetuneConfig", "DistillConfig"), HF_TORCHTUNE, "--resume",
+     "a command-line flag: it continues from the last checkpoint in train.output_dir"),
+    ("max_length", _TRAIN, TRL, "{parent}data.cutoff_len",
+     "the token cutoff of training records"),
+    ("max_seq_length", _TRAIN, TRL, "{parent}data.cutoff_len",
+     "the token cutoff of training records"),
+    ("completion_only_loss", _DATA, TRL, "{prefix}train_on_inputs",
+     "the loss covers the response only unless {prefix}train_on_inputs=true"),
+    ("data_path", _DATA, PAPER, "{prefix}train_files",
+     "a list of sources: {prefix}train_files=[PATH]"),
+    ("dataset", _DATA, TORCHTUNE, "{prefix}train_files",
+     "a list of sources (paths, hf:owner/name[:split], generated:...)"),
+    ("dataset_name", _DATA, TRL, "{prefix}train_files",
+     "a list of sources: {prefix}train_files=[hf:owner/name]"),
+    ("lora_attn_modules", _PEFT, TORCHTUNE, "{prefix}target_modules",
+     "Hugging Face module names, e.g. [q_proj, k_proj, v_proj, o_proj, up_proj]"),
+    ("use_peft", _PEFT, TRL, "{prefix}method",
+     "lora (the default), dora, ia3, ... or full"),
+    ("use_dora", _PEFT, TRL, "{prefix}method",
+     "write {prefix}method=dora"),
+    ("use_rslora", _PEFT, TRL, "{prefix}options",
+     "write {prefix}options={{use_rslora: true}}"),
+    ("teacher_model_name_or_path", ("DistillConfig",), TRL, "{prefix}teacher.model.name_or_path",
+     "or teacher.run_dir: a kdlab finetune run brings model and adapter"),
+    ("teacher_model_name_or_path", _DISTILL, TRL, "{parent}teacher.model.name_or_path",
+     "or teacher.run_dir: a kdlab finetune run brings model and adapter"),
+    ("kd_loss", _DISTILL, TORCHTUNE_PAPER, "{prefix}method",
+     "sft, forward_kl, reverse_kl, jsd, skew_*, tvd, gkd or seqkd (the paper's kld/reversekld/gkd are accepted); {prefix}divergence overrides the divergence"),
+    ("seq_kd", _DISTILL, TRL, "{prefix}method",
+     "write {prefix}method=seqkd"),
+    ("max_completion_length", _DISTILL, TRL, "{prefix}generation.max_new_tokens",
+     "the longest on-policy (GKD) or seqKD generation"),
+    ("pretrained", ("EvalConfig",), "lm-evaluation-harness", "{prefix}model",
+     "a hub id, path or alias; or run_dir"),
+    ("resume", ("*",), "kdlab", "--resume",
+     "it is a command-line flag, not a config key"),
+    ("overwrite", ("*",), "kdlab", "--overwrite",
+     "it is a command-line flag, not a config key"),
+)  # fmt: skip
+
+FOREIGN_KEYS: tuple[ForeignKey, ...] = (
+    *(
+        ForeignKey(name, sections, origin, target=target)
+        for name, sections, origin, target in _SAME_MEANING
+    ),
+    *(
+        ForeignKey(name, sections, origin, suggest=suggest, note=note)
+        for name, sections, origin, suggest, note in _SUGGESTIONS
+    ),
+)
 
 _BY_SECTION: dict[tuple[str, str], ForeignKey] = {}
 for _entry in FOREIGN_KEYS:

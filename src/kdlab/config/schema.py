@@ -304,6 +304,11 @@ class TrainConfig:
         return tuple(dict.fromkeys(name for name in names if name != "none"))
 
 
+def _task_family_field() -> Any:
+    """The ``task_family`` key of the training stages' configs (recorded in run.json)."""
+    return config_field("math", help="Recorded in run.json (math, commonsense, ...).")
+
+
 @dataclass
 class FinetuneConfig:
     """``kdlab finetune``: supervised fine-tuning (teachers and the SFT-student baseline)."""
@@ -315,7 +320,7 @@ class FinetuneConfig:
     role: str = config_field(
         "teacher", help="Recorded in run.json.", choices=("teacher", "student")
     )
-    task_family: str = config_field("math", help="Recorded in run.json (math, commonsense, ...).")
+    task_family: str = _task_family_field()
 
 
 @dataclass
@@ -459,7 +464,7 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/distill"))
     distill: DistillSettings = field(default_factory=DistillSettings)
-    task_family: str = config_field("math", help="Recorded in run.json (math, commonsense, ...).")
+    task_family: str = _task_family_field()
 
     def __post_init__(self) -> None:
         loss_spec = self.distill.loss_spec

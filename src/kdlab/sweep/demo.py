@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +33,11 @@ from kdlab.config.sweep import SweepConfig
 from kdlab.errors import RunDirError
 from kdlab.sweep.design import (
     BudgetRow,
+    CommandResult,
     budget_markdown,
     budget_rows,
     cache_aware_estimates,
+    command_output,
     config_record,
     execute,
     load_grid,
@@ -46,7 +47,6 @@ from kdlab.sweep.design import (
     stage_name,
 )
 from kdlab.sweep.grid import GridPlanner, SweepPlan
-from kdlab.sweep.runner import SweepOutcome
 from kdlab.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -196,13 +196,13 @@ def summary_text(plan: SweepPlan, title: str) -> str:
 
 
 @dataclass
-class DemoResult:
-    """What :func:`run` did: the plan, the sweep's outcome, the summary."""
+class DemoResult(CommandResult):
+    """What :func:`run` did: the plan, the sweep's outcome, the summary (``page``)."""
 
-    plan: SweepPlan
-    outcome: SweepOutcome
-    summary: str
-    summary_path: Path
+    @property
+    def written(self) -> list[str]:
+        """The report, then the summary, one ``name: path`` line each."""
+        return [f"report:  {self.report_html}", *super().written]
 
     @property
     def report_html(self) -> Path:
@@ -236,33 +236,14 @@ def run(config: DemoConfig, *, resume: bool = False, overwrite: bool = False) ->
         text = summary_text(plan, title)
         path = out / SUMMARY_FILE
         atomic_write_text(path, text)
-    return DemoResult(plan=plan, outcome=outcome, summary=text, summary_path=path)
-
-
-def print_outcome(outcome: SweepOutcome) -> None:
-    """The runs that did not finish, one line each (as ``kdlab sweep`` prints them)."""
-    for entry in outcome.unfinished:
-        detail = entry.get("reason") or (
-            f"{entry.get('error_type')}: {entry.get('message')}" if entry.get("error_type") else ""
-        )
-        print(f"  {entry['status']:<11} {entry['stage']:<9} {entry['run_dir']}  {detail}".rstrip())  # noqa: T201
+    return DemoResult(plan=plan, outcome=outcome, page=text, page_path=path)
 
 
 def main(args: argparse.Namespace) -> int:
     """``kdlab demo``: ``args.config`` is the loaded :class:`DemoConfig`."""
-    config: DemoConfig = args.config
-    if args.dry_run:
-        plan = demo_plan(config)
-        print(describe(plan, "demo"), end="")  # noqa: T201
-        return 0
-    start = time.perf_counter()
-    result = run(config, resume=args.resume, overwrite=args.overwrite)
-    print(result.summary, end="")  # noqa: T201
-    print_outcome(result.outcome)
-    print(f"report:  {result.report_html}")  # noqa: T201
-    print(f"summary: {result.summary_path}")  # noqa: T201
-    print(f"total wall time: {time.perf_counter() - start:.0f} s")  # noqa: T201
-    return 0 if result.outcome.ok else 1
+    text, status = command_output(args, "demo", plan=demo_plan, describe=describe, run=run)
+    print(text, end="")  # noqa: T201
+    return status
 
 
 __all__ = [

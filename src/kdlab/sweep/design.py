@@ -18,15 +18,18 @@ a run made with other settings refused. This module holds the pieces around that
   time is kept in ``<out>/timings.json`` (summed over attempts, kept across restarts), and
   the last checkpoint of a *full* fine-tune (weights + AdamW state, ~1.4 GB for the demo's
   student) is deleted once the run is ``DONE`` (``model/`` holds the weights; the
-  checkpoint only served crash recovery).
+  checkpoint only served crash recovery);
+- :func:`command_output`: what the two commands' ``main`` prints, and its exit status.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import shutil
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -375,6 +378,62 @@ def config_record(config: Any) -> dict[str, Any]:
     return {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
 
 
+@dataclass
+class CommandResult:
+    """What ``run`` of ``kdlab demo`` or ``kdlab study`` did: the plan, the sweep's outcome
+    and the page it wrote (the demo's summary, the study's claims) with its path."""
+
+    plan: SweepPlan
+    outcome: SweepOutcome
+    page: str
+    page_path: Path
+
+    @property
+    def written(self) -> list[str]:
+        """The files to read next, one ``name: path`` line each (``claims: PATH``)."""
+        return [f"{self.page_path.stem}: {self.page_path}"]
+
+
+def unfinished_lines(outcome: SweepOutcome) -> list[str]:
+    """The runs that did not finish, one line each (as ``kdlab sweep`` prints them)."""
+    lines = []
+    for entry in outcome.unfinished:
+        detail = entry.get("reason") or (
+            f"{entry.get('error_type')}: {entry.get('message')}" if entry.get("error_type") else ""
+        )
+        lines.append(
+            f"  {entry['status']:<11} {entry['stage']:<9} {entry['run_dir']}  {detail}".rstrip()
+        )
+    return lines
+
+
+def command_output(
+    args: argparse.Namespace,
+    command: str,
+    *,
+    plan: Callable[[Any], SweepPlan],
+    describe: Callable[[SweepPlan, str], str],
+    run: Callable[..., CommandResult],
+) -> tuple[str, int]:
+    """What ``kdlab demo`` / ``kdlab study`` (``command``) print, and their exit status.
+
+    ``args.config`` is the command's loaded config. With ``--dry-run``: ``describe`` of its
+    ``plan``, status 0. Otherwise ``run`` (with ``--resume``/``--overwrite``), then its page,
+    the runs that did not finish, the files to read and the total wall time; status 1 when
+    a run did not finish. The text ends with a newline (print it with ``end=""``).
+    """
+    if args.dry_run:
+        return describe(plan(args.config), command), 0
+    start = time.perf_counter()
+    result = run(args.config, resume=args.resume, overwrite=args.overwrite)
+    lines = [
+        *unfinished_lines(result.outcome),
+        *result.written,
+        f"total wall time: {time.perf_counter() - start:.0f} s",
+    ]
+    return result.page + "".join(f"{line}\n" for line in lines), 0 if result.outcome.ok else 1
+
+
 __all__ = [
     "ANALYSIS_SECONDS",
     "DESIGN_FILES",
@@ -383,10 +442,12 @@ __all__ = [
     "SETUP_SECONDS",
     "TIMINGS_FILE",
     "BudgetRow",
+    "CommandResult",
     "RecordingExecutor",
     "budget_markdown",
     "budget_rows",
     "cache_aware_estimates",
+    "command_output",
     "config_record",
     "design_layout",
     "execute",
@@ -398,4 +459,5 @@ __all__ = [
     "record_timing",
     "relative_key",
     "stage_name",
+    "unfinished_lines",
 ]

@@ -26,8 +26,7 @@ outcome. See ``docs/study.md``.
 from __future__ import annotations
 
 import argparse
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from kdlab.config.analysis import AnalyzeConfig, options_of
@@ -38,20 +37,20 @@ from kdlab.errors import ConfigError, RunDirError
 from kdlab.sweep.demo import (
     add_grid_command_arguments,
     describe,
-    print_outcome,
     wall_time_rows,
 )
 from kdlab.sweep.demo import flag_overrides as demo_flag_overrides
 from kdlab.sweep.design import (
+    CommandResult,
     budget_markdown,
     cache_aware_estimates,
+    command_output,
     config_record,
     execute,
     load_grid,
     owned_output,
 )
 from kdlab.sweep.grid import GridPlanner, PlannedRun, SweepPlan, estimate_plan
-from kdlab.sweep.runner import SweepOutcome
 from kdlab.utils.io import atomic_write_text
 
 ANALYSIS_DIR = "study-analysis"
@@ -226,14 +225,8 @@ def write_claims(plan: SweepPlan) -> str:
 # --------------------------------------------------------------------------- entry points
 
 
-@dataclass
-class StudyResult:
-    """What :func:`run` did: the plan, the sweep's outcome, the claims page."""
-
-    plan: SweepPlan
-    outcome: SweepOutcome
-    claims: str
-    claims_path: Path
+class StudyResult(CommandResult):
+    """What :func:`run` did: the plan, the sweep's outcome, the claims page (``page``)."""
 
 
 def run(config: StudyConfig, *, resume: bool = False, overwrite: bool = False) -> StudyResult:
@@ -253,18 +246,9 @@ def run(config: StudyConfig, *, resume: bool = False, overwrite: bool = False) -
 
 def main(args: argparse.Namespace) -> int:
     """``kdlab study``: ``args.config`` is the loaded :class:`StudyConfig`."""
-    config: StudyConfig = args.config
-    if args.dry_run:
-        plan = study_plan(config)
-        print(describe(plan, "study"), end="")  # noqa: T201
-        return 0
-    start = time.perf_counter()
-    result = run(config, resume=args.resume, overwrite=args.overwrite)
-    print(result.claims, end="")  # noqa: T201
-    print_outcome(result.outcome)
-    print(f"claims: {result.claims_path}")  # noqa: T201
-    print(f"total wall time: {time.perf_counter() - start:.0f} s")  # noqa: T201
-    return 0 if result.outcome.ok else 1
+    text, status = command_output(args, "study", plan=study_plan, describe=describe, run=run)
+    print(text, end="")  # noqa: T201
+    return status
 
 
 __all__ = [
