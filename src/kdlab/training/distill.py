@@ -313,29 +313,26 @@ def run_distill(
         )
         cache, teacher, cache_info = prepared.cache, prepared.teacher, prepared.info
         gc.collect()  # a teacher loaded only to build the cache is released here
+    # What both objectives take; each adds its own vocabulary (and the cache).
+    objective_arguments: dict[str, Any] = {
+        "settings": settings,
+        "teacher": teacher,
+        "tokenizer": tokenizer,
+        "seed": config.train.seed,
+        "cutoff_len": config.data.cutoff_len,
+        "unwrap": accelerator.unwrap_model,
+    }
     objective: DistillationObjective
     if cross is not None:
         objective = CrossTokenizerObjective(
-            settings=settings,
-            teacher=teacher,
-            tokenizer=tokenizer,
+            **objective_arguments,
             teacher_tokenizer=cross.teacher_tokenizer,
             vocabulary=cross.vocabulary,
-            seed=config.train.seed,
-            cutoff_len=config.data.cutoff_len,
-            unwrap=accelerator.unwrap_model,
         )
         collate: Callable[..., Any] = objective.collate
     else:
         objective = DistillationObjective(
-            settings=settings,
-            teacher=teacher,
-            tokenizer=tokenizer,
-            vocab_size=vocab,
-            seed=config.train.seed,
-            cutoff_len=config.data.cutoff_len,
-            unwrap=accelerator.unwrap_model,
-            teacher_cache=cache,
+            **objective_arguments, vocab_size=vocab, teacher_cache=cache
         )
         collate = Collator(tokenizer.pad_token_id)
     loop = TrainingLoop(
