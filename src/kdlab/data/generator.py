@@ -75,20 +75,14 @@ class _Unit:
     containers: str
 
 
-_UNITS: tuple[_Unit, ...] = (
-    _Unit("apples", "basket", "baskets"),
-    _Unit("marbles", "bag", "bags"),
-    _Unit("dollars", "envelope", "envelopes"),
-    _Unit("pages", "chapter", "chapters"),
-    _Unit("stickers", "sheet", "sheets"),
-    _Unit("cookies", "box", "boxes"),
-    _Unit("pencils", "pack", "packs"),
-    _Unit("books", "shelf", "shelves"),
-    _Unit("cards", "deck", "decks"),
-    _Unit("shells", "bucket", "buckets"),
-    _Unit("oranges", "crate", "crates"),
-    _Unit("beads", "jar", "jars"),
+#: Every countable item, as ``plural/container/containers`` (separated by spaces).
+_UNIT_TABLE = (
+    "apples/basket/baskets marbles/bag/bags dollars/envelope/envelopes "
+    "pages/chapter/chapters stickers/sheet/sheets cookies/box/boxes "
+    "pencils/pack/packs books/shelf/shelves cards/deck/decks shells/bucket/buckets "
+    "oranges/crate/crates beads/jar/jars"
 )
+_UNITS: tuple[_Unit, ...] = tuple(_Unit(*entry.split("/")) for entry in _UNIT_TABLE.split())
 
 
 @dataclass(frozen=True)
@@ -105,168 +99,212 @@ def _people(rng: random.Random) -> tuple[str, str, str, str]:
     return first[0], first[1], second[0], third[0]
 
 
-def _add(rng: random.Random) -> _Problem:
-    name, pronoun, other, _ = _people(rng)
-    unit = rng.choice(_UNITS).plural
+def _draw_add(rng: random.Random) -> dict[str, int]:
     a, b = rng.randint(2, 60), rng.randint(2, 60)
-    total = a + b
-    if rng.random() < 0.5:
-        instruction = (
-            f"{name} has {a} {unit}. {pronoun.capitalize()} gets {b} more {unit} from "
-            f"{other}. How many {unit} does {name} have now?"
-        )
-        output = (
-            f"{name} starts with {a} {unit} and gets {b} more. "
-            f"{a} + {b} = {total}. The answer is {total}."
-        )
-    else:
-        instruction = (
-            f"{name} collected {a} {unit} on Monday and {b} {unit} on Tuesday. "
-            f"How many {unit} did {name} collect in all?"
-        )
-        output = (
-            f"{name} collected {a} {unit} and then {b} {unit}. "
-            f"In all: {a} + {b} = {total}. The answer is {total}."
-        )
-    return _Problem(instruction, output, total, f"add:{a}:{b}")
+    return {"a": a, "b": b, "answer": a + b}
 
 
-def _sub(rng: random.Random) -> _Problem:
-    name, pronoun, other, _ = _people(rng)
-    unit = rng.choice(_UNITS).plural
+def _draw_sub(rng: random.Random) -> dict[str, int]:
     a = rng.randint(10, 60)
     b = rng.randint(1, a - 1)
-    left = a - b
-    if rng.random() < 0.5:
-        instruction = (
-            f"{name} has {a} {unit}. {pronoun.capitalize()} gives {b} {unit} to {other}. "
-            f"How many {unit} does {name} have left?"
-        )
-        output = (
-            f"{name} starts with {a} {unit} and gives away {b}. "
-            f"{a} - {b} = {left}. The answer is {left}."
-        )
-    else:
-        instruction = (
-            f"{name} had {a} {unit}. {pronoun.capitalize()} lost {b} of them. "
-            f"How many {unit} does {name} have now?"
-        )
-        output = f"{name} had {a} {unit} and lost {b}. {a} - {b} = {left}. The answer is {left}."
-    return _Problem(instruction, output, left, f"sub:{a}:{b}")
+    return {"a": a, "b": b, "answer": a - b}
 
 
-def _mul(rng: random.Random) -> _Problem:
-    name, _, _, _ = _people(rng)
-    unit = rng.choice(_UNITS)
+def _draw_mul(rng: random.Random) -> dict[str, int]:
     a, b = rng.randint(2, 12), rng.randint(2, 12)
-    product = a * b
-    if rng.random() < 0.5:
-        instruction = (
-            f"{name} has {a} {unit.containers}. Each {unit.container} holds {b} "
-            f"{unit.plural}. How many {unit.plural} does {name} have in total?"
-        )
-        output = (
-            f"There are {a} {unit.containers} with {b} {unit.plural} in each. "
-            f"{a} * {b} = {product}. The answer is {product}."
-        )
-    else:
-        instruction = (
-            f"{name} gets {b} {unit.plural} every day for {a} days. "
-            f"How many {unit.plural} does {name} get altogether?"
-        )
-        output = (
-            f"{name} gets {b} {unit.plural} on each of {a} days. "
-            f"{a} * {b} = {product}. The answer is {product}."
-        )
-    return _Problem(instruction, output, product, f"mul:{a}:{b}")
+    return {"a": a, "b": b, "answer": a * b}
 
 
-def _div(rng: random.Random) -> _Problem:
-    name, _, _, _ = _people(rng)
-    unit = rng.choice(_UNITS)
+def _draw_div(rng: random.Random) -> dict[str, int]:
     divisor, quotient = rng.randint(2, 12), rng.randint(2, 12)
-    total = divisor * quotient
-    if rng.random() < 0.5:
-        instruction = (
-            f"{name} has {total} {unit.plural} and shares them equally among {divisor} "
-            f"friends. How many {unit.plural} does each friend get?"
-        )
-        output = (
-            f"{total} {unit.plural} are shared equally by {divisor} friends. "
-            f"{total} / {divisor} = {quotient}. The answer is {quotient}."
-        )
-    else:
-        instruction = (
-            f"{name} puts {total} {unit.plural} into {unit.containers}, with {divisor} "
-            f"{unit.plural} in each {unit.container}. How many {unit.containers} does "
-            f"{name} fill?"
-        )
-        output = (
-            f"Each {unit.container} takes {divisor} of the {total} {unit.plural}. "
-            f"{total} / {divisor} = {quotient}. The answer is {quotient}."
-        )
-    return _Problem(instruction, output, quotient, f"div:{total}:{divisor}")
+    return {"total": divisor * quotient, "divisor": divisor, "answer": quotient}
 
 
-def _two_step(rng: random.Random) -> _Problem:
+def _draw_add_sub(rng: random.Random) -> dict[str, int]:
+    a, b = rng.randint(5, 50), rng.randint(2, 40)
+    c = rng.randint(1, a + b - 1)
+    return {"a": a, "b": b, "c": c, "subtotal": a + b, "answer": a + b - c}
+
+
+def _draw_mul_add(rng: random.Random) -> dict[str, int]:
+    a, b, c = rng.randint(2, 10), rng.randint(2, 10), rng.randint(1, 30)
+    return {"a": a, "b": b, "c": c, "subtotal": a * b, "answer": a * b + c}
+
+
+def _draw_mul_sub(rng: random.Random) -> dict[str, int]:
+    a, b = rng.randint(2, 10), rng.randint(2, 10)
+    c = rng.randint(1, a * b - 1)
+    return {"a": a, "b": b, "c": c, "subtotal": a * b, "answer": a * b - c}
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """One arithmetic skeleton and its phrasings (``str.format`` templates).
+
+    ``draw`` draws the numbers (and ``answer``); ``skeleton`` formats them into the split
+    key. Each phrasing is (instruction, output); placeholders: the numbers, ``name``,
+    ``Pronoun`` (capitalised), ``other``, ``third``, ``units`` (plural), ``container``,
+    ``containers``. With two phrasings, one ``rng.random()`` after the draw picks one.
+    """
+
+    draw: Callable[[random.Random], dict[str, int]]
+    skeleton: str
+    phrasings: tuple[tuple[str, str], ...]
+
+
+#: Each template's variants; with several, ``rng.randrange`` picks one before the draw.
+_TEMPLATE_VARIANTS: dict[str, tuple[_Variant, ...]] = {
+    "add": (
+        _Variant(
+            _draw_add,
+            "add:{a}:{b}",
+            (
+                (
+                    "{name} has {a} {units}. {Pronoun} gets {b} more {units} from {other}. "
+                    "How many {units} does {name} have now?",
+                    "{name} starts with {a} {units} and gets {b} more. "
+                    "{a} + {b} = {answer}. The answer is {answer}.",
+                ),
+                (
+                    "{name} collected {a} {units} on Monday and {b} {units} on Tuesday. "
+                    "How many {units} did {name} collect in all?",
+                    "{name} collected {a} {units} and then {b} {units}. "
+                    "In all: {a} + {b} = {answer}. The answer is {answer}.",
+                ),
+            ),
+        ),
+    ),
+    "sub": (
+        _Variant(
+            _draw_sub,
+            "sub:{a}:{b}",
+            (
+                (
+                    "{name} has {a} {units}. {Pronoun} gives {b} {units} to {other}. "
+                    "How many {units} does {name} have left?",
+                    "{name} starts with {a} {units} and gives away {b}. "
+                    "{a} - {b} = {answer}. The answer is {answer}.",
+                ),
+                (
+                    "{name} had {a} {units}. {Pronoun} lost {b} of them. "
+                    "How many {units} does {name} have now?",
+                    "{name} had {a} {units} and lost {b}. {a} - {b} = {answer}. "
+                    "The answer is {answer}.",
+                ),
+            ),
+        ),
+    ),
+    "mul": (
+        _Variant(
+            _draw_mul,
+            "mul:{a}:{b}",
+            (
+                (
+                    "{name} has {a} {containers}. Each {container} holds {b} {units}. "
+                    "How many {units} does {name} have in total?",
+                    "There are {a} {containers} with {b} {units} in each. "
+                    "{a} * {b} = {answer}. The answer is {answer}.",
+                ),
+                (
+                    "{name} gets {b} {units} every day for {a} days. "
+                    "How many {units} does {name} get altogether?",
+                    "{name} gets {b} {units} on each of {a} days. "
+                    "{a} * {b} = {answer}. The answer is {answer}.",
+                ),
+            ),
+        ),
+    ),
+    "div": (
+        _Variant(
+            _draw_div,
+            "div:{total}:{divisor}",
+            (
+                (
+                    "{name} has {total} {units} and shares them equally among {divisor} "
+                    "friends. How many {units} does each friend get?",
+                    "{total} {units} are shared equally by {divisor} friends. "
+                    "{total} / {divisor} = {answer}. The answer is {answer}.",
+                ),
+                (
+                    "{name} puts {total} {units} into {containers}, with {divisor} {units} "
+                    "in each {container}. How many {containers} does {name} fill?",
+                    "Each {container} takes {divisor} of the {total} {units}. "
+                    "{total} / {divisor} = {answer}. The answer is {answer}.",
+                ),
+            ),
+        ),
+    ),
+    "two_step": (
+        _Variant(
+            _draw_add_sub,
+            "add_sub:{a}:{b}:{c}",
+            (
+                (
+                    "{name} had {a} {units}. {Pronoun} got {b} more {units} from {other} "
+                    "and then gave {c} {units} to {third}. "
+                    "How many {units} does {name} have now?",
+                    "First, {name} had {a} {units} and got {b} more: {a} + {b} = {subtotal}. "
+                    "Then {name} gave away {c}: {subtotal} - {c} = {answer}. "
+                    "The answer is {answer}.",
+                ),
+            ),
+        ),
+        _Variant(
+            _draw_mul_add,
+            "mul_add:{a}:{b}:{c}",
+            (
+                (
+                    "{name} has {a} {containers} with {b} {units} in each {container}, "
+                    "and {c} extra {units}. How many {units} does {name} have in total?",
+                    "The {containers} hold {a} * {b} = {subtotal} {units}. "
+                    "With the {c} extra: {subtotal} + {c} = {answer}. The answer is {answer}.",
+                ),
+            ),
+        ),
+        _Variant(
+            _draw_mul_sub,
+            "mul_sub:{a}:{b}:{c}",
+            (
+                (
+                    "{name} buys {a} {containers} with {b} {units} in each {container} "
+                    "and gives away {c} {units}. How many {units} are left?",
+                    "{name} buys {a} * {b} = {subtotal} {units}. After giving away {c}: "
+                    "{subtotal} - {c} = {answer}. The answer is {answer}.",
+                ),
+            ),
+        ),
+    ),
+}
+
+
+def _problem(template: str, rng: random.Random) -> _Problem:
+    """One problem of ``template``: characters, unit, variant, numbers, phrasing (the
+    random draws in that order, so a seed gives the same problems as before)."""
     name, pronoun, other, third = _people(rng)
     unit = rng.choice(_UNITS)
-    variant = rng.randrange(3)
-    if variant == 0:
-        a, b = rng.randint(5, 50), rng.randint(2, 40)
-        subtotal = a + b
-        c = rng.randint(1, subtotal - 1)
-        answer = subtotal - c
-        instruction = (
-            f"{name} had {a} {unit.plural}. {pronoun.capitalize()} got {b} more "
-            f"{unit.plural} from {other} and then gave {c} {unit.plural} to {third}. "
-            f"How many {unit.plural} does {name} have now?"
-        )
-        output = (
-            f"First, {name} had {a} {unit.plural} and got {b} more: "
-            f"{a} + {b} = {subtotal}. Then {name} gave away {c}: "
-            f"{subtotal} - {c} = {answer}. The answer is {answer}."
-        )
-        skeleton = f"add_sub:{a}:{b}:{c}"
-    elif variant == 1:
-        a, b, c = rng.randint(2, 10), rng.randint(2, 10), rng.randint(1, 30)
-        subtotal = a * b
-        answer = subtotal + c
-        instruction = (
-            f"{name} has {a} {unit.containers} with {b} {unit.plural} in each "
-            f"{unit.container}, and {c} extra {unit.plural}. How many {unit.plural} does "
-            f"{name} have in total?"
-        )
-        output = (
-            f"The {unit.containers} hold {a} * {b} = {subtotal} {unit.plural}. "
-            f"With the {c} extra: {subtotal} + {c} = {answer}. The answer is {answer}."
-        )
-        skeleton = f"mul_add:{a}:{b}:{c}"
-    else:
-        a, b = rng.randint(2, 10), rng.randint(2, 10)
-        subtotal = a * b
-        c = rng.randint(1, subtotal - 1)
-        answer = subtotal - c
-        instruction = (
-            f"{name} buys {a} {unit.containers} with {b} {unit.plural} in each "
-            f"{unit.container} and gives away {c} {unit.plural}. How many {unit.plural} "
-            f"are left?"
-        )
-        output = (
-            f"{name} buys {a} * {b} = {subtotal} {unit.plural}. After giving away {c}: "
-            f"{subtotal} - {c} = {answer}. The answer is {answer}."
-        )
-        skeleton = f"mul_sub:{a}:{b}:{c}"
-    return _Problem(instruction, output, answer, skeleton)
-
-
-_BUILDERS: dict[str, Callable[[random.Random], _Problem]] = {
-    "add": _add,
-    "sub": _sub,
-    "mul": _mul,
-    "div": _div,
-    "two_step": _two_step,
-}
+    variants = _TEMPLATE_VARIANTS[template]
+    variant = variants[rng.randrange(len(variants))] if len(variants) > 1 else variants[0]
+    numbers = variant.draw(rng)
+    phrasings = variant.phrasings
+    instruction, output = (
+        phrasings[0] if len(phrasings) == 1 or rng.random() < 0.5 else phrasings[1]
+    )
+    fields = {
+        **numbers,
+        "name": name,
+        "Pronoun": pronoun.capitalize(),
+        "other": other,
+        "third": third,
+        "units": unit.plural,
+        "container": unit.container,
+        "containers": unit.containers,
+    }
+    return _Problem(
+        instruction.format(**fields),
+        output.format(**fields),
+        numbers["answer"],
+        variant.skeleton.format(**numbers),
+    )
 
 
 def split_of(skeleton: str) -> str:
@@ -304,7 +342,7 @@ def generate_arithmetic(
     if isinstance(templates, str):
         templates = [templates]
     templates = [str(t).strip() for t in templates]
-    unknown = [t for t in templates if t not in _BUILDERS]
+    unknown = [t for t in templates if t not in _TEMPLATE_VARIANTS]
     if unknown or not templates:
         raise DataError(
             f"generated:arithmetic: template {unknown[0] if unknown else ''!r} is not valid; "
@@ -315,7 +353,7 @@ def generate_arithmetic(
     seen: set[str] = set()
     max_attempts = 100 * n + 10_000
     for _ in range(max_attempts):
-        problem = _BUILDERS[rng.choice(templates)](rng)
+        problem = _problem(rng.choice(templates), rng)
         if split_of(problem.skeleton) != split or problem.instruction in seen:
             continue
         seen.add(problem.instruction)

@@ -93,6 +93,25 @@ def _keyword_record(instruction: str, keyword: str) -> dict[str, str]:
     }
 
 
+def _choice_record(
+    question: str,
+    keyword: str,
+    options: Sequence[str],
+    answer: int,
+    *,
+    option_separator: str = " ",
+    before_format: str = "\n\n",
+) -> dict[str, str]:
+    """A multiple-choice record: ``question``, a blank line, the options (``Keyword1: …``
+    joined by ``option_separator``), ``before_format`` and the answer format
+    (``keyword1/keyword2/…``); the answer is ``keyword<answer + 1>`` (``answer`` 0-based)."""
+    instruction = (
+        f"{question}\n\n{_options(keyword.capitalize(), options, option_separator)}"
+        f"{before_format}{_answer_format(keyword, len(options))}"
+    )
+    return _keyword_record(instruction, f"{keyword}{answer + 1}")
+
+
 def _math_record(question: Any, answer: str, output: str = "") -> dict[str, str]:
     # The question as published, spaces included: the shipped files keep them (" At the
     # schools book fair ... buy? "), and the prompt must be the same text.
@@ -150,12 +169,13 @@ def _aqua(row: Row, where: str) -> dict[str, str]:
 def _hellaswag(row: Row, where: str) -> dict[str, str]:
     endings = list(row["endings"])
     label = _index(row["label"], len(endings), where=where)
-    instruction = (
+    return _choice_record(
         "Please choose the correct ending to complete the given sentence: "
-        f"{_raw(row['activity_label'])}: {_raw(row['ctx'])}\n\n"
-        f"{_options('Ending', endings)}\n\n{_answer_format('ending', len(endings))}"
+        f"{_raw(row['activity_label'])}: {_raw(row['ctx'])}",
+        "ending",
+        endings,
+        label,
     )
-    return _keyword_record(instruction, f"ending{label + 1}")
 
 
 def _boolq(answer_column: str) -> Callable[[Row, str], dict[str, str]]:
@@ -178,33 +198,37 @@ def _boolq(answer_column: str) -> Callable[[Row, str], dict[str, str]]:
 
 def _piqa(row: Row, where: str) -> dict[str, str]:
     label = _index(row["label"], 2, where=where)
-    instruction = (
-        f"Please choose the correct solution to the question: {_raw(row['goal'])}\n\n"
-        f"{_options('Solution', [row['sol1'], row['sol2']], separator=chr(10) * 2)}\n\n"
-        f"{_answer_format('solution', 2)}"
+    return _choice_record(
+        f"Please choose the correct solution to the question: {_raw(row['goal'])}",
+        "solution",
+        [row["sol1"], row["sol2"]],
+        label,
+        option_separator="\n\n",
     )
-    return _keyword_record(instruction, f"solution{label + 1}")
 
 
 def _social_i_qa(row: Row, where: str) -> dict[str, str]:
     answers = [row["answerA"], row["answerB"], row["answerC"]]
     label = _index(row["label"], 3, where=where, base=1)
-    instruction = (
+    return _choice_record(
         "Please choose the correct answer to the question: "
-        f"{_raw(row['context'])} {_raw(row['question'])}\n\n"
-        f"{_options('Answer', answers)}\n\n{_answer_format('answer', 3)}"
+        f"{_raw(row['context'])} {_raw(row['question'])}",
+        "answer",
+        answers,
+        label,
     )
-    return _keyword_record(instruction, f"answer{label + 1}")
 
 
 def _winogrande(row: Row, where: str) -> dict[str, str]:
     label = _index(row["answer"], 2, where=where, base=1)
-    instruction = (
+    return _choice_record(
         "Please choose the correct answer to fill in the blank to complete the given "
-        f"sentence: {_raw(row['sentence'])}\n\n"
-        f"{_options('Option', [row['option1'], row['option2']])} {_answer_format('option', 2)}"
+        f"sentence: {_raw(row['sentence'])}",
+        "option",
+        [row["option1"], row["option2"]],
+        label,
+        before_format=" ",
     )
-    return _keyword_record(instruction, f"option{label + 1}")
 
 
 def _choices_question(question: str) -> Callable[[Row, str], dict[str, str]]:
@@ -216,11 +240,12 @@ def _choices_question(question: str) -> Callable[[Row, str], dict[str, str]]:
         key = _text(row["answerKey"])
         if key not in labels:
             raise DataError(f"{where}: answerKey {key!r} is not one of the labels {labels}")
-        instruction = (
-            f"Please choose the correct answer to the question: {_raw(row[question])}\n\n"
-            f"{_options('Answer', texts)}\n\n{_answer_format('answer', len(texts))}"
+        return _choice_record(
+            f"Please choose the correct answer to the question: {_raw(row[question])}",
+            "answer",
+            texts,
+            labels.index(key),
         )
-        return _keyword_record(instruction, f"answer{labels.index(key) + 1}")
 
     convert.__name__ = f"choices({question})"
     return convert
@@ -258,6 +283,10 @@ _ZERO_SHOT_COT = HubSchema(
 )
 _CHILLED = HubSchema(
     ("question", "final_ans"), _question_answer("question", "final_ans"), "ChilleD/*"
+)
+#: Both ARC sets (ARC-Easy, ARC-Challenge: configs of one hub dataset) have this schema.
+_ARC = HubSchema(
+    ("question", "choices", "answerKey"), _choices_question("question"), "allenai/ai2_arc"
 )
 
 #: task → how to read it from the hub (or a local copy of a hub dataset).
@@ -347,32 +376,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                 ),
             ),
         ),
-        Benchmark(
-            "ARC-Easy",
-            "allenai/ai2_arc",
-            "ARC-Easy",
-            "test",
-            (
-                HubSchema(
-                    ("question", "choices", "answerKey"),
-                    _choices_question("question"),
-                    "allenai/ai2_arc",
-                ),
-            ),
-        ),
-        Benchmark(
-            "ARC-Challenge",
-            "allenai/ai2_arc",
-            "ARC-Challenge",
-            "test",
-            (
-                HubSchema(
-                    ("question", "choices", "answerKey"),
-                    _choices_question("question"),
-                    "allenai/ai2_arc",
-                ),
-            ),
-        ),
+        Benchmark("ARC-Easy", "allenai/ai2_arc", "ARC-Easy", "test", (_ARC,)),
+        Benchmark("ARC-Challenge", "allenai/ai2_arc", "ARC-Challenge", "test", (_ARC,)),
         Benchmark(
             "winogrande",
             "allenai/winogrande",

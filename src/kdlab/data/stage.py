@@ -41,12 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``validate``, ``stats``, ``overlap``, ``generate`` and ``prepare`` subcommands."""
     commands = parser.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
 
-    validate = commands.add_parser(
+    validate = _files_command(
+        commands,
         "validate",
-        help="Check that data files load and every record is well formed.",
-        description="Check data files; prints 'ok: PATH (N records)' per file.",
+        "Check that data files load and every record is well formed.",
+        "Check data files; prints 'ok: PATH (N records)' per file.",
     )
-    validate.add_argument("paths", nargs="+", metavar="PATH", help="Data files or source specs.")
     validate.add_argument(
         "--for",
         dest="purpose",
@@ -56,12 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "any (default): instruction.",
     )
 
-    stats = commands.add_parser(
+    stats = _files_command(
+        commands,
         "stats",
-        help="Describe data files: fields, lengths, answer distribution.",
-        description="Per file: records, fields present, empty outputs, lengths, top answers.",
+        "Describe data files: fields, lengths, answer distribution.",
+        "Per file: records, fields present, empty outputs, lengths, top answers.",
     )
-    stats.add_argument("paths", nargs="+", metavar="PATH", help="Data files or source specs.")
     stats.add_argument(
         "--tokenizer",
         metavar="MODEL",
@@ -116,6 +116,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prepare.add_argument("--out", required=True, metavar="DIR", help="data_dir to write into.")
     prepare.add_argument("--split", default=None, help="Split (default: the labelled one).")
     prepare.add_argument("--name", default=None, help="Hub config name (e.g. ARC-Easy, main).")
+
+
+def _files_command(
+    commands: Any, name: str, help_text: str, description: str
+) -> argparse.ArgumentParser:
+    """A subcommand reading data files: its parser, with the ``paths`` argument added."""
+    command = commands.add_parser(name, help=help_text, description=description)
+    command.add_argument("paths", nargs="+", metavar="PATH", help="Data files or source specs.")
+    return command
 
 
 def main(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ import importlib.util
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -97,14 +97,9 @@ def _is_training(model: Any) -> bool:
 
 
 def sampling_of(settings: EvalGenerationConfig) -> Sampling:
-    """The engine's decoding settings for an eval generation config."""
-    return Sampling(
-        do_sample=settings.do_sample,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        top_k=settings.top_k,
-        num_beams=settings.num_beams,
-    )
+    """The engine's decoding settings for an eval generation config: every field of
+    :class:`~kdlab.models.generation.Sampling` is the setting of the same name."""
+    return Sampling(**{field.name: getattr(settings, field.name) for field in fields(Sampling)})
 
 
 class HFGenerator:

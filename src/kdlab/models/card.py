@@ -35,7 +35,7 @@ import yaml
 from kdlab import __version__
 from kdlab.config.run_identity import RunIdentity, read_run_identity
 from kdlab.errors import RunDirError
-from kdlab.utils.io import atomic_write_text
+from kdlab.utils.io import atomic_write_text, read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -72,15 +72,9 @@ def run_weights_dir(run_dir: str | Path) -> Path | None:
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
-    file = run_dir / "config.yaml"
-    if not file.is_file():
-        raise RunDirError(f"run directory '{run_dir}' has no config.yaml (not a kdlab run)")
-    try:
-        config = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise RunDirError(f"{file}: invalid YAML: {error}") from None
+    config = read_run_config(run_dir)
     if not isinstance(config, dict):
-        raise RunDirError(f"{file}: expected a mapping")
+        raise RunDirError(f"{run_dir / 'config.yaml'}: expected a mapping")
     return config
 
 

@@ -551,6 +551,16 @@ class _Engine:
             self.generators.append(generator)
         self._retire(range(start, start + count))
 
+    def _row_states(self) -> tuple[list[Any], ...]:
+        """The per-row lists indexed by slot row (``valid`` is a tensor, moved apart)."""
+        return (
+            self.request,
+            self.next_column,
+            self.next_position,
+            self.generated,
+            self.generators,
+        )
+
     def _retire(self, rows: Sequence[int] | range) -> None:
         """Finish the rows among ``rows`` whose last token ends them; compact the slots."""
         candidates = [row for row in rows if self.generated[row][-1] not in self.eos]
@@ -576,21 +586,9 @@ class _Engine:
                 width = self.next_column[last]
                 self.cache.move_row(last, row, width)
                 self.valid[row] = self.valid[last]
-                for state in (
-                    self.request,
-                    self.next_column,
-                    self.next_position,
-                    self.generated,
-                    self.generators,
-                ):
+                for state in self._row_states():
                     state[row] = state[last]
-            for state in (
-                self.request,
-                self.next_column,
-                self.next_position,
-                self.generated,
-                self.generators,
-            ):
+            for state in self._row_states():
                 state.pop()
             if self.on_result is not None:
                 self.on_result(index, result)

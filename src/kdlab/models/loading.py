@@ -35,7 +35,7 @@ import yaml
 
 from kdlab.config.schema import ModelConfig
 from kdlab.errors import ModelError, RunDirError
-from kdlab.utils.io import atomic_directory, atomic_write_json
+from kdlab.utils.io import atomic_directory, atomic_write_json, read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -255,17 +255,24 @@ def _local_weights_check(directory: Path, allow_pickle: bool) -> None:
         )
 
 
+def pretrained_location(model_config: ModelConfig) -> tuple[str, dict[str, Any]]:
+    """(location, keywords) from which ``from_pretrained`` reads a model's tokenizer or
+    config: a GGUF model's dequantised directory (:func:`materialise_gguf`, no revision),
+    else the resolved source with ``revision`` when set; ``trust_remote_code`` always."""
+    source = resolve_model_source(model_config.name_or_path, model_config.gguf_file)
+    kwargs: dict[str, Any] = {"trust_remote_code": model_config.trust_remote_code}
+    if source.gguf_file:
+        return str(materialise_gguf(source)), kwargs
+    if model_config.revision:
+        kwargs["revision"] = model_config.revision
+    return source.location, kwargs
+
+
 def load_tokenizer(model_config: ModelConfig) -> Any:
     """The tokenizer of a model (pad token set to EOS when it has none)."""
     from transformers import AutoTokenizer
 
-    source = resolve_model_source(model_config.name_or_path, model_config.gguf_file)
-    location = source.location
-    kwargs: dict[str, Any] = {"trust_remote_code": model_config.trust_remote_code}
-    if source.gguf_file:
-        location = str(materialise_gguf(source))
-    elif model_config.revision:
-        kwargs["revision"] = model_config.revision
+    location, kwargs = pretrained_location(model_config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as error:
@@ -492,13 +499,7 @@ def read_run_template(run_dir: str | Path) -> str | None:
     a missing or unreadable config.yaml is a :class:`RunDirError` as in
     :func:`resolve_run_dir`.
     """
-    config_file = Path(run_dir) / "config.yaml"
-    if not config_file.is_file():
-        raise RunDirError(f"run directory '{run_dir}' has no config.yaml (not a kdlab run)")
-    try:
-        config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise RunDirError(f"{config_file}: invalid YAML: {error}") from None
+    config = read_run_config(run_dir)
     data = config.get("data") if isinstance(config, dict) else None
     template = data.get("template") if isinstance(data, dict) else None
     return str(template) if template else None

@@ -14,7 +14,7 @@ from typing import Any
 from kdlab.config.methods import CROSS_TOKENIZER_DIVERGENCES
 from kdlab.config.schema import ModelConfig
 from kdlab.errors import ModelError
-from kdlab.models.loading import materialise_gguf, resolve_model_source
+from kdlab.models.loading import pretrained_location
 
 
 def same_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any) -> bool:
@@ -59,13 +59,7 @@ def model_logit_width(model_config: ModelConfig) -> int:
     """
     from transformers import AutoConfig
 
-    source = resolve_model_source(model_config.name_or_path, model_config.gguf_file)
-    location = source.location
-    kwargs: dict[str, Any] = {"trust_remote_code": model_config.trust_remote_code}
-    if source.gguf_file:
-        location = str(materialise_gguf(source))
-    elif model_config.revision:
-        kwargs["revision"] = model_config.revision
+    location, kwargs = pretrained_location(model_config)
     config = AutoConfig.from_pretrained(location, **kwargs)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text_config.vocab_size)

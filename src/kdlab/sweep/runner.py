@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -197,26 +197,26 @@ class SweepOutcome:
         return not self.unfinished
 
 
+@dataclass(eq=False)
 class SweepRunner:
-    """Runs a :class:`SweepPlan` with an executor, keeping ``sweep_status.json`` current."""
+    """Runs a :class:`SweepPlan` with an executor, keeping ``sweep_status.json`` current.
 
-    def __init__(
-        self,
-        plan: SweepPlan,
-        executor: Executor,
-        *,
-        allow_changed: bool = False,
-        run_eval: bool = True,
-        run_analysis: bool = True,
-    ) -> None:
-        self.plan = plan
-        self.executor = executor
-        self.allow_changed = allow_changed
-        self.run_eval = run_eval
-        self.run_analysis = run_analysis
-        self.book = StatusBook(plan, executor=executor.name)
-        self.stages_run: list[str] = []
-        self._checked = False
+    ``SweepRunner(plan, executor, *, allow_changed=False, run_eval=True, run_analysis=True)``;
+    ``book`` (the status book), ``stages_run`` and the changed-settings check are its own.
+    """
+
+    plan: SweepPlan
+    executor: Executor
+    _: KW_ONLY
+    allow_changed: bool = False
+    run_eval: bool = True
+    run_analysis: bool = True
+    book: StatusBook = field(init=False)
+    stages_run: list[str] = field(init=False, default_factory=list)
+    _checked: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.book = StatusBook(self.plan, executor=self.executor.name)
 
     def check_changed(self) -> None:
         """Refuse to mix settings: existing runs whose config differs from the grid's."""

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kdlab.config.run_identity import read_run_identity
+from kdlab.config.run_identity import RunIdentity, read_run_identity
 from kdlab.config.schema import DataConfig, PeftConfig, TrainConfig
 from kdlab.data.tokenize import IGNORE_INDEX, split_train_validation, tokenize_records
 from kdlab.errors import ConfigError, DataError
 from kdlab.models.card import write_run_card
+from kdlab.training.rundir import RunDirectory
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import atomic_directory, atomic_write_json, mark_done
+from kdlab.utils.processes import is_main_launch_process
+
+if TYPE_CHECKING:  # loop.py imports this module (log_to_trackers)
+    from kdlab.training.loop import LoopResult, TrainingLoop
 
 logger = logging.getLogger(__name__)
 
@@ -320,3 +326,75 @@ def train_summary(
         "validation_records": validation_records,
         "trainable_parameters": trainable_parameters,
     }
+
+
+def train_and_save(
+    loop: TrainingLoop,
+    run: RunDirectory,
+    config: Any,
+    identity: RunIdentity,
+    *,
+    tokenizer: Any,
+    sliced: bool,
+    trainable_parameters: int,
+    summary_head: dict[str, Any] | None = None,
+    summary_tail: Callable[[LoopResult], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The shared tail of the training stages: start the run, train, save, close.
+
+    ``run.start(config, identity)`` (main process: an earlier run is replaced only now),
+    the trackers, ``loop.run()``, the best checkpoint's weights when
+    ``train.load_best_at_end``, :func:`save_final` (``config.peft`` says adapter or model)
+    and the trackers' and run's end. The summary is ``summary_head``, then
+    :func:`train_summary`'s fields (record counts from the loop's train stream and
+    validation examples), then ``summary_tail(result)``, in that key order
+    (``train_summary.json`` keeps it). Returns the summary.
+    """
+    accelerator = loop.accelerator
+    if accelerator.is_main_process:
+        run.start(config, identity)
+    init_trackers(accelerator, loop.config, run.path)
+    result = loop.run()
+    best = loop.load_best() if loop.config.load_best_at_end else None
+    summary = {
+        **(summary_head or {}),
+        **train_summary(
+            result,
+            loop.config,
+            best_step=best,
+            train_records=len(loop.stream.examples),
+            validation_records=len(loop.validation_examples),
+            trainable_parameters=trainable_parameters,
+        ),
+        **(summary_tail(result) if summary_tail is not None else {}),
+    }
+    save_final(
+        model=loop.model,
+        tokenizer=tokenizer,
+        peft_config=config.peft,
+        run_dir=run.path,
+        accelerator=accelerator,
+        summary=summary,
+        sliced=sliced,
+    )
+    finish_trackers(accelerator)
+    run.close()
+    return summary
+
+
+def run_from_args(
+    run: Callable[..., dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any] | None:
+    """``run(args.config, resume=args.resume, overwrite=args.overwrite)`` for a training
+    stage's ``main``: its summary in the main launch process, None in the others (so that
+    one line is printed per run, not one per process)."""
+    summary = run(args.config, resume=args.resume, overwrite=args.overwrite)
+    return summary if is_main_launch_process() else None
+
+
+def training_done_line(summary: dict[str, Any], output_dir: str) -> str:
+    """The end of a training stage's closing line: steps, speed and the run directory."""
+    return (
+        f"{summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
+        f"{summary['seconds_per_step']:.2f} s/step → {output_dir}"
+    )

@@ -64,12 +64,11 @@ from kdlab.models.vocab import (
 from kdlab.training.common import (
     build_examples,
     check_trackers,
-    finish_trackers,
-    init_trackers,
     load_training_records,
     make_accelerator,
-    save_final,
-    train_summary,
+    run_from_args,
+    train_and_save,
+    training_done_line,
 )
 from kdlab.training.loop import TrainingLoop
 from kdlab.training.objectives import CrossTokenizerObjective, DistillationObjective
@@ -81,7 +80,6 @@ from kdlab.training.teacher_cache import (
     prepare_teacher_cache,
     teacher_cache_fingerprint,
 )
-from kdlab.utils.processes import is_main_launch_process
 
 logger = logging.getLogger(__name__)
 
@@ -315,29 +313,26 @@ def run_distill(
         )
         cache, teacher, cache_info = prepared.cache, prepared.teacher, prepared.info
         gc.collect()  # a teacher loaded only to build the cache is released here
+    # What both objectives take; each adds its own vocabulary (and the cache).
+    objective_arguments: dict[str, Any] = {
+        "settings": settings,
+        "teacher": teacher,
+        "tokenizer": tokenizer,
+        "seed": config.train.seed,
+        "cutoff_len": config.data.cutoff_len,
+        "unwrap": accelerator.unwrap_model,
+    }
     objective: DistillationObjective
     if cross is not None:
         objective = CrossTokenizerObjective(
-            settings=settings,
-            teacher=teacher,
-            tokenizer=tokenizer,
+            **objective_arguments,
             teacher_tokenizer=cross.teacher_tokenizer,
             vocabulary=cross.vocabulary,
-            seed=config.train.seed,
-            cutoff_len=config.data.cutoff_len,
-            unwrap=accelerator.unwrap_model,
         )
         collate: Callable[..., Any] = objective.collate
     else:
         objective = DistillationObjective(
-            settings=settings,
-            teacher=teacher,
-            tokenizer=tokenizer,
-            vocab_size=vocab,
-            seed=config.train.seed,
-            cutoff_len=config.data.cutoff_len,
-            unwrap=accelerator.unwrap_model,
-            teacher_cache=cache,
+            **objective_arguments, vocab_size=vocab, teacher_cache=cache
         )
         collate = Collator(tokenizer.pad_token_id)
     loop = TrainingLoop(
@@ -352,38 +347,22 @@ def run_distill(
         resume=resume,
         description=f"distill {settings.method} {run_dir.name}",
     )
-    if accelerator.is_main_process:  # training starts: an earlier run is replaced only now
-        run.start(config, identity)
-    init_trackers(accelerator, config.train, run_dir)
-    result = loop.run()
-    best = loop.load_best() if config.train.load_best_at_end else None
-    summary = {
-        "method": settings.method,
-        **train_summary(
-            result,
-            config.train,
-            best_step=best,
-            train_records=len(train_examples),
-            validation_records=len(validation_examples),
-            trainable_parameters=trainable,
-        ),
-        "stats": result.stats,
-        "seqkd": seqkd_info,
-        "teacher_cache": cache_info,
-        **({"cross_tokenizer": cross.summary()} if cross is not None else {}),
-    }
-    save_final(
-        model=loop.model,
+    return train_and_save(
+        loop,
+        run,
+        config,
+        identity,
         tokenizer=tokenizer,
-        peft_config=config.peft,
-        run_dir=run_dir,
-        accelerator=accelerator,
-        summary=summary,
         sliced=bool(config.student.slice_layers),
+        trainable_parameters=trainable,
+        summary_head={"method": settings.method},
+        summary_tail=lambda result: {
+            "stats": result.stats,
+            "seqkd": seqkd_info,
+            "teacher_cache": cache_info,
+            **({"cross_tokenizer": cross.summary()} if cross is not None else {}),
+        },
     )
-    finish_trackers(accelerator)
-    run.close()
-    return summary
 
 
 @dataclass(frozen=True)
@@ -502,13 +481,8 @@ run = run_distill
 
 def main(args: argparse.Namespace) -> int:
     """``kdlab distill``: ``args.config`` is the loaded :class:`DistillConfig`."""
-    config: DistillConfig = args.config
-    summary = run_distill(config, resume=args.resume, overwrite=args.overwrite)
-    if not is_main_launch_process():
-        return 0
-    print(  # noqa: T201
-        f"distill ({summary['method']}) done: {summary['steps']} steps, "
-        f"{summary['tokens_per_s']:.0f} tokens/s, {summary['seconds_per_step']:.2f} s/step "
-        f"→ {config.train.output_dir}"
-    )
+    summary = run_from_args(run_distill, args)
+    if summary is not None:
+        done = training_done_line(summary, args.config.train.output_dir)
+        print(f"distill ({summary['method']}) done: {done}")  # noqa: T201
     return 0

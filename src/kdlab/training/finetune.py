@@ -26,17 +26,15 @@ from kdlab.models.quantization import check_quantization, quantization_identity
 from kdlab.training.common import (
     build_examples,
     check_trackers,
-    finish_trackers,
-    init_trackers,
     load_training_records,
     make_accelerator,
-    save_final,
-    train_summary,
+    run_from_args,
+    train_and_save,
+    training_done_line,
 )
 from kdlab.training.loop import TrainingLoop
 from kdlab.training.objectives import CrossEntropyObjective
 from kdlab.training.rundir import prepare_run_dir
-from kdlab.utils.processes import is_main_launch_process
 
 logger = logging.getLogger(__name__)
 
@@ -103,31 +101,15 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
         resume=resume,
         description=f"finetune {run_dir.name}",
     )
-    if accelerator.is_main_process:  # training starts: an earlier run is replaced only now
-        run.start(config, identity)
-    init_trackers(accelerator, config.train, run_dir)
-    result = loop.run()
-    best = loop.load_best() if config.train.load_best_at_end else None
-    summary = train_summary(
-        result,
-        config.train,
-        best_step=best,
-        train_records=len(train_examples),
-        validation_records=len(validation_examples),
+    return train_and_save(
+        loop,
+        run,
+        config,
+        identity,
+        tokenizer=tokenizer,
+        sliced=bool(config.model.slice_layers),
         trainable_parameters=trainable,
     )
-    save_final(
-        model=loop.model,
-        tokenizer=tokenizer,
-        peft_config=config.peft,
-        run_dir=run_dir,
-        accelerator=accelerator,
-        summary=summary,
-        sliced=bool(config.model.slice_layers),
-    )
-    finish_trackers(accelerator)
-    run.close()
-    return summary
 
 
 #: The stage contract (:mod:`kdlab.stages`): ``run(config, *, resume, overwrite)``.
@@ -136,12 +118,8 @@ run = run_finetune
 
 def main(args: argparse.Namespace) -> int:
     """``kdlab finetune``: ``args.config`` is the loaded :class:`FinetuneConfig`."""
-    config: FinetuneConfig = args.config
-    summary = run_finetune(config, resume=args.resume, overwrite=args.overwrite)
-    if not is_main_launch_process():
-        return 0
-    print(  # noqa: T201
-        f"finetune done: {summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
-        f"{summary['seconds_per_step']:.2f} s/step → {config.train.output_dir}"
-    )
+    summary = run_from_args(run_finetune, args)
+    if summary is not None:
+        done = training_done_line(summary, args.config.train.output_dir)
+        print(f"finetune done: {done}")  # noqa: T201
     return 0

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from kdlab.errors import DamagedFileError
+from kdlab.errors import DamagedFileError, RunDirError
 from kdlab.utils.faults import maybe_fault
 
 
@@ -214,3 +214,18 @@ def is_done(run_dir: str | os.PathLike[str]) -> bool:
 def mark_done(run_dir: str | os.PathLike[str], info: dict[str, Any] | None = None) -> None:
     """Write the ``DONE`` marker: the last file a successful run writes."""
     atomic_write_json(Path(run_dir) / "DONE", info or {})
+
+
+def read_run_config(run_dir: str | os.PathLike[str]) -> Any:
+    """The parsed ``config.yaml`` of a run directory (``{}`` when empty; any YAML value).
+
+    Raises :class:`~kdlab.errors.RunDirError` when the file is missing (not a kdlab run) or
+    is not valid YAML; what the value must hold is the caller's check.
+    """
+    config_file = Path(run_dir) / "config.yaml"
+    if not config_file.is_file():
+        raise RunDirError(f"run directory '{run_dir}' has no config.yaml (not a kdlab run)")
+    try:
+        return yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise RunDirError(f"{config_file}: invalid YAML: {error}") from None
