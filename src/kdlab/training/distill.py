@@ -245,53 +245,25 @@ def run_distill(
     student = apply_peft(student, config.peft)
     trainable, total = count_parameters(student)
     logger.info("Student trainable parameters: %s of %s", f"{trainable:,}", f"{total:,}")
-    identity = RunIdentity(
-        stage="distill",
-        role="student",
-        name=run_dir.name,
-        model=model_identity(config.student),
-        model_params=student_parameters,
-        student_layers=config.student.slice_layers,
-        quantization=quantization_identity(config.student, accelerator.device),
-        teacher=model_identity(source.model) if source else None,
-        teacher_adapter=source.adapter if source else None,
-        teacher_run=source.run_dir if source else None,
-        teacher_quantization=(
-            quantization_identity(source.model, accelerator.device) if source else None
-        ),
-        method=settings.method,
-        divergence=settings.resolved_divergence,
-        temperature=settings.temperature if settings.loss_spec else None,
-        noise_std=settings.noise_std,
-        base_teacher=bool(source and source.base_teacher),
-        kd_weight=settings.kd_weight if settings.loss_spec else None,
-        seed=config.train.seed,
-        task_family=config.task_family,
-        peft=config.peft.method,
+    identity = _run_identity(
+        config,
+        source,
+        run_dir.name,
+        student_parameters,
+        device=accelerator.device,
         num_processes=accelerator.num_processes,
     )
     responses, complete = None, None
     seqkd_info: dict[str, Any] = {}
     if method.teacher_responses:
         assert load_teacher is not None and teacher_fingerprint is not None
-        live = teacher
-        answers, seqkd_info = teacher_responses(
-            load_teacher=(lambda: live) if live is not None else load_teacher,
-            tokenizer=tokenizer,
-            records=records,
-            template=config.data.template,
-            settings=settings,
-            cutoff_len=config.data.cutoff_len,
+        records, responses, complete, seqkd_info = _seqkd_targets(
+            config,
+            records,
+            tokenizer,
+            load_teacher=(lambda: teacher) if teacher is not None else load_teacher,
             teacher_fingerprint=teacher_fingerprint,
         )
-        if settings.seqkd_drop_truncated:
-            kept = [index for index, answer in enumerate(answers) if answer.complete]
-            seqkd_info["dropped_truncated"] = len(answers) - len(kept)
-            records = [records[index] for index in kept]
-            answers = [answers[index] for index in kept]
-        responses = [answer.text for answer in answers]
-        complete = [answer.complete for answer in answers]
-        gc.collect()  # a teacher loaded only to write the responses is released here
     if examples is None:
         examples = build_examples(
             records, tokenizer, config.data, responses=responses, complete=complete
@@ -313,28 +285,9 @@ def run_distill(
         )
         cache, teacher, cache_info = prepared.cache, prepared.teacher, prepared.info
         gc.collect()  # a teacher loaded only to build the cache is released here
-    # What both objectives take; each adds its own vocabulary (and the cache).
-    objective_arguments: dict[str, Any] = {
-        "settings": settings,
-        "teacher": teacher,
-        "tokenizer": tokenizer,
-        "seed": config.train.seed,
-        "cutoff_len": config.data.cutoff_len,
-        "unwrap": accelerator.unwrap_model,
-    }
-    objective: DistillationObjective
-    if cross is not None:
-        objective = CrossTokenizerObjective(
-            **objective_arguments,
-            teacher_tokenizer=cross.teacher_tokenizer,
-            vocabulary=cross.vocabulary,
-        )
-        collate: Callable[..., Any] = objective.collate
-    else:
-        objective = DistillationObjective(
-            **objective_arguments, vocab_size=vocab, teacher_cache=cache
-        )
-        collate = Collator(tokenizer.pad_token_id)
+    objective, collate = _build_objective(
+        config, teacher, tokenizer, accelerator, cross=cross, vocab=vocab, cache=cache
+    )
     loop = TrainingLoop(
         config=config.train,
         model=student,
@@ -363,6 +316,106 @@ def run_distill(
             **({"cross_tokenizer": cross.summary()} if cross is not None else {}),
         },
     )
+
+
+def _run_identity(
+    config: DistillConfig,
+    source: Any,
+    name: str,
+    student_parameters: int,
+    *,
+    device: torch.device,
+    num_processes: int,
+) -> RunIdentity:
+    """The student run's ``run.json``: the student, its teacher and the KD settings."""
+    settings = config.distill
+    return RunIdentity(
+        stage="distill",
+        role="student",
+        name=name,
+        model=model_identity(config.student),
+        model_params=student_parameters,
+        student_layers=config.student.slice_layers,
+        quantization=quantization_identity(config.student, device),
+        teacher=model_identity(source.model) if source else None,
+        teacher_adapter=source.adapter if source else None,
+        teacher_run=source.run_dir if source else None,
+        teacher_quantization=quantization_identity(source.model, device) if source else None,
+        method=settings.method,
+        divergence=settings.resolved_divergence,
+        temperature=settings.temperature if settings.loss_spec else None,
+        noise_std=settings.noise_std,
+        base_teacher=bool(source and source.base_teacher),
+        kd_weight=settings.kd_weight if settings.loss_spec else None,
+        seed=config.train.seed,
+        task_family=config.task_family,
+        peft=config.peft.method,
+        num_processes=num_processes,
+    )
+
+
+def _seqkd_targets(
+    config: DistillConfig,
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    load_teacher: Callable[[], Any],
+    teacher_fingerprint: Any,
+) -> tuple[list[dict[str, Any]], list[str], list[bool], dict[str, Any]]:
+    """seqKD's training targets: (records kept, the teacher's responses, whether each one
+    ended before the token limit, the summary's ``seqkd`` entry)."""
+    settings = config.distill
+    answers, info = teacher_responses(
+        load_teacher=load_teacher,
+        tokenizer=tokenizer,
+        records=records,
+        template=config.data.template,
+        settings=settings,
+        cutoff_len=config.data.cutoff_len,
+        teacher_fingerprint=teacher_fingerprint,
+    )
+    if settings.seqkd_drop_truncated:
+        kept = [index for index, answer in enumerate(answers) if answer.complete]
+        info["dropped_truncated"] = len(answers) - len(kept)
+        records = [records[index] for index in kept]
+        answers = [answers[index] for index in kept]
+    gc.collect()  # a teacher loaded only to write the responses is released here
+    return (
+        records,
+        [answer.text for answer in answers],
+        [answer.complete for answer in answers],
+        info,
+    )
+
+
+def _build_objective(
+    config: DistillConfig,
+    teacher: Any,
+    tokenizer: Any,
+    accelerator: Any,
+    *,
+    cross: _CrossTokenizer | None,
+    vocab: int | None,
+    cache: Any,
+) -> tuple[DistillationObjective, Callable[..., Any]]:
+    """The step's objective and the collator of its batches (a cross-tokenizer run
+    collates both tokenizations)."""
+    # What both objectives take; each adds its own vocabulary (and the cache).
+    arguments: dict[str, Any] = {
+        "settings": config.distill,
+        "teacher": teacher,
+        "tokenizer": tokenizer,
+        "seed": config.train.seed,
+        "cutoff_len": config.data.cutoff_len,
+        "unwrap": accelerator.unwrap_model,
+    }
+    if cross is not None:
+        objective = CrossTokenizerObjective(
+            **arguments, teacher_tokenizer=cross.teacher_tokenizer, vocabulary=cross.vocabulary
+        )
+        return objective, objective.collate
+    objective = DistillationObjective(**arguments, vocab_size=vocab, teacher_cache=cache)
+    return objective, Collator(tokenizer.pad_token_id)
 
 
 @dataclass(frozen=True)
