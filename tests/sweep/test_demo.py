@@ -23,7 +23,7 @@ from kdlab.cli import main as cli_main
 from kdlab.config.core import to_dict
 from kdlab.config.demo import DemoConfig, StudyConfig
 from kdlab.config.sweep import load_sweep_config
-from kdlab.errors import ConfigError, RunDirError
+from kdlab.errors import ConfigError, DataError, RunDirError
 from kdlab.sweep.demo import demo_plan
 from kdlab.sweep.design import owned_output, packaged_grid
 from kdlab.sweep.grid import plan_sweep
@@ -105,6 +105,47 @@ def test_overwrite_replaces_only_a_demo_folder(tmp_path: Path) -> None:
     with owned_output(plan, overwrite=True) as out:
         assert out == earlier
         assert [entry.name for entry in out.iterdir() if entry.name != LOCK_FILE] == []
+
+
+def test_the_demo_and_the_study_share_one_folder(tmp_path: Path) -> None:
+    """``kdlab study`` continues in the demo's folder (its default), and the demo in a
+    folder the study used: each accepts the other's analysis folder and files."""
+    out = tmp_path / "demo"
+    demo = demo_plan(DemoConfig(out=str(out)))
+    study = study_plan(StudyConfig(out=str(out)))
+    (out / "sweep_grids").mkdir(parents=True)
+    (out / "sweep_grids" / "demo.config.yaml").write_text("quick: false\n", "utf-8")
+    for folder in ("math/students", "analysis/math", "study-analysis", ".logs/math"):
+        (out / folder).mkdir(parents=True)
+    for name in ("summary.md", "timings.json", "sweep_status.json", "claims.md"):
+        (out / name).write_text("{}", encoding="utf-8")
+    kept = tree_bytes(out)
+    for plan in (study, demo):
+        with owned_output(plan, overwrite=False) as folder:
+            assert folder == out
+        assert {k: v for k, v in tree_bytes(out).items() if LOCK_FILE not in k} == kept
+
+
+def test_overwrite_with_a_missing_input_keeps_the_earlier_demo(tmp_path: Path) -> None:
+    """The input check runs before ``--overwrite`` empties the folder."""
+    grid = tmp_path / "grid.yaml"
+    test_split = "generated:arithmetic?split=test&n=6&seed=11"
+    grid.write_text(
+        f"extends: {packaged_grid('demo', quick=True)}\n"
+        "families:\n  math:\n    defaults:\n"
+        f"      data: {{train_files: [{tmp_path / 'missing.json'}]}}\n"
+        f"    eval: {{tasks: [{{name: arithmetic, path: '{test_split}', type: numeric}}]}}\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "demo"
+    (out / "sweep_grids").mkdir(parents=True)
+    (out / "sweep_grids" / "demo.config.yaml").write_text("quick: true\n", "utf-8")
+    (out / "summary.md").write_text("the earlier demo", encoding="utf-8")
+    kept = tree_bytes(out)
+    plan = demo_plan(DemoConfig(out=str(out), grid=str(grid)))
+    with pytest.raises(DataError, match=r"missing\.json"), owned_output(plan, overwrite=True):
+        pass
+    assert {k: v for k, v in tree_bytes(out).items() if LOCK_FILE not in k} == kept
 
 
 def test_the_studys_first_seed_is_the_demo() -> None:

@@ -121,6 +121,18 @@ def test_tensorboard_receives_exactly_the_metrics_jsonl_values(
     assert stored["peft.target_modules"] == json.dumps(
         ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
     )
+    # the trackers' folder is the run's: --overwrite replaces the run (it was refused as
+    # "files kdlab did not write" when the run layout did not list it)
+    again = _kdlab(
+        "finetune",
+        *finetune_overrides(tiny_model_dir, out),
+        "train.report_to=tensorboard",
+        "train.tracker_project=proj",
+        "--overwrite",
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(list((out / "trackers" / "proj").glob("*/hparams.yml"))) == 1
 
 
 def test_no_tracker_writes_nothing(tiny_model_dir: Path, tmp_path: Path) -> None:

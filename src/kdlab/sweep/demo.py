@@ -32,6 +32,7 @@ from kdlab.config.demo import DemoConfig
 from kdlab.config.sweep import SweepConfig
 from kdlab.errors import RunDirError
 from kdlab.sweep.design import (
+    DEMO_ANALYSIS_DIR,
     BudgetRow,
     CommandResult,
     budget_markdown,
@@ -52,7 +53,7 @@ from kdlab.utils.io import atomic_write_text
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.md"
-ANALYSIS_DIR = "analysis"
+ANALYSIS_DIR = DEMO_ANALYSIS_DIR
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -307,13 +307,17 @@ DESIGN_FILES = frozenset(
 )
 #: Every demo or study folder holds one of these (the command's own config record).
 DESIGN_MARKERS = ("sweep_grids/demo.config.yaml", "sweep_grids/study.config.yaml")
+#: The analysis folders of the demo and of the study (one folder may hold both).
+DEMO_ANALYSIS_DIR = "analysis"
+STUDY_ANALYSIS_DIR = "study-analysis"
 
 
 def design_layout(plan: SweepPlan) -> RunLayout:
-    """What ``--overwrite`` may replace in ``plan.out_dir``: the files above, the grids' copy
-    and the top-level folders of the plan's runs (families, the analysis)."""
+    """What ``--overwrite`` may replace in ``plan.out_dir``: the files above, the grids' copy,
+    the executors' folders, both commands' analyses (a study reuses the demo's folder) and
+    the top-level folders of the plan's runs (its families)."""
     out = plan.out_dir.resolve()
-    folders = {"sweep_grids", LOGS_DIR, SUBMITIT_DIR}
+    folders = {"sweep_grids", LOGS_DIR, SUBMITIT_DIR, DEMO_ANALYSIS_DIR, STUDY_ANALYSIS_DIR}
     for run in plan.runs:
         try:
             folders.add(run.run_dir.resolve().relative_to(out).parts[0])
@@ -339,20 +343,26 @@ def owned_output(plan: SweepPlan, *, overwrite: bool) -> Iterator[Path]:
         plan.out_dir, design_layout(plan), resume=not overwrite, overwrite=overwrite, what="out"
     )
     try:
+        refuse_missing_inputs(plan)  # before --overwrite empties anything
         directory.start()
         yield directory.path
     finally:
         directory.close()
 
 
-def execute(plan: SweepPlan, *, extra_files: dict[str, Any]) -> SweepOutcome:
-    """Run ``plan`` with the sweep runner (resumable); its grid is copied to
-    ``<out>/sweep_grids/<name>.yaml``, with ``extra_files`` (the command's own config)."""
-    grid = plan.config
+def refuse_missing_inputs(plan: SweepPlan) -> None:
+    """One line naming the plan's data paths that do not exist (DataError), if any."""
     missing = missing_inputs(plan)
     if missing:
         shown = "; ".join(item.describe() for item in missing[:3])
         raise DataError(f"{plan.name}: input path(s) do not exist here: {shown}")
+
+
+def execute(plan: SweepPlan, *, extra_files: dict[str, Any]) -> SweepOutcome:
+    """Run ``plan`` with the sweep runner (resumable); its grid is copied to
+    ``<out>/sweep_grids/<name>.yaml``, with ``extra_files`` (the command's own config)."""
+    grid = plan.config
+    refuse_missing_inputs(plan)
     executor = RecordingExecutor(
         make_executor(grid.executor, plan.out_dir, plan.name), plan.out_dir
     )
@@ -436,10 +446,12 @@ def command_output(
 
 __all__ = [
     "ANALYSIS_SECONDS",
+    "DEMO_ANALYSIS_DIR",
     "DESIGN_FILES",
     "DESIGN_MARKERS",
     "PACKAGED_GRIDS",
     "SETUP_SECONDS",
+    "STUDY_ANALYSIS_DIR",
     "TIMINGS_FILE",
     "BudgetRow",
     "CommandResult",
@@ -457,6 +469,7 @@ __all__ = [
     "prune_checkpoints",
     "read_timings",
     "record_timing",
+    "refuse_missing_inputs",
     "relative_key",
     "stage_name",
     "unfinished_lines",

@@ -41,6 +41,7 @@ from kdlab.sweep.demo import (
 )
 from kdlab.sweep.demo import flag_overrides as demo_flag_overrides
 from kdlab.sweep.design import (
+    STUDY_ANALYSIS_DIR,
     CommandResult,
     budget_markdown,
     cache_aware_estimates,
@@ -53,7 +54,7 @@ from kdlab.sweep.design import (
 from kdlab.sweep.grid import GridPlanner, PlannedRun, SweepPlan, estimate_plan
 from kdlab.utils.io import atomic_write_text
 
-ANALYSIS_DIR = "study-analysis"
+ANALYSIS_DIR = STUDY_ANALYSIS_DIR
 CLAIMS_STEM = "claims"
 
 

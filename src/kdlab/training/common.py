@@ -197,9 +197,10 @@ def init_trackers(accelerator: Any, train: TrainConfig, run_dir: Path) -> None:
         return
     init_kwargs = {name: {keyword: run_dir.name} for name, keyword in _TRACKER_RUN_NAME.items()}
     init_kwargs["wandb"]["dir"] = str(run_dir)
-    accelerator.init_trackers(
-        train.tracker_project, config=tracker_config(run_dir), init_kwargs=init_kwargs
-    )
+    # Only the main process starts trackers, and only it may read the run's files (another
+    # rank could read them while the main one replaces an earlier run).
+    config = tracker_config(run_dir) if accelerator.is_main_process else {}
+    accelerator.init_trackers(train.tracker_project, config=config, init_kwargs=init_kwargs)
 
 
 def tracker_values(record: dict[str, Any]) -> tuple[dict[str, float], int]:
@@ -351,34 +352,36 @@ def train_and_save(
     (``train_summary.json`` keeps it). Returns the summary.
     """
     accelerator = loop.accelerator
-    if accelerator.is_main_process:
-        run.start(config, identity)
-    init_trackers(accelerator, loop.config, run.path)
-    result = loop.run()
-    best = loop.load_best() if loop.config.load_best_at_end else None
-    summary = {
-        **(summary_head or {}),
-        **train_summary(
-            result,
-            loop.config,
-            best_step=best,
-            train_records=len(loop.stream.examples),
-            validation_records=len(loop.validation_examples),
-            trainable_parameters=trainable_parameters,
-        ),
-        **(summary_tail(result) if summary_tail is not None else {}),
-    }
-    save_final(
-        model=loop.model,
-        tokenizer=tokenizer,
-        peft_config=config.peft,
-        run_dir=run.path,
-        accelerator=accelerator,
-        summary=summary,
-        sliced=sliced,
-    )
-    finish_trackers(accelerator)
-    run.close()
+    try:
+        if accelerator.is_main_process:
+            run.start(config, identity)
+        init_trackers(accelerator, loop.config, run.path)
+        result = loop.run()
+        best = loop.load_best() if loop.config.load_best_at_end else None
+        summary = {
+            **(summary_head or {}),
+            **train_summary(
+                result,
+                loop.config,
+                best_step=best,
+                train_records=len(loop.stream.examples),
+                validation_records=len(loop.validation_examples),
+                trainable_parameters=trainable_parameters,
+            ),
+            **(summary_tail(result) if summary_tail is not None else {}),
+        }
+        save_final(
+            model=loop.model,
+            tokenizer=tokenizer,
+            peft_config=config.peft,
+            run_dir=run.path,
+            accelerator=accelerator,
+            summary=summary,
+            sliced=sliced,
+        )
+    finally:  # a failed run too: its trackers are closed and its directory released
+        finish_trackers(accelerator)
+        run.close()
     return summary
 
 

@@ -128,7 +128,9 @@ TRAINING_LAYOUT = RunLayout(
     files=frozenset(
         {"config.yaml", "run.json", "metrics.jsonl", "train_summary.json", "DONE", "FAILED.json"}
     ),
-    folders=frozenset({"adapter", "model", "tokenizer", "checkpoints", "tensorboard", "wandb"}),
+    folders=frozenset(
+        {"adapter", "model", "tokenizer", "checkpoints", "trackers", "tensorboard", "wandb"}
+    ),
     nested={"eval": EVAL_LAYOUT},
 )
 

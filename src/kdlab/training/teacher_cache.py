@@ -743,24 +743,26 @@ def prepare_teacher_cache(
         needs_build = bool(missing_before) or cache.head_missing
     report = BuildReport([], cache.num_shards - len(missing_before), 0.0, 0)
     loaded = teacher is not None
-    if needs_build:
-        if teacher is None:
-            teacher, loaded = load_teacher(), True
-        report = build_teacher_cache(
-            cache,
-            teacher=teacher,
-            examples=examples,
-            pad_token_id=pad_token_id,
-            loss_on=loss_on,
-            batch_size=batch_size,
-            process_index=process_index,
-            num_processes=num_processes,
-            progress=process_index == 0,
-        )
-    if wait_for_everyone is not None and num_processes > 1:
-        wait_for_everyone()
-    if lock is not None:
-        lock.release()
+    try:
+        if needs_build:
+            if teacher is None:
+                teacher, loaded = load_teacher(), True
+            report = build_teacher_cache(
+                cache,
+                teacher=teacher,
+                examples=examples,
+                pad_token_id=pad_token_id,
+                loss_on=loss_on,
+                batch_size=batch_size,
+                process_index=process_index,
+                num_processes=num_processes,
+                progress=process_index == 0,
+            )
+        if wait_for_everyone is not None and num_processes > 1:
+            wait_for_everyone()
+    finally:  # a failed build releases the cache for the next job
+        if lock is not None:
+            lock.release()
     still_missing = [SHARD_TEMPLATE.format(shard) for shard in cache.missing_shards()]
     if cache.head_missing:
         still_missing.insert(0, HEAD_FILE)
