@@ -338,6 +338,12 @@ class EstimateSection:
         },
         help="Multiplier of a method's step time (on-policy generation, teacher decoding).",
     )
+    cached_step_factor: float = config_field(
+        1.2,
+        help="A KD step served by the teacher-output cache, relative to an SFT step (the "
+        "teacher's lm_head on the KD rows and the divergence; measured 1.2 for smollm2-135m "
+        "and its 26-layer slice with the hidden-state cache).",
+    )
     eval_s_per_item: float = config_field(0.3, help="Seconds per test item (generation).")
     eval_s_per_item_per_b: float = config_field(
         0.03, help="Extra seconds per test item per billion parameters."
@@ -352,6 +358,7 @@ class EstimateSection:
             "teacher_s_per_ktoken_per_b",
             "eval_s_per_item",
             "eval_s_per_item_per_b",
+            "cached_step_factor",
         ):
             check(getattr(self, name) >= 0, name, "must be >= 0")
 

@@ -8,12 +8,11 @@ every run whose ``DONE`` exists and continues an interrupted one. The runs:
 
 1. teacher: SmolLM2-135M + LoRA, fine-tuned on 600 generated word problems;
 2. students: a 26-layer slice of the same model, fully fine-tuned for the same data and
-   steps by SFT (no teacher), forward KL and reverse KL (T = 1) against the frozen teacher,
-   served by the teacher-output cache (built once, by the first KD student);
+   steps by SFT (no teacher) and by forward KL (T = 1) against the frozen teacher, served by
+   the teacher-output cache (``kdlab study`` adds reverse KL);
 3. evaluation: the teacher and the students on 200 held-out problems;
-4. analysis: accuracy, EM1/EM2, BLEU/ROUGE-L, token-level KL and top-1 agreement, every
-   KD student against SFT and reverse KL against forward KL on the same items (McNemar
-   exact, paired bootstrap, Holm), the report;
+4. analysis: accuracy, EM1/EM2, BLEU/ROUGE-L, token-level KL and top-1 agreement, the KD
+   student against SFT on the same items (McNemar exact, paired bootstrap), the report;
 5. ``summary.md``: sentences built from the analysis's own tables
    (:mod:`kdlab.analysis.outputs`), never recomputed here, and the wall time of each stage.
 

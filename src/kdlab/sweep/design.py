@@ -60,7 +60,7 @@ TIMINGS_FILE = "timings.json"
 #: Fixed costs outside the sweep's model, measured on a quiet 2-core CPU (docs/demo.md):
 #: the first dequantisation of the embedded GGUF, and the analysis (report, plots, 16
 #: token-fidelity records of four models).
-SETUP_SECONDS = 30.0
+SETUP_SECONDS = 20.0
 ANALYSIS_SECONDS = 30.0
 
 
@@ -109,7 +109,8 @@ def _estimate_section(grid: SweepConfig, family: str | None) -> EstimateSection:
 def cache_aware_estimates(plan: SweepPlan, planner: GridPlanner) -> None:
     """Correct the sweep's estimate of KD runs served by the teacher-output cache (in place).
 
-    A cached step is an SFT step (the teacher is not run); the first run of each cache
+    A cached step is an SFT step times ``estimate.cached_step_factor`` (the teacher's
+    decoder is not run; its lm_head and the divergence are); the first run of each cache
     (one teacher, one training set) adds the build: every training record through the
     teacher once (``records × cutoff_len`` tokens at the teacher's forward rate).
     """
@@ -127,7 +128,7 @@ def cache_aware_estimates(plan: SweepPlan, planner: GridPlanner) -> None:
         if student is None or teacher is None:
             continue
         kilotokens = run.config.train.batch_size * run.config.data.cutoff_len / 1000.0
-        per_step = (
+        per_step = estimate.cached_step_factor * (
             estimate.step_overhead_s + kilotokens * student * estimate.train_s_per_ktoken_per_b
         )
         seconds = run.estimate.steps * per_step
