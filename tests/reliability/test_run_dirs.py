@@ -304,9 +304,10 @@ def test_a_second_process_on_a_running_run_is_refused_naming_its_pid(
     )  # fmt: skip
     holder = subprocess.Popen(
         [sys.executable, "-m", "kdlab", "-q", *long_run],
-        env=kdlab_env,
+        env={**kdlab_env, "OMP_NUM_THREADS": "1"},  # one core, low priority: it only holds
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: os.nice(19),  # the lock while the other processes are checked
     )
     try:
         _wait_for(lambda: (run / "run.json").is_file(), holder, "the run started")
