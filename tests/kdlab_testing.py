@@ -26,8 +26,9 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer (≈ 300 tokens) that can encode any text."""
+def _byte_level_bpe(corpus: list[str], vocab_size: int, special_tokens: list[str]):
+    """A byte-level BPE trained on ``corpus``; ``special_tokens`` are pad, bos, eos (ids
+    0, 1, 2, the ids the tiny models' configs expect)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -35,15 +36,21 @@ def build_tiny_tokenizer():
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<pad>", "<s>", "</s>"],
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tokenizer.train_from_iterator(corpus * 4, trainer=trainer)
+    pad, bos, eos = special_tokens
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad
     )
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer (≈ 300 tokens) that can encode any text."""
+    return _byte_level_bpe(_CORPUS, 320, ["<pad>", "<s>", "</s>"])
 
 
 def build_tiny_model(vocab_size: int, *, layers: int = 2, hidden: int = 16, seed: int = 0):
@@ -210,25 +217,7 @@ def build_other_tiny_tokenizer():
     (``<|pad|>``, ``<|begin|>``, ``<|endoftext|>`` at ids 0, 1, 2, the ids the tiny models'
     configs expect). Its corpus has accented words, so ``é`` is one token here and two
     byte tokens in the other tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=360,
-        special_tokens=["<|pad|>", "<|begin|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_OTHER_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<|begin|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|pad|>",
-    )
+    return _byte_level_bpe(_OTHER_CORPUS, 360, ["<|pad|>", "<|begin|>", "<|endoftext|>"])
 
 
 def save_tiny_model_other_tokenizer(

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from kdlab.cli import main as cli_main
 from kdlab.utils.io import atomic_directory, atomic_write_text, read_jsonl, recover_staging
 from kdlab.utils.locking import LOCK_FILE
-from kdlab_testing import distill_overrides, finetune_overrides
+from kdlab_testing import distill_overrides, finetune_overrides, tree_bytes
 
 #: Summary/metric fields that measure time, not results.
 TIMING_KEYS = {"seconds", "tokens_per_s", "seconds_per_step", "wall_s"}
@@ -173,12 +173,12 @@ def _kill_then_resume(
     # Without --resume (or --overwrite) a started run is refused, and left as it is, byte
     # for byte.
     if started:
-        before = snapshot(out)
+        before = tree_bytes(out)
         capsys.readouterr()
         assert cli_main(build(out)) == 2
         error = capsys.readouterr().err.strip()
         assert len(error.splitlines()) == 1 and "--resume" in error, error
-        assert snapshot(out) == before
+        assert tree_bytes(out) == before
     metrics_before = (
         (out / "metrics.jsonl").read_bytes().splitlines(keepends=True)
         if (out / "metrics.jsonl").is_file()
@@ -213,14 +213,6 @@ def _kill_then_resume(
                 break
             kept.append(line)
         assert (out / "metrics.jsonl").read_bytes().splitlines(keepends=True)[: len(kept)] == kept
-
-
-def snapshot(directory: Path) -> dict[str, bytes | None]:
-    """Every path under ``directory`` with its bytes (None for a folder)."""
-    return {
-        str(path.relative_to(directory)): path.read_bytes() if path.is_file() else None
-        for path in sorted(directory.rglob("*"))
-    }
 
 
 def _assert_close(actual: object, expected: object, where: str) -> None:
