@@ -58,7 +58,7 @@ import torch
 
 from kdlab.config.schema import DistillSettings, ModelConfig
 from kdlab.data.records import load_records
-from kdlab.data.tokenize import Collator, tokenize_records
+from kdlab.data.tokenize import Collator, TokenizeOptions, tokenize_records
 from kdlab.models.loading import load_model_and_tokenizer, load_tokenizer, select_device
 from kdlab.models.quantization import quantized_weight_bytes
 from kdlab.training.objectives import (
@@ -109,7 +109,7 @@ def teacher_config(setting: str, device: torch.device) -> ModelConfig:
 
 def load_batches(data: Path | None, tokenizer: Any, batches: int, batch: int, cutoff: int):
     source = str(data) if data and data.is_file() else "generated:arithmetic?split=train&n=256"
-    examples = tokenize_records(load_records(source), tokenizer, cutoff_len=cutoff)
+    examples = tokenize_records(load_records(source), tokenizer, TokenizeOptions(cutoff_len=cutoff))
     # a prompt longer than the cutoff leaves no response position: no KD term to compare
     examples = [e for e in examples if any(label != -100 for label in e["labels"][1:])]
     examples = examples[: batches * batch]

@@ -68,7 +68,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from kdlab.config.methods import HIDDEN_CACHE, TOPK_CACHE  # noqa: E402
 from kdlab.config.schema import DistillSettings, ModelConfig, PeftConfig  # noqa: E402
 from kdlab.data.records import TRAIN_FIELDS, load_records  # noqa: E402
-from kdlab.data.tokenize import Collator, tokenize_records  # noqa: E402
+from kdlab.data.tokenize import Collator, TokenizeOptions, tokenize_records  # noqa: E402
 from kdlab.models.loading import load_model_and_tokenizer  # noqa: E402
 from kdlab.models.peft_utils import apply_peft  # noqa: E402
 from kdlab.training.forward import (  # noqa: E402
@@ -112,7 +112,7 @@ class Setup:
             raise SystemExit(f"{DATA} is missing (the shared benchmark data)")
         records = load_records(DATA, required_fields=TRAIN_FIELDS)[: batches * batch_size]
         self.examples = tokenize_records(
-            records, self.tokenizer, template="alpaca", cutoff_len=cutoff
+            records, self.tokenizer, TokenizeOptions(template="alpaca", cutoff_len=cutoff)
         )
         collate = Collator(self.tokenizer.pad_token_id)
         self.batches = [

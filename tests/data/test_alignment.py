@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,9 @@ from kdlab.data.alignment import (
     tokenize_record_pair,
     tokenize_record_pairs,
 )
-from kdlab.data.tokenize import tokenize_record
+from kdlab.data.tokenize import TokenizeOptions, tokenize_record
 from kdlab.losses import HiddenStates, chunked_distillation_loss
-from kdlab.losses.cross_tokenizer import aligned_kl_loss, uld_loss
+from kdlab.losses.cross_tokenizer import CROSS_TOKENIZER_LOSSES, cross_tokenizer_loss
 from kdlab.losses.spec import KDLossSpec
 from kdlab.training.forward import response_mask
 from kdlab_testing import save_tiny_model, save_tiny_model_other_tokenizer
@@ -341,7 +342,11 @@ def test_truncation_keeps_groups_inside_both_sequences(tokenizers) -> None:
     full = tokenize_record_pair(example, student_tokenizer, teacher_tokenizer, vocabulary)
     cutoff = full.student.prompt_length + 9
     cut = tokenize_record_pair(
-        example, student_tokenizer, teacher_tokenizer, vocabulary, cutoff_len=cutoff
+        example,
+        student_tokenizer,
+        teacher_tokenizer,
+        vocabulary,
+        TokenizeOptions(cutoff_len=cutoff),
     )
     kept = len(cut.student_positions)
     assert 0 < kept < len(full.student_positions)
@@ -352,7 +357,7 @@ def test_truncation_keeps_groups_inside_both_sequences(tokenizers) -> None:
     # The next group's first token is outside one of the truncated sequences.
     assert full.student_positions[kept] + 1 >= cutoff or full.teacher_positions[kept] + 1 >= cutoff
     prompt_only = tokenize_record_pair(
-        example, student_tokenizer, teacher_tokenizer, vocabulary, cutoff_len=5
+        example, student_tokenizer, teacher_tokenizer, vocabulary, TokenizeOptions(cutoff_len=5)
     )
     assert prompt_only.student_positions == prompt_only.teacher_positions == []
 
@@ -412,8 +417,11 @@ def test_losses_on_real_models_and_batches(model_dirs, tokenizers) -> None:
         )
     vocabulary = build_vocabulary_map(student_tokenizer, teacher_tokenizer).shared
     alignment = batch_alignment(batch)
-    for loss_fn in (uld_loss, aligned_kl_loss):
-        loss = loss_fn(student, teacher, alignment, vocabulary, spec, chunk_size=16)
+    for method in CROSS_TOKENIZER_LOSSES:
+        method_spec = dataclasses.replace(spec, divergence=method)
+        loss = cross_tokenizer_loss(
+            student, teacher, alignment, vocabulary, method_spec, chunk_size=16
+        )
         (gradient,) = torch.autograd.grad(loss, student.hidden)
         assert loss.item() > 0 and torch.isfinite(gradient).all()
         assert gradient[~alignment.student_mask].abs().max() == 0
@@ -433,8 +441,13 @@ def test_losses_on_real_models_and_batches(model_dirs, tokenizers) -> None:
     with torch.no_grad():
         teacher = final_states(teacher_model_same, same["input_ids"], same["attention_mask"])
     vocabulary = build_vocabulary_map(student_tokenizer, student_tokenizer).shared
-    aligned = aligned_kl_loss(
-        student, teacher, batch_alignment(same), vocabulary, spec, chunk_size=16
+    aligned = cross_tokenizer_loss(
+        student,
+        teacher,
+        batch_alignment(same),
+        vocabulary,
+        dataclasses.replace(spec, divergence="aligned_kl"),
+        chunk_size=16,
     )
     forward = chunked_distillation_loss(
         student, teacher, response_mask(same["labels"]), spec, chunk_size=16

@@ -14,7 +14,7 @@ from kdlab.config.core import load_config
 from kdlab.config.schema import FinetuneConfig
 from kdlab.data.records import TRAIN_FIELDS, RecordFormat, load_records
 from kdlab.data.templates import record_prompt
-from kdlab.data.tokenize import IGNORE_INDEX, tokenize_record
+from kdlab.data.tokenize import IGNORE_INDEX, TokenizeOptions, tokenize_record
 from kdlab.errors import ConfigError, DataError
 from kdlab_testing import build_tiny_chat_tokenizer, finetune_overrides, save_tiny_chat_model
 
@@ -162,7 +162,7 @@ def test_messages_are_rendered_with_the_chat_template_and_labels_mask_the_prompt
     tokenizer = build_tiny_chat_tokenizer()
     file = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
     (record,) = load_records(file, required_fields=TRAIN_FIELDS)
-    item = tokenize_record(record, tokenizer, template="chat", cutoff_len=512)
+    item = tokenize_record(record, tokenizer, TokenizeOptions(template="chat", cutoff_len=512))
     prompt_text = tokenizer.apply_chat_template(
         CONVERSATION[:2], tokenize=False, add_generation_prompt=True
     )
@@ -184,7 +184,9 @@ def test_messages_are_rendered_with_the_chat_template_and_labels_mask_the_prompt
         tmp_path / "pc.jsonl", [{"prompt": CONVERSATION[:2], "completion": CONVERSATION[2:]}]
     )
     (pair,) = load_records(pc, required_fields=TRAIN_FIELDS)
-    assert tokenize_record(pair, tokenizer, template="chat", cutoff_len=512) == item
+    assert (
+        tokenize_record(pair, tokenizer, TokenizeOptions(template="chat", cutoff_len=512)) == item
+    )
 
 
 def test_standard_prompt_is_used_verbatim_and_the_completion_gets_eos() -> None:
@@ -197,7 +199,9 @@ def test_standard_prompt_is_used_verbatim_and_the_completion_gets_eos() -> None:
     }
     for template in ("alpaca", "chat"):
         assert record_prompt(record, template=template, tokenizer=tokenizer) == "Q: 2 + 2 ="
-        item = tokenize_record(record, tokenizer, template=template, cutoff_len=512)
+        item = tokenize_record(
+            record, tokenizer, TokenizeOptions(template=template, cutoff_len=512)
+        )
         prompt_ids = tokenizer("Q: 2 + 2 =")["input_ids"]
         completion = tokenizer(" 4", add_special_tokens=False)["input_ids"]
         assert item.input_ids == prompt_ids + completion + [tokenizer.eos_token_id]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from kdlab.config.schema import DataConfig
 from kdlab.data.templates import RESPONSE_MARKER, build_prompt, strip_continuation
 from kdlab.data.tokenize import (
     IGNORE_INDEX,
     Collator,
+    TokenizeOptions,
     split_train_validation,
     tokenize_record,
+    tokenize_records,
 )
 from kdlab_testing import build_tiny_tokenizer
 
@@ -38,7 +43,7 @@ def test_chat_template_uses_the_tokenizer() -> None:
 
 def test_labels_mask_prompt_tokens_exactly() -> None:
     tokenizer = build_tiny_tokenizer()
-    item = tokenize_record(RECORD, tokenizer, cutoff_len=512)
+    item = tokenize_record(RECORD, tokenizer, TokenizeOptions(cutoff_len=512))
     prompt_ids = tokenizer(build_prompt(RECORD["instruction"]))["input_ids"]
     response_ids = tokenizer(RECORD["output"], add_special_tokens=False)["input_ids"]
     assert item.input_ids == prompt_ids + response_ids + [tokenizer.eos_token_id]
@@ -52,15 +57,17 @@ def test_labels_mask_prompt_tokens_exactly() -> None:
 
 def test_train_on_inputs_and_no_eos() -> None:
     tokenizer = build_tiny_tokenizer()
-    item = tokenize_record(RECORD, tokenizer, train_on_inputs=True, add_eos=False, cutoff_len=512)
+    item = tokenize_record(
+        RECORD, tokenizer, TokenizeOptions(train_on_inputs=True, add_eos=False, cutoff_len=512)
+    )
     assert item.labels == item.input_ids
     assert item.input_ids[-1] != tokenizer.eos_token_id
 
 
 def test_truncation_at_cutoff() -> None:
     tokenizer = build_tiny_tokenizer()
-    full = tokenize_record(RECORD, tokenizer, cutoff_len=512)
-    cut = tokenize_record(RECORD, tokenizer, cutoff_len=full.prompt_length + 2)
+    full = tokenize_record(RECORD, tokenizer, TokenizeOptions(cutoff_len=512))
+    cut = tokenize_record(RECORD, tokenizer, TokenizeOptions(cutoff_len=full.prompt_length + 2))
     assert cut.truncated and len(cut.input_ids) == full.prompt_length + 2
     assert cut.labels[-2:] == full.labels[full.prompt_length : full.prompt_length + 2]
 
@@ -91,3 +98,26 @@ def test_split_is_seeded_and_disjoint() -> None:
 def test_strip_continuation() -> None:
     assert strip_continuation("The answer is 4.\n\n### Instruction:\nMore") == "The answer is 4."
     assert strip_continuation("no marker") == "no marker"
+
+
+def test_tokenize_options_are_the_data_sections_tokenization_keys() -> None:
+    """One bundle: every option is a ``data`` key of the same default, read by ``of``."""
+    data_fields = {field.name: field.default for field in dataclasses.fields(DataConfig)}
+    for field in dataclasses.fields(TokenizeOptions):
+        assert data_fields[field.name] == field.default, field.name
+    custom = DataConfig(template="chat", cutoff_len=64, train_on_inputs=True, add_eos=False)
+    assert TokenizeOptions.of(custom) == TokenizeOptions("chat", 64, True, False)
+    assert TokenizeOptions.of(DataConfig()) == TokenizeOptions()
+
+
+def test_an_incomplete_response_alone_loses_its_eos() -> None:
+    tokenizer = build_tiny_tokenizer()
+    records = [RECORD, RECORD]
+    options = TokenizeOptions(cutoff_len=512)
+    examples = tokenize_records(
+        records, tokenizer, options, responses=["The answer is 3."] * 2, complete=[True, False]
+    )
+    eos = tokenizer.eos_token_id
+    assert [example["index"] for example in examples] == [0, 1]
+    assert examples[0]["input_ids"][-1] == eos
+    assert examples[1]["input_ids"] == examples[0]["input_ids"][:-1]

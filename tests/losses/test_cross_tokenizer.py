@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,10 +14,8 @@ from kdlab.losses.cross_tokenizer import (
     SharedVocabulary,
     TokenAlignment,
     aligned_kl_divergence,
-    aligned_kl_loss,
     cross_tokenizer_loss,
     uld_divergence,
-    uld_loss,
 )
 from kdlab.losses.spec import KDLossSpec
 
@@ -111,8 +111,14 @@ def reference_loss(case: dict, student: HiddenStates, spec: KDLossSpec, method: 
 
 
 def run_loss(method: str, case: dict, student: HiddenStates, spec: KDLossSpec, **kwargs):
-    return CROSS_TOKENIZER_LOSSES[method](
-        student, case["teacher"], case["alignment"], case["vocabulary"], spec, **kwargs
+    """:func:`cross_tokenizer_loss` of ``method`` (``spec`` with that divergence)."""
+    return cross_tokenizer_loss(
+        student,
+        case["teacher"],
+        case["alignment"],
+        case["vocabulary"],
+        dataclasses.replace(spec, divergence=method),
+        **kwargs,
     )
 
 
@@ -278,16 +284,16 @@ def test_uld_is_zero_for_permuted_distributions() -> None:
     vocabulary = SharedVocabulary(
         torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), vocab, vocab + extra
     )
-    spec = KDLossSpec(temperature=1.7)
-    loss = uld_loss(student, teacher, case["alignment"], vocabulary, spec, chunk_size=3)
+    spec = KDLossSpec("uld", temperature=1.7)
+    loss = cross_tokenizer_loss(student, teacher, case["alignment"], vocabulary, spec, chunk_size=3)
     assert abs(loss.item()) < 1e-6
     # ... while the same teacher compared token by token is far from the student.
-    unshuffled_kl = aligned_kl_loss(
+    unshuffled_kl = cross_tokenizer_loss(
         student,
         HiddenStates(student.hidden, student.weight[permutation], student.bias[permutation]),
         case["alignment"],
         case["vocabulary"],
-        spec,
+        dataclasses.replace(spec, divergence="aligned_kl"),
     )
     assert unshuffled_kl.item() > 0.1
 
@@ -419,9 +425,11 @@ def test_bad_arguments_raise() -> None:
         )
         chunk_size = overrides.pop("chunk_size", None)
         arguments.update(overrides)
-        for loss in (uld_loss, aligned_kl_loss):
+        for method in CROSS_TOKENIZER_LOSSES:
+            if isinstance(arguments["spec"], KDLossSpec):
+                arguments["spec"] = dataclasses.replace(arguments["spec"], divergence=method)
             with pytest.raises(ValueError, match=message):
-                loss(**arguments, chunk_size=chunk_size)
+                cross_tokenizer_loss(**arguments, chunk_size=chunk_size)
     for bad in (
         dict(student_ids=torch.tensor([0, 0]), teacher_ids=torch.tensor([1, 2])),
         dict(student_ids=torch.tensor([0, 1]), teacher_ids=torch.tensor([1, VOCAB_T])),
@@ -455,28 +463,17 @@ def test_cuda_equals_cpu(method: str) -> None:
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["uld", "aligned_kl"])
-def test_cross_tokenizer_loss_dispatches_on_the_specs_divergence(method: str) -> None:
+def test_cross_tokenizer_loss_dispatches_on_the_specs_divergence() -> None:
     case = make_case(12)
-    spec = KDLossSpec(method, temperature=1.3)
-    via_spec = cross_tokenizer_loss(
-        case["student"], case["teacher"], case["alignment"], case["vocabulary"], spec
-    )
-    direct = CROSS_TOKENIZER_LOSSES[method](
-        case["student"], case["teacher"], case["alignment"], case["vocabulary"], spec
-    )
-    assert torch.equal(via_spec, direct) and via_spec.item() > 0
-    other = "aligned_kl" if method == "uld" else "uld"
-    assert not torch.equal(
-        via_spec,
-        cross_tokenizer_loss(
-            case["student"],
-            case["teacher"],
-            case["alignment"],
-            case["vocabulary"],
-            KDLossSpec(other, temperature=1.3),
-        ),
-    )
+    arguments = (case["student"], case["teacher"], case["alignment"], case["vocabulary"])
+    uld = cross_tokenizer_loss(*arguments, KDLossSpec("uld", temperature=1.3))
+    aligned = cross_tokenizer_loss(*arguments, KDLossSpec("aligned_kl", temperature=1.3))
+    assert uld.item() > 0 and aligned.item() > 0 and not torch.equal(uld, aligned)
+    # Every loss of the table has a one-line summary (the method table's description).
+    for name, loss in CROSS_TOKENIZER_LOSSES.items():
+        assert loss.summary.endswith(".") and "\n" not in loss.summary, name
+    assert CROSS_TOKENIZER_LOSSES["uld"].matched is None
+    assert CROSS_TOKENIZER_LOSSES["aligned_kl"].matched is aligned_kl_divergence
 
 
 def test_one_and_two_vocabulary_losses_refuse_each_others_divergences() -> None:

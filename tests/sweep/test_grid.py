@@ -227,6 +227,42 @@ def test_estimates(tmp_path: Path) -> None:
     assert plan.stage("eval")[0].estimate.items == 40  # 2 tasks × limit 20 < 100
 
 
+def test_sweep_estimates_read_the_teacher_cache_settings(tmp_path: Path) -> None:
+    """``kdlab sweep`` plans KD runs on the teacher-output cache: their estimate is a cached
+    step (``estimate.cached_step_factor`` × an SFT step) plus the cache's build, paid once
+    per cache. (The sweep's own estimate used to ignore the cache and that setting.)"""
+    grid = {
+        **BASE,
+        "families": {"math": {"estimate": {"train_records": 1016}}},
+        "students": {"S-0.5B": "org/S-0.5B"},
+        "methods": {"sft": {}, "forward_kl": {}},
+        "seeds": [6],
+        "defaults": {"data": {"val_set_size": 16, "cutoff_len": 128}},
+    }
+    records = 2000  # the default generated:arithmetic source's n
+    for factor in (1.2, 2.0):
+        plan = plan_of(tmp_path, grid, f"estimate.cached_step_factor={factor}")
+        estimate = plan.config.estimate
+        sft = next(run for run in plan.stage("distill") if run.kind == "sft")
+        first, second = (run for run in plan.stage("distill") if run.kind == "kd")
+        assert first.config.distill.teacher_cache == second.config.distill.teacher_cache == "auto"
+        build = records * 128 / 1000 * 3.0 * estimate.teacher_s_per_ktoken_per_b
+        cached = factor * sft.estimate.seconds
+        assert first.estimate.seconds == pytest.approx(cached + build)
+        assert second.estimate.seconds == pytest.approx(cached)  # T = 2 reads T = 1's cache
+    # A live teacher (no cache) costs its forward in every step, whatever the factor.
+    live_grid = {**grid, "methods": {"sft": {}, "forward_kl": {"distill": {"teacher_cache": None}}}}
+    live = plan_of(tmp_path, live_grid, "estimate.cached_step_factor=2.0")
+    sft = next(run for run in live.stage("distill") if run.kind == "sft")
+    kd = next(run for run in live.stage("distill") if run.kind == "kd")
+    assert kd.config.distill.teacher_cache is None
+    kilotokens = kd.config.train.batch_size * 128 / 1000
+    teacher_term = (
+        kd.estimate.steps * kilotokens * 3.0 * live.config.estimate.teacher_s_per_ktoken_per_b
+    )
+    assert kd.estimate.seconds == pytest.approx(sft.estimate.seconds + teacher_term)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -288,7 +288,7 @@ def test_connected_zero_depends_on_the_trained_weight() -> None:
     hidden = torch.randn(2, 3, requires_grad=True)
     weight = torch.randn(4, 3, requires_grad=True)
     zero = connected_zero(hidden, weight)
-    assert zero.dtype == torch.float32 and float(zero) == 0.0
+    assert zero.dtype == torch.float32 and float(zero.detach()) == 0.0
     zero.backward()
     assert hidden.grad is not None and weight.grad is not None
     frozen = torch.randn(4, 3)

@@ -23,7 +23,14 @@ from kdlab.cli import main as cli_main
 from kdlab.config.core import load_config
 from kdlab.config.schema import DistillConfig, DistillSettings, FinetuneConfig, ModelConfig
 from kdlab.data.records import load_records
-from kdlab.data.tokenize import IGNORE_INDEX, Collator, pack_batch, record_spans, tokenize_records
+from kdlab.data.tokenize import (
+    IGNORE_INDEX,
+    Collator,
+    TokenizeOptions,
+    pack_batch,
+    record_spans,
+    tokenize_records,
+)
 from kdlab.errors import DataError, KdlabError
 from kdlab.models.loading import load_model_and_tokenizer
 from kdlab.training.common import make_accelerator
@@ -53,7 +60,7 @@ def _uneven_examples(tokenizer, count: int = 4, *, train_on_inputs: bool = False
         }
         for i in range(count)
     ]
-    return tokenize_records(records, tokenizer, train_on_inputs=train_on_inputs)
+    return tokenize_records(records, tokenizer, TokenizeOptions(train_on_inputs=train_on_inputs))
 
 
 @pytest.fixture(scope="module")

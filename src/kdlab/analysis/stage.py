@@ -342,7 +342,7 @@ def compute_token_fidelity(
             tokenize_record_pairs,
         )
         from kdlab.data.records import TRAIN_FIELDS, load_records
-        from kdlab.data.tokenize import Collator, tokenize_records
+        from kdlab.data.tokenize import Collator, TokenizeOptions, tokenize_records
         from kdlab.models.loading import load_run_model
         from kdlab.models.vocab import same_tokenizer
     except ImportError as error:  # pragma: no cover - depends on the install
@@ -386,7 +386,7 @@ def compute_token_fidelity(
         student_model, tokenizer = model_of(student)
         if same_tokenizer(teacher_tokenizer, tokenizer):
             positions = "response tokens"
-            examples = tokenize_records(records, tokenizer, cutoff_len=cutoff_len)
+            examples = tokenize_records(records, tokenizer, TokenizeOptions(cutoff_len=cutoff_len))
             batches = batches_of(examples, Collator(pad_token_id=pad_id(tokenizer)))
             result = token_fidelity_over_batches(teacher_model, student_model, batches)
         else:
@@ -394,7 +394,11 @@ def compute_token_fidelity(
             positions = "aligned positions (cross-tokenizer)"
             vocabulary = build_vocabulary_map(tokenizer, teacher_tokenizer)
             examples = tokenize_record_pairs(
-                records, tokenizer, teacher_tokenizer, vocabulary, cutoff_len=cutoff_len
+                records,
+                tokenizer,
+                teacher_tokenizer,
+                vocabulary,
+                TokenizeOptions(cutoff_len=cutoff_len),
             )
             collate = CrossTokenizerCollator(pad_id(tokenizer), pad_id(teacher_tokenizer))
             result = aligned_token_fidelity_over_batches(

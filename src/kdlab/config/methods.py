@@ -228,10 +228,10 @@ def _off_policy(name: str) -> MethodSpec:
 def _cross_tokenizer_method(name: str) -> MethodSpec:
     """The method of cross-tokenizer loss ``name``: KD at aligned positions of the gold
     responses, for a teacher and a student with any two tokenizers."""
-    doc = (CROSS_TOKENIZER_LOSSES[name].__doc__ or name).strip().splitlines()[0]
     return MethodSpec(
         name=name,
-        summary=f"{doc} Any two tokenizers; on the gold responses.",
+        summary=f"{CROSS_TOKENIZER_LOSSES[name].summary} Any two tokenizers; on the gold "
+        "responses.",
         needs_teacher=True,
         default_divergence=name,
     )

@@ -70,7 +70,15 @@ from typing import Any
 
 import torch
 
-from kdlab.data.tokenize import IGNORE_INDEX, Collator, TokenizedRecord, tokenize_record
+from kdlab.data.tokenize import (
+    DEFAULT_TOKENIZE,
+    IGNORE_INDEX,
+    Collator,
+    TokenizedRecord,
+    TokenizeOptions,
+    tokenize_each,
+    tokenize_record,
+)
 from kdlab.losses.cross_tokenizer import SharedVocabulary, TokenAlignment
 
 __all__ = [
@@ -578,6 +586,11 @@ class CrossTokenizedRecord:
     teacher_positions: list[int]
     matched: list[bool]
 
+    @property
+    def truncated(self) -> bool:
+        """Either side cut at ``cutoff_len``."""
+        return self.student.truncated or self.teacher.truncated
+
     def as_dict(self) -> dict[str, Any]:
         """The collator's input: the student's usual keys plus ``teacher_*`` and ``align_*``."""
         example = self.student.as_dict()
@@ -599,11 +612,8 @@ def tokenize_record_pair(
     student_tokenizer: Any,
     teacher_tokenizer: Any,
     vocabulary: VocabularyMap,
+    options: TokenizeOptions = DEFAULT_TOKENIZE,
     *,
-    template: str = "alpaca",
-    cutoff_len: int = 256,
-    train_on_inputs: bool = False,
-    add_eos: bool = True,
     response: str | None = None,
 ) -> CrossTokenizedRecord:
     """:func:`~kdlab.data.tokenize.tokenize_record` for both sides, plus the alignment.
@@ -613,21 +623,13 @@ def tokenize_record_pair(
     inside both truncated sequences and has a predicting position (a prompt of ≥ 1 token).
     """
     text = record.get("output", "") if response is None else response
-    sides = {}
-    for side, tokenizer in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
-        sides[side] = tokenize_record(
-            record,
-            tokenizer,
-            template=template,
-            cutoff_len=cutoff_len,
-            train_on_inputs=train_on_inputs,
-            add_eos=add_eos,
-            response=text,
-        )
-    alignment = align_response(
-        text, student_tokenizer, teacher_tokenizer, vocabulary, add_eos=add_eos
+    student, teacher = (
+        tokenize_record(record, tokenizer, options, response=text)
+        for tokenizer in (student_tokenizer, teacher_tokenizer)
     )
-    student, teacher = sides["student"], sides["teacher"]
+    alignment = align_response(
+        text, student_tokenizer, teacher_tokenizer, vocabulary, add_eos=options.add_eos
+    )
     _check_response(student, alignment.student_ids, "student")
     _check_response(teacher, alignment.teacher_ids, "teacher")
     return _paired_record(student, teacher, alignment)
@@ -706,50 +708,32 @@ def tokenize_record_pairs(
     student_tokenizer: Any,
     teacher_tokenizer: Any,
     vocabulary: VocabularyMap,
+    options: TokenizeOptions = DEFAULT_TOKENIZE,
     *,
-    template: str = "alpaca",
-    cutoff_len: int = 256,
-    train_on_inputs: bool = False,
-    add_eos: bool = True,
     responses: Sequence[str] | None = None,
     complete: Sequence[bool] | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`~kdlab.data.tokenize.tokenize_records` for a cross-tokenizer run: one
     :meth:`CrossTokenizedRecord.as_dict` example per record (with its ``index``), the
-    same arguments. Logs how many records were truncated on either side and how many keep
-    no aligned position."""
-    examples: list[dict[str, Any]] = []
-    truncated = unaligned = 0
-    for index, record in enumerate(records):
-        pair = tokenize_record_pair(
+    same arguments after the vocabulary. Logs how many records were truncated on either
+    side and how many keep no aligned position."""
+    return tokenize_each(
+        records,
+        lambda record, record_options, response: tokenize_record_pair(
             record,
             student_tokenizer,
             teacher_tokenizer,
             vocabulary,
-            template=template,
-            cutoff_len=cutoff_len,
-            train_on_inputs=train_on_inputs,
-            add_eos=add_eos and (complete is None or complete[index]),
-            response=None if responses is None else responses[index],
-        )
-        truncated += pair.student.truncated or pair.teacher.truncated
-        unaligned += not pair.student_positions
-        example = pair.as_dict()
-        example["index"] = index
-        examples.append(example)
-    if truncated:
-        logger.warning(
-            "%d of %d records truncated at cutoff_len=%d (student or teacher tokens)",
-            truncated,
-            len(records),
-            cutoff_len,
-        )
-    if unaligned:
-        logger.warning(
-            "%d records keep no aligned response position after truncation: no KD term there",
-            unaligned,
-        )
-    return examples
+            record_options,
+            response=response,
+        ),
+        options,
+        responses=responses,
+        complete=complete,
+        lost=lambda pair: not pair.student_positions,
+        lost_message="%d records keep no aligned response position after truncation: no KD "
+        "term there",
+    )
 
 
 def _check_response(record: TokenizedRecord, response_ids: list[int], side: str) -> None:

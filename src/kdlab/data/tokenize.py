@@ -16,20 +16,54 @@ of its records back to back (``train.packing``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from kdlab.data.templates import chat_completion, record_prompt
 from kdlab.errors import DataError
 
+if TYPE_CHECKING:  # kdlab.config imports no torch; this module is only typed against it
+    from kdlab.config.schema import DataConfig
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenizeOptions:
+    """How a record becomes training tokens: the one bundle every tokenize function takes
+    (:func:`tokenize_record`, :func:`tokenize_records` and the cross-tokenizer
+    :func:`kdlab.data.alignment.tokenize_record_pairs`). :meth:`of` reads a run's ``data``."""
+
+    template: str = "alpaca"
+    """Prompt template: ``alpaca`` or ``chat`` (:func:`kdlab.data.templates.record_prompt`)."""
+    cutoff_len: int = 256
+    """Tokens kept per record (prompt + response + EOS)."""
+    train_on_inputs: bool = False
+    """Labels on the prompt tokens too (else -100 there)."""
+    add_eos: bool = True
+    """The EOS token after the response (never after a chat-rendered completion)."""
+
+    @classmethod
+    def of(cls, data: DataConfig) -> TokenizeOptions:
+        """The options of a run's ``data`` section."""
+        return cls(
+            template=data.template,
+            cutoff_len=data.cutoff_len,
+            train_on_inputs=data.train_on_inputs,
+            add_eos=data.add_eos,
+        )
+
+
+#: The defaults (the alpaca template, 256 tokens, labels on the response, EOS appended).
+DEFAULT_TOKENIZE = TokenizeOptions()
 
 
 @dataclass
@@ -57,15 +91,13 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
 def tokenize_record(
     record: dict[str, Any],
     tokenizer: Any,
+    options: TokenizeOptions = DEFAULT_TOKENIZE,
     *,
-    template: str = "alpaca",
-    cutoff_len: int = 256,
-    train_on_inputs: bool = False,
-    add_eos: bool = True,
     response: str | None = None,
 ) -> TokenizedRecord:
     """Tokenize one normalised record (``response`` overrides its completion)."""
-    prompt = record_prompt(record, template=template, tokenizer=tokenizer)
+    cutoff_len, add_eos = options.cutoff_len, options.add_eos
+    prompt = record_prompt(record, template=options.template, tokenizer=tokenizer)
     prompt_ids = encode_prompt(tokenizer, prompt)
     rendered = chat_completion(record, tokenizer) if response is None else None
     if rendered is not None:
@@ -76,7 +108,7 @@ def tokenize_record(
     if add_eos and tokenizer.eos_token_id is not None:
         response_ids.append(int(tokenizer.eos_token_id))
     input_ids = prompt_ids + response_ids
-    if train_on_inputs:
+    if options.train_on_inputs:
         labels = list(input_ids)
     else:
         labels = [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)
@@ -92,52 +124,83 @@ def tokenize_record(
     )
 
 
-def tokenize_records(
+class Tokenized(Protocol):
+    """One tokenized record: :class:`TokenizedRecord`, or a cross-tokenizer pair."""
+
+    @property
+    def truncated(self) -> bool: ...
+
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+def tokenize_each(
     records: Sequence[dict[str, Any]],
-    tokenizer: Any,
+    tokenize_one: Callable[[dict[str, Any], TokenizeOptions, str | None], Tokenized],
+    options: TokenizeOptions,
     *,
-    template: str = "alpaca",
-    cutoff_len: int = 256,
-    train_on_inputs: bool = False,
-    add_eos: bool = True,
-    responses: Sequence[str] | None = None,
-    complete: Sequence[bool] | None = None,
+    responses: Sequence[str] | None,
+    complete: Sequence[bool] | None,
+    lost: Callable[[Any], bool],
+    lost_message: str,
 ) -> list[dict[str, Any]]:
-    """Tokenize many records; logs how many were truncated and how many lost every label.
+    """The loop of every ``tokenize_*s``: ``tokenize_one(record, options, response)`` per
+    record, each example (its ``as_dict()``) with its ``index``.
 
     ``responses`` replace the records' outputs (seqKD: the teacher's); ``complete[i]``
     False means response ``i`` was cut (by a generation budget), so no EOS follows it.
+    Logs how many records were truncated, and how many are ``lost`` (``lost_message``,
+    formatted with that count).
     """
+    without_eos = dataclasses.replace(options, add_eos=False)
     examples: list[dict[str, Any]] = []
-    truncated = 0
-    empty = 0
+    truncated = lost_count = 0
     for index, record in enumerate(records):
-        item = tokenize_record(
-            record,
-            tokenizer,
-            template=template,
-            cutoff_len=cutoff_len,
-            train_on_inputs=train_on_inputs,
-            add_eos=add_eos and (complete is None or complete[index]),
-            response=None if responses is None else responses[index],
-        )
+        finished = complete is None or complete[index]
+        response = None if responses is None else responses[index]
+        item = tokenize_one(record, options if finished else without_eos, response)
         truncated += item.truncated
-        if all(label == IGNORE_INDEX for label in item.labels[1:]):
-            empty += 1
+        lost_count += lost(item)
         example = item.as_dict()
         example["index"] = index
         examples.append(example)
     if truncated:
         logger.warning(
-            "%d of %d records truncated at cutoff_len=%d", truncated, len(records), cutoff_len
+            "%d of %d records truncated at cutoff_len=%d",
+            truncated,
+            len(records),
+            options.cutoff_len,
         )
-    if empty:
-        logger.warning(
-            "%d records have no response token left after truncation; their batches count "
-            "for nothing and all-masked batches are skipped",
-            empty,
-        )
+    if lost_count:
+        logger.warning(lost_message, lost_count)
     return examples
+
+
+def _no_label_left(item: TokenizedRecord) -> bool:
+    return all(label == IGNORE_INDEX for label in item.labels[1:])
+
+
+def tokenize_records(
+    records: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    options: TokenizeOptions = DEFAULT_TOKENIZE,
+    *,
+    responses: Sequence[str] | None = None,
+    complete: Sequence[bool] | None = None,
+) -> list[dict[str, Any]]:
+    """Tokenize many records (:func:`tokenize_each`: ``responses``, ``complete``, the
+    index); logs how many were truncated and how many lost every label."""
+    return tokenize_each(
+        records,
+        lambda record, record_options, response: tokenize_record(
+            record, tokenizer, record_options, response=response
+        ),
+        options,
+        responses=responses,
+        complete=complete,
+        lost=_no_label_left,
+        lost_message="%d records have no response token left after truncation; their "
+        "batches count for nothing and all-masked batches are skipped",
+    )
 
 
 def split_train_validation(

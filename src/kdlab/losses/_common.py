@@ -26,6 +26,14 @@ def check_spec(spec: KDLossSpec) -> None:
         )
 
 
+def check_chunk_size(chunk_size: int | None) -> None:
+    """A chunk size is a positive int, or None (the loss picks one)."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
 def check_loss_mask(
     loss_mask: Tensor, expected_shape: tuple[int, ...] | None, reference: str
 ) -> None:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdlab.losses._common import (
+    check_chunk_size,
     check_loss_mask,
     check_spec,
     divergence_values,
@@ -366,10 +367,7 @@ def chunked_distillation_loss(
     """
     check_spec(spec)
     check_noise_std(noise_std, "noise_std")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     if not isinstance(student, HiddenStates):
         raise ValueError(f"student must be a HiddenStates, got {type(student).__name__}")
     if not isinstance(teacher, (HiddenStates, SparseTeacher)):

@@ -54,8 +54,8 @@ weight 1 on both terms, and the identity term only where the next token is share
 
 Reduction: ``loss = scale · Σ_r w_r · D_r`` with ``w_r`` from ``spec.reduction`` over the
 aligned student positions (:func:`kdlab.losses._common.reduction_weights`), ``scale = T²``
-when ``spec.scale_by_t2``. ``spec.divergence``, ``spec.beta`` and ``spec.skew`` are not read
-(the method fixes the divergence).
+when ``spec.scale_by_t2``. ``spec.divergence`` picks the loss (:data:`CROSS_TOKENIZER_LOSSES`);
+``spec.beta`` and ``spec.skew`` are not read.
 
 Memory: rows are processed in chunks by :mod:`kdlab.losses.chunked`'s machinery (logits from
 hidden states chunk by chunk, gradients computed in the forward), so neither model's
@@ -78,7 +78,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from kdlab.losses._common import check_loss_mask, reduction_weights, scale_loss
+from kdlab.losses._common import check_chunk_size, check_loss_mask, reduction_weights, scale_loss
 from kdlab.losses.chunked import chunked_row_sum, default_chunk_size
 from kdlab.losses.divergences import forward_kl
 from kdlab.losses.inputs import HiddenStates
@@ -86,14 +86,13 @@ from kdlab.losses.spec import KDLossSpec
 
 __all__ = [
     "CROSS_TOKENIZER_LOSSES",
+    "CrossTokenizerLoss",
     "SharedVocabulary",
     "TokenAlignment",
     "aligned_kl_divergence",
-    "aligned_kl_loss",
     "cross_tokenizer_loss",
     "default_cross_tokenizer_chunk_size",
     "uld_divergence",
-    "uld_loss",
 ]
 
 #: ``(student_logprobs [n, V_S], teacher_logprobs [n, V_T]) -> [n]``: one value per pair.
@@ -308,33 +307,87 @@ def _check_vocabulary(vocabulary: SharedVocabulary) -> None:
         raise ValueError(f"vocabulary must be a SharedVocabulary, got {type(vocabulary).__name__}")
 
 
-def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+@dataclass(frozen=True)
+class CrossTokenizerLoss:
+    """One cross-tokenizer loss of :data:`CROSS_TOKENIZER_LOSSES` (module docstring)."""
+
+    summary: str
+    """One line: what it compares (the method table's description)."""
+    matched: Callable[[SharedVocabulary, torch.device], PerPosition] | None
+    """The divergence at matched pairs, built from the vocabulary (ULD at the others);
+    None: ULD at every pair."""
 
 
-def _cross_tokenizer_loss(
+#: Cross-tokenizer divergence name → loss. Each name is also a ``KDLossSpec.divergence``
+#: (:func:`cross_tokenizer_loss` reads it) and a method of :mod:`kdlab.config.methods`
+#: (which derives its cross-tokenizer entries from here).
+CROSS_TOKENIZER_LOSSES: dict[str, CrossTokenizerLoss] = {
+    "uld": CrossTokenizerLoss(
+        "ULD (Boizard et al. 2024): L1 between sorted teacher and student probabilities.",
+        matched=None,
+    ),
+    "aligned_kl": CrossTokenizerLoss(
+        "Forward KL on shared tokens where the next tokens match, ULD elsewhere (TRL's GOLD).",
+        matched=aligned_kl_divergence,
+    ),
+}
+
+
+def cross_tokenizer_loss(
     student: HiddenStates,
     teacher: HiddenStates,
     alignment: TokenAlignment,
+    vocabulary: SharedVocabulary,
     spec: KDLossSpec,
-    sizes: tuple[int, int],
-    matched_fn: PerPosition | None,
-    chunk_size: int | None,
+    *,
+    chunk_size: int | None = None,
 ) -> Tensor:
-    """Shared body of :func:`uld_loss` and :func:`aligned_kl_loss`.
+    """The cross-tokenizer loss ``spec.divergence`` names, at the aligned pairs.
 
-    ``matched_fn`` None: every pair gets ULD. Otherwise matched pairs get ``matched_fn`` and
-    the others ULD, in two chunked passes over the two row subsets (one when either is empty).
+    ``uld``: ULD at every pair, the shorter sorted vector zero-padded. ``aligned_kl``: at
+    matched pairs forward KL over the shared vocabulary plus ULD on the unmapped mass, at
+    unmatched pairs ULD alone. The formulas are in the module docstring.
+
+    ``aligned_kl`` equals :func:`kdlab.losses.chunked_distillation_loss` with
+    ``divergence="forward_kl"`` exactly (value and gradient, for the same ``chunk_size``, and
+    for both defaults) when ``vocabulary`` is the identity and every pair is matched, i.e.
+    when both tokenizers are the same.
+
+    Args:
+        student: the student's hidden states and lm_head (gradients reach ``hidden`` and,
+            if they require grad, ``weight``/``bias``).
+        teacher: the teacher's; ``hidden`` is usually an inference tensor.
+        alignment: the paired positions (``alignment.matched`` is read by ``aligned_kl``).
+        vocabulary: the shared tokens and each side's real vocabulary size (ULD reads only
+            the sizes: it needs no token correspondence).
+        spec: the divergence (a key of :data:`CROSS_TOKENIZER_LOSSES`), temperature,
+            reduction and T² scaling.
+        chunk_size: rows per chunk; None: :func:`default_cross_tokenizer_chunk_size` (the
+            forward-KL chunks when every pair is the identity's forward KL).
+
+    Returns:
+        Scalar float32; 0.0 (with zero gradients) when nothing is aligned.
+
+    Raises:
+        ValueError: ``spec.divergence`` compares one vocabulary (use
+            :func:`kdlab.losses.chunked_distillation_loss`), or a malformed input.
     """
     if not isinstance(spec, KDLossSpec):
         raise ValueError(f"spec must be a KDLossSpec, got {type(spec).__name__}")
-    _check_chunk_size(chunk_size)
+    loss_kind = CROSS_TOKENIZER_LOSSES.get(spec.divergence)
+    if loss_kind is None:
+        raise ValueError(
+            f"divergence {spec.divergence!r} compares distributions over one vocabulary; "
+            f"cross-tokenizer divergences: {', '.join(CROSS_TOKENIZER_LOSSES)}"
+        )
+    _check_vocabulary(vocabulary)
+    check_chunk_size(chunk_size)
     _check_models(student, teacher)
     student_mask, teacher_mask, matched = _check_alignment(alignment, student, teacher)
-    student_size, teacher_size = sizes
+    student_size, teacher_size = vocabulary.student_size, vocabulary.teacher_size
+    matched_fn = (
+        None if loss_kind.matched is None else loss_kind.matched(vocabulary, student.hidden.device)
+    )
     student_head = _trim(student, student_size, "student")
     teacher_head = _trim(teacher, teacher_size, "teacher")
 
@@ -377,104 +430,3 @@ def _cross_tokenizer_loss(
         loss = part if loss is None else loss + part
     assert loss is not None
     return scale_loss(loss, spec)
-
-
-def uld_loss(
-    student: HiddenStates,
-    teacher: HiddenStates,
-    alignment: TokenAlignment,
-    vocabulary: SharedVocabulary,
-    spec: KDLossSpec,
-    *,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """ULD (Boizard et al. 2024): L1 between sorted teacher and student probabilities.
-
-    At the aligned positions; the shorter sorted vector zero-padded (module docstring).
-
-    Args:
-        student: the student's hidden states and lm_head (gradients reach ``hidden`` and,
-            if they require grad, ``weight``/``bias``).
-        teacher: the teacher's; ``hidden`` is usually an inference tensor.
-        alignment: the paired positions (``alignment.matched`` is not read).
-        vocabulary: only its ``student_size`` / ``teacher_size`` are read (ULD needs no token
-            correspondence); the same argument as :func:`aligned_kl_loss` takes, so callers
-            dispatch through :data:`CROSS_TOKENIZER_LOSSES` without special cases.
-        spec: temperature, reduction and T² scaling.
-        chunk_size: rows per chunk; None: :func:`default_cross_tokenizer_chunk_size`.
-
-    Returns:
-        Scalar float32; 0.0 (with zero gradients) when nothing is aligned.
-    """
-    _check_vocabulary(vocabulary)
-    sizes = (vocabulary.student_size, vocabulary.teacher_size)
-    return _cross_tokenizer_loss(student, teacher, alignment, spec, sizes, None, chunk_size)
-
-
-def aligned_kl_loss(
-    student: HiddenStates,
-    teacher: HiddenStates,
-    alignment: TokenAlignment,
-    vocabulary: SharedVocabulary,
-    spec: KDLossSpec,
-    *,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Forward KL on shared tokens where the next tokens match, ULD elsewhere (TRL's GOLD).
-
-    At matched pairs: forward KL over the shared vocabulary plus ULD on the unmapped mass;
-    at unmatched pairs ULD alone (module docstring for the exact formula).
-
-    Equals :func:`kdlab.losses.chunked_distillation_loss` with ``divergence="forward_kl"``
-    exactly (value and gradient, for the same ``chunk_size``, and for both defaults) when
-    ``vocabulary`` is the identity and every pair is matched, i.e. when both tokenizers are
-    the same.
-
-    Args:
-        student, teacher, alignment, spec, chunk_size: as in :func:`uld_loss`.
-        vocabulary: the shared tokens and each side's real vocabulary size.
-
-    Returns:
-        Scalar float32; 0.0 (with zero gradients) when nothing is aligned.
-    """
-    _check_vocabulary(vocabulary)
-    _check_models(student, teacher)
-    matched_fn = aligned_kl_divergence(vocabulary, student.hidden.device)
-    sizes = (vocabulary.student_size, vocabulary.teacher_size)
-    return _cross_tokenizer_loss(student, teacher, alignment, spec, sizes, matched_fn, chunk_size)
-
-
-#: Cross-tokenizer divergence name → loss, both called as ``(student, teacher, alignment,
-#: vocabulary, spec, *, chunk_size)``. Each name is also a ``KDLossSpec.divergence`` and a
-#: method of :mod:`kdlab.config.methods` (which derives its cross-tokenizer entries from here).
-CROSS_TOKENIZER_LOSSES: dict[str, Callable[..., Tensor]] = {
-    "uld": uld_loss,
-    "aligned_kl": aligned_kl_loss,
-}
-
-
-def cross_tokenizer_loss(
-    student: HiddenStates,
-    teacher: HiddenStates,
-    alignment: TokenAlignment,
-    vocabulary: SharedVocabulary,
-    spec: KDLossSpec,
-    *,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """The cross-tokenizer loss ``spec.divergence`` names (a key of
-    :data:`CROSS_TOKENIZER_LOSSES`), with the arguments of :func:`uld_loss`.
-
-    Raises:
-        ValueError: ``spec.divergence`` compares one vocabulary (use
-            :func:`kdlab.losses.chunked_distillation_loss`).
-    """
-    if not isinstance(spec, KDLossSpec):
-        raise ValueError(f"spec must be a KDLossSpec, got {type(spec).__name__}")
-    loss = CROSS_TOKENIZER_LOSSES.get(spec.divergence)
-    if loss is None:
-        raise ValueError(
-            f"divergence {spec.divergence!r} compares distributions over one vocabulary; "
-            f"cross-tokenizer divergences: {', '.join(CROSS_TOKENIZER_LOSSES)}"
-        )
-    return loss(student, teacher, alignment, vocabulary, spec, chunk_size=chunk_size)

@@ -402,19 +402,8 @@ def render_run_card(
     return ModelCard(content)
 
 
-def write_run_card(
-    directory: str | Path,
-    run_dir: str | Path,
-    *,
-    kind: str,
-    summary: Mapping[str, Any] | None = None,
-    eval_results: Sequence[Any] = (),
-    note: str | None = None,
-) -> Path:
-    """Render the card (:func:`render_run_card`) into ``<directory>/README.md`` atomically."""
-    card = render_run_card(
-        run_dir, kind=kind, summary=summary, eval_results=eval_results, note=note
-    )
+def write_run_card(directory: str | Path, card: Any) -> Path:
+    """A rendered card (:func:`render_run_card`) as ``<directory>/README.md``, atomically."""
     return atomic_write_text(Path(directory) / CARD_FILE, str(card))
 
 
@@ -440,4 +429,4 @@ def update_run_card_evaluation(
     kept = [r for r in card_eval_results(weights / CARD_FILE) if _evaluation_of(r) != label]
     results = kept + eval_results_from_metrics(task_metrics, label)
     kind = "adapter" if weights.name == "adapter" else "model"
-    return write_run_card(weights, directory, kind=kind, eval_results=results)
+    return write_run_card(weights, render_run_card(directory, kind=kind, eval_results=results))

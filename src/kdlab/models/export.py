@@ -154,7 +154,13 @@ def _folder_files(directory: Path) -> list[str]:
 
 def run(config: ExportConfig, *, overwrite: bool = False) -> ExportResult:
     """Write the export folder (and push it when ``config.push_to_hub``); see the module doc."""
-    from kdlab.models.card import CARD_FILE, card_eval_results, run_weights_dir, write_run_card
+    from kdlab.models.card import (
+        CARD_FILE,
+        card_eval_results,
+        render_run_card,
+        run_weights_dir,
+        write_run_card,
+    )
     from kdlab.models.loading import resolve_run_dir
 
     run_dir = Path(config.run_dir)
@@ -183,13 +189,9 @@ def run(config: ExportConfig, *, overwrite: bool = False) -> ExportResult:
             _merge(model_config, adapter, staging)
         else:
             _copy_files(weights, staging)
-        write_run_card(
-            staging,
-            run_dir,
-            kind=kind,
-            eval_results=card_eval_results(weights / CARD_FILE),
-            note=note,
-        )
+        results = card_eval_results(weights / CARD_FILE)
+        card = render_run_card(run_dir, kind=kind, eval_results=results, note=note)
+        write_run_card(staging, card)
         atomic_write_json(
             staging / EXPORT_FILE,
             {

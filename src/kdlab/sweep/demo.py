@@ -36,10 +36,9 @@ from kdlab.sweep.design import (
     CommandResult,
     budget_markdown,
     budget_rows,
-    cache_aware_estimates,
-    command_output,
     config_record,
     execute,
+    grid_command_main,
     load_grid,
     owned_output,
     read_timings,
@@ -85,6 +84,11 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def main(args: argparse.Namespace) -> int:
+    """``kdlab demo``: ``args.config`` is the loaded :class:`DemoConfig`."""
+    return grid_command_main(args, "demo", plan=demo_plan, describe=describe, run=run)
+
+
 # --------------------------------------------------------------------------- planning
 
 
@@ -128,7 +132,6 @@ def plan_demo(grid: SweepConfig, grid_path: str) -> SweepPlan:
     planner = GridPlanner(grid, grid_path=grid_path)
     plan = planner.plan()
     restrict_analysis(plan, Path(grid.out_dir) / ANALYSIS_DIR)
-    cache_aware_estimates(plan, planner)
     return plan
 
 
@@ -237,13 +240,6 @@ def run(config: DemoConfig, *, resume: bool = False, overwrite: bool = False) ->
         path = out / SUMMARY_FILE
         atomic_write_text(path, text)
     return DemoResult(plan=plan, outcome=outcome, page=text, page_path=path)
-
-
-def main(args: argparse.Namespace) -> int:
-    """``kdlab demo``: ``args.config`` is the loaded :class:`DemoConfig`."""
-    text, status = command_output(args, "demo", plan=demo_plan, describe=describe, run=run)
-    print(text, end="")  # noqa: T201
-    return status
 
 
 __all__ = [

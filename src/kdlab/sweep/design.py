@@ -6,10 +6,6 @@ a run made with other settings refused. This module holds the pieces around that
 
 - :func:`load_grid`: the packaged grid (``configs/demo/``, ``configs/study/``) or the
   user's, with ``out`` and ``model`` applied;
-- :func:`cache_aware_estimates`: the sweep's cost model counts a teacher forward in every
-  KD step; a run the teacher-output cache serves does not run the teacher (its step costs
-  an SFT step), and the first run of each cache pays its build (one teacher forward over
-  every training record);
 - :func:`budget_rows`: seconds per stage (the demo's budget table);
 - :func:`owned_output`: the ``out`` folder, locked for the command's whole run;
   ``--overwrite`` replaces only a folder a demo or a study made (never a folder holding
@@ -19,7 +15,7 @@ a run made with other settings refused. This module holds the pieces around that
   the last checkpoint of a *full* fine-tune (weights + AdamW state, ~1.4 GB for the demo's
   student) is deleted once the run is ``DONE`` (``model/`` holds the weights; the
   checkpoint only served crash recovery);
-- :func:`command_output`: what the two commands' ``main`` prints, and its exit status.
+- :func:`grid_command_main`: the two commands' ``main``: what they print, and the exit status.
 """
 
 from __future__ import annotations
@@ -36,11 +32,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kdlab.config.core import deep_merge, from_mapping, to_dict
-from kdlab.config.sweep import EstimateSection, SweepConfig, load_sweep_config
+from kdlab.config.core import to_dict
+from kdlab.config.sweep import SweepConfig, load_sweep_config
 from kdlab.errors import ConfigError, DataError
 from kdlab.sweep.executors import LOGS_DIR, SUBMITIT_DIR, make_executor
-from kdlab.sweep.grid import GridPlanner, PlannedRun, SweepPlan, count_training_records
+from kdlab.sweep.grid import PlannedRun, SweepPlan
 from kdlab.sweep.runner import SweepOutcome, SweepRunner, UnitResult
 from kdlab.sweep.stage import missing_inputs
 from kdlab.sweep.status import STATUS_FILE
@@ -96,56 +92,6 @@ def load_grid(config: Any, command: str) -> tuple[SweepConfig, str]:
 
 
 # --------------------------------------------------------------------------- cost
-
-
-def _estimate_section(grid: SweepConfig, family: str | None) -> EstimateSection:
-    """The grid's cost model with the family's overrides (as the sweep's estimate reads it)."""
-    overrides = grid.families[family].estimate if family in grid.families else {}
-    if not overrides:
-        return grid.estimate
-    return from_mapping(EstimateSection, deep_merge(to_dict(grid.estimate), overrides), source="")
-
-
-def cache_aware_estimates(plan: SweepPlan, planner: GridPlanner) -> None:
-    """Correct the sweep's estimate of KD runs served by the teacher-output cache (in place).
-
-    A cached step is an SFT step times ``estimate.cached_step_factor`` (the teacher's
-    decoder is not run; its lm_head and the divergence are); the first run of each cache
-    (one teacher, one training set) adds the build: every training record through the
-    teacher once (``records × cutoff_len`` tokens at the teacher's forward rate).
-    """
-    grid = plan.config
-    built: set[tuple[Any, ...]] = set()
-    for run in plan.runs:
-        if run.stage != "distill" or run.kind != "kd" or run.estimate.steps is None:
-            continue
-        if not run.config.distill.teacher_cache:
-            continue
-        estimate = _estimate_section(grid, run.family)
-        student = planner.model_size(grid.students[run.params["student"]], run.params["student"])
-        teacher_name = run.params["teacher"]
-        teacher = planner.model_size(grid.teachers[teacher_name], teacher_name)
-        if student is None or teacher is None:
-            continue
-        kilotokens = run.config.train.batch_size * run.config.data.cutoff_len / 1000.0
-        per_step = estimate.cached_step_factor * (
-            estimate.step_overhead_s + kilotokens * student * estimate.train_s_per_ktoken_per_b
-        )
-        seconds = run.estimate.steps * per_step
-        key = (
-            str(run.depends_on[0]) if run.depends_on else teacher_name,
-            bool(run.params.get("base_teacher")),
-            tuple(str(item) for item in run.config.data.train_files),
-            run.config.data.cutoff_len,
-        )
-        records = count_training_records(run.config.data.train_files)
-        if key not in built and records is not None:
-            built.add(key)
-            seconds += (
-                records * run.config.data.cutoff_len / 1000.0
-                * teacher * estimate.teacher_s_per_ktoken_per_b
-            )  # fmt: skip
-        run.estimate = replace(run.estimate, seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -418,23 +364,24 @@ def unfinished_lines(outcome: SweepOutcome) -> list[str]:
     return lines
 
 
-def command_output(
+def grid_command_main(
     args: argparse.Namespace,
     command: str,
     *,
     plan: Callable[[Any], SweepPlan],
     describe: Callable[[SweepPlan, str], str],
     run: Callable[..., CommandResult],
-) -> tuple[str, int]:
-    """What ``kdlab demo`` / ``kdlab study`` (``command``) print, and their exit status.
+) -> int:
+    """``main`` of ``kdlab demo`` / ``kdlab study`` (``command``): prints, returns the status.
 
     ``args.config`` is the command's loaded config. With ``--dry-run``: ``describe`` of its
     ``plan``, status 0. Otherwise ``run`` (with ``--resume``/``--overwrite``), then its page,
     the runs that did not finish, the files to read and the total wall time; status 1 when
-    a run did not finish. The text ends with a newline (print it with ``end=""``).
+    a run did not finish.
     """
     if args.dry_run:
-        return describe(plan(args.config), command), 0
+        print(describe(plan(args.config), command), end="")  # noqa: T201
+        return 0
     start = time.perf_counter()
     result = run(args.config, resume=args.resume, overwrite=args.overwrite)
     lines = [
@@ -442,7 +389,8 @@ def command_output(
         *result.written,
         f"total wall time: {time.perf_counter() - start:.0f} s",
     ]
-    return result.page + "".join(f"{line}\n" for line in lines), 0 if result.outcome.ok else 1
+    print(result.page + "".join(f"{line}\n" for line in lines), end="")  # noqa: T201
+    return 0 if result.outcome.ok else 1
 
 
 __all__ = [
@@ -459,11 +407,10 @@ __all__ = [
     "RecordingExecutor",
     "budget_markdown",
     "budget_rows",
-    "cache_aware_estimates",
-    "command_output",
     "config_record",
     "design_layout",
     "execute",
+    "grid_command_main",
     "load_grid",
     "owned_output",
     "packaged_grid",

@@ -788,6 +788,7 @@ def estimate_plan(plan: SweepPlan, planner: GridPlanner) -> None:
             for name, entry in config.students.items()
         },
     }
+    built_caches: set[tuple[Any, ...]] = set()
     for run in plan.runs:
         if run.stage == "analysis" or run.reuses is not None:
             continue
@@ -803,13 +804,21 @@ def estimate_plan(plan: SweepPlan, planner: GridPlanner) -> None:
             seconds = None
             if steps is not None and trained is not None and teacher_size is not None:
                 kilotokens = run.config.train.batch_size * run.config.data.cutoff_len / 1000.0
-                per_step = estimate.step_overhead_s + kilotokens * (
-                    trained * estimate.train_s_per_ktoken_per_b
-                    + teacher_size * estimate.teacher_s_per_ktoken_per_b
-                )
-                method = run.config.distill.method if run.stage == "distill" else SFT
-                per_step *= float(estimate.method_factor.get(method, 1.0))
-                seconds = steps * per_step
+                train_seconds = kilotokens * trained * estimate.train_s_per_ktoken_per_b
+                if run.kind == "kd" and run.config.distill.teacher_cache:
+                    # The cache serves the teacher: its decoder is not run (its lm_head and
+                    # the divergence are); the first run of each cache pays its build.
+                    per_step = estimate.cached_step_factor * (
+                        estimate.step_overhead_s + train_seconds
+                    )
+                    seconds = steps * per_step
+                    seconds += _cache_build_seconds(run, teacher_size, estimate, built_caches)
+                else:
+                    per_step = estimate.step_overhead_s + train_seconds
+                    per_step += kilotokens * teacher_size * estimate.teacher_s_per_ktoken_per_b
+                    method = run.config.distill.method if run.stage == "distill" else SFT
+                    per_step *= float(estimate.method_factor.get(method, 1.0))
+                    seconds = steps * per_step
             run.estimate = RunEstimate(steps=steps, seconds=seconds)
         elif run.stage == "eval":
             items = _eval_items(run, estimate)
@@ -823,6 +832,27 @@ def estimate_plan(plan: SweepPlan, planner: GridPlanner) -> None:
             if items is not None and size is not None:
                 seconds = items * (estimate.eval_s_per_item + size * estimate.eval_s_per_item_per_b)
             run.estimate = RunEstimate(items=items, seconds=seconds)
+
+
+def _cache_build_seconds(
+    run: PlannedRun, teacher_size: float, estimate: EstimateSection, built: set[tuple[Any, ...]]
+) -> float:
+    """The teacher-output cache's build, paid by the first run of each cache (one teacher,
+    one training set): every training record through the teacher once (``records ×
+    cutoff_len`` tokens at the teacher's forward rate). 0 for the runs after it (``built``
+    holds the caches counted so far), or when the records cannot be counted."""
+    data = run.config.data
+    key = (
+        str(run.depends_on[0]) if run.depends_on else run.params["teacher"],
+        bool(run.params.get("base_teacher")),
+        tuple(str(item) for item in data.train_files),
+        data.cutoff_len,
+    )
+    records = count_training_records(data.train_files)
+    if key in built or records is None:
+        return 0.0
+    built.add(key)
+    return records * data.cutoff_len / 1000.0 * teacher_size * estimate.teacher_s_per_ktoken_per_b
 
 
 def _cache_applies(config: DistillConfig) -> bool:

@@ -34,27 +34,17 @@ from kdlab.config.demo import StudyConfig
 from kdlab.config.methods import get_method
 from kdlab.config.sweep import SweepConfig
 from kdlab.errors import ConfigError, RunDirError
+from kdlab.sweep import design
 from kdlab.sweep.demo import (
     add_grid_command_arguments,
     describe,
     wall_time_rows,
 )
 from kdlab.sweep.demo import flag_overrides as demo_flag_overrides
-from kdlab.sweep.design import (
-    STUDY_ANALYSIS_DIR,
-    CommandResult,
-    budget_markdown,
-    cache_aware_estimates,
-    command_output,
-    config_record,
-    execute,
-    load_grid,
-    owned_output,
-)
 from kdlab.sweep.grid import GridPlanner, PlannedRun, SweepPlan, estimate_plan
 from kdlab.utils.io import atomic_write_text
 
-ANALYSIS_DIR = STUDY_ANALYSIS_DIR
+ANALYSIS_DIR = design.STUDY_ANALYSIS_DIR
 CLAIMS_STEM = "claims"
 
 
@@ -66,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def flag_overrides(args: argparse.Namespace) -> list[str]:
     """``--out``, ``--quick``, ``--model`` as the config overrides they stand for."""
     return demo_flag_overrides(args)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``kdlab study``: ``args.config`` is the loaded :class:`StudyConfig`."""
+    return design.grid_command_main(args, "study", plan=study_plan, describe=describe, run=run)
 
 
 # --------------------------------------------------------------------------- planning
@@ -183,13 +178,12 @@ def plan_study(
         ],
     )
     estimate_plan(plan, planner)
-    cache_aware_estimates(plan, planner)
     return plan
 
 
 def study_plan(config: StudyConfig) -> SweepPlan:
     """The study's plan: its grid (``out``, ``model``, seeds applied; ``plan.config``)."""
-    grid, grid_path = load_grid(config, "study")
+    grid, grid_path = design.load_grid(config, "study")
     seeds = list(dict.fromkeys(config.seeds if config.seeds is not None else grid.seeds))
     ablation_seeds = list(config.ablation_seeds) if config.ablation_seeds is not None else seeds[:1]
     return plan_study(grid, grid_path, seeds=seeds, ablation_seeds=ablation_seeds)
@@ -218,7 +212,7 @@ def write_claims(plan: SweepPlan) -> str:
     atomic_write_text(out / f"{CLAIMS_STEM}.tex", latex_table(table.drop(columns=["per seed"])))
     text = claims_markdown(results, outputs.alpha, source=str(analysis_dir))
     text += "\n## Wall time (measured, `timings.json`)\n\n"
-    text += budget_markdown(wall_time_rows(plan, out), remaining=False)
+    text += design.budget_markdown(wall_time_rows(plan, out), remaining=False)
     atomic_write_text(out / f"{CLAIMS_STEM}.md", text)
     return text
 
@@ -226,7 +220,7 @@ def write_claims(plan: SweepPlan) -> str:
 # --------------------------------------------------------------------------- entry points
 
 
-class StudyResult(CommandResult):
+class StudyResult(design.CommandResult):
     """What :func:`run` did: the plan, the sweep's outcome, the claims page (``page``)."""
 
 
@@ -239,17 +233,12 @@ def run(config: StudyConfig, *, resume: bool = False, overwrite: bool = False) -
     """
     del resume  # always on
     plan = study_plan(config)
-    with owned_output(plan, overwrite=overwrite) as out:
-        outcome = execute(plan, extra_files={"study.config.yaml": config_record(config)})
+    with design.owned_output(plan, overwrite=overwrite) as out:
+        outcome = design.execute(
+            plan, extra_files={"study.config.yaml": design.config_record(config)}
+        )
         text = write_claims(plan)
     return StudyResult(plan, outcome, text, out / f"{CLAIMS_STEM}.md")
-
-
-def main(args: argparse.Namespace) -> int:
-    """``kdlab study``: ``args.config`` is the loaded :class:`StudyConfig`."""
-    text, status = command_output(args, "study", plan=study_plan, describe=describe, run=run)
-    print(text, end="")  # noqa: T201
-    return status
 
 
 __all__ = [

@@ -6,16 +6,23 @@ import argparse
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kdlab.config.run_identity import RunIdentity, read_run_identity
-from kdlab.config.schema import DataConfig, PeftConfig, TrainConfig
-from kdlab.data.tokenize import IGNORE_INDEX, split_train_validation, tokenize_records
+from kdlab.config.schema import DataConfig, ModelConfig, PeftConfig, TrainConfig
+from kdlab.data.tokenize import (
+    IGNORE_INDEX,
+    TokenizeOptions,
+    split_train_validation,
+    tokenize_records,
+)
 from kdlab.errors import ConfigError, DataError
-from kdlab.models.card import write_run_card
+from kdlab.models.card import render_run_card, write_run_card
+from kdlab.models.peft_utils import apply_peft, count_parameters
 from kdlab.training.rundir import RunDirectory
 from kdlab.utils.faults import maybe_fault
 from kdlab.utils.io import atomic_directory, atomic_write_json, mark_done
@@ -63,7 +70,6 @@ def build_examples(
     tokenizer: Any,
     data: DataConfig,
     *,
-    train_on_inputs: bool | None = None,
     responses: list[str] | None = None,
     complete: list[bool] | None = None,
     tokenize: Callable[..., list[dict[str, Any]]] | None = None,
@@ -76,14 +82,7 @@ def build_examples(
     and still report success.
     """
     examples = (tokenize or tokenize_records)(
-        records,
-        tokenizer,
-        template=data.template,
-        cutoff_len=data.cutoff_len,
-        train_on_inputs=data.train_on_inputs if train_on_inputs is None else train_on_inputs,
-        add_eos=data.add_eos,
-        responses=responses,
-        complete=complete,
+        records, tokenizer, TokenizeOptions.of(data), responses=responses, complete=complete
     )
     if not any(has_response_token(example) for example in examples):
         shortest = min(example["prompt_length"] for example in examples)
@@ -111,6 +110,39 @@ def has_response_token(example: dict[str, Any]) -> bool:
 _TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
 #: Per-tracker ``init_trackers`` keywords naming the run (the project is ``tracker_project``).
 _TRACKER_RUN_NAME = {"wandb": "name", "mlflow": "run_name", "trackio": "name"}
+
+
+@dataclass(frozen=True)
+class TrainableModel:
+    """A loaded model made ready to train (:func:`make_trainable`)."""
+
+    model: Any
+    """The model with its PEFT wrapper (or the model itself for a full fine-tune)."""
+    base_parameters: int
+    """Parameters before the PEFT wrapper (run.json's ``model_params``)."""
+    trainable_parameters: int
+    sliced: bool
+    """A slice of its model's layers (``slice_layers``): saved whole (:func:`save_final`)."""
+
+
+def make_trainable(
+    model: Any, source: ModelConfig, train: TrainConfig, peft: PeftConfig, *, name: str
+) -> TrainableModel:
+    """Gradient checkpointing (``train.gradient_checkpointing``) and the PEFT wrapper
+    (``peft``) on a model loaded from ``source``, the trainable share logged under ``name``."""
+    base_parameters = count_parameters(model)[1]
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = apply_peft(model, peft)
+    trainable, total = count_parameters(model)
+    logger.info(
+        "%s trainable parameters: %s of %s (%.2f%%)",
+        name,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
+    return TrainableModel(model, base_parameters, trainable, sliced=bool(source.slice_layers))
 
 
 def check_trackers(train: TrainConfig) -> None:
@@ -267,7 +299,7 @@ def save_final(
             tokenizer.save_pretrained(staging)
             if name == "adapter":
                 _record_public_base(staging, run_dir)
-            write_run_card(staging, run_dir, kind=name, summary=summary)
+            write_run_card(staging, render_run_card(run_dir, kind=name, summary=summary))
         with atomic_directory(run_dir / "tokenizer") as staging:
             tokenizer.save_pretrained(staging)
         atomic_write_json(run_dir / "train_summary.json", summary)
@@ -336,8 +368,7 @@ def train_and_save(
     identity: RunIdentity,
     *,
     tokenizer: Any,
-    sliced: bool,
-    trainable_parameters: int,
+    trainable: TrainableModel,
     summary_head: dict[str, Any] | None = None,
     summary_tail: Callable[[LoopResult], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
@@ -366,7 +397,7 @@ def train_and_save(
                 best_step=best,
                 train_records=len(loop.stream.examples),
                 validation_records=len(loop.validation_examples),
-                trainable_parameters=trainable_parameters,
+                trainable_parameters=trainable.trainable_parameters,
             ),
             **(summary_tail(result) if summary_tail is not None else {}),
         }
@@ -377,7 +408,7 @@ def train_and_save(
             run_dir=run.path,
             accelerator=accelerator,
             summary=summary,
-            sliced=sliced,
+            sliced=trainable.sliced,
         )
     finally:  # a failed run too: its trackers are closed and its directory released
         finish_trackers(accelerator)
@@ -385,14 +416,15 @@ def train_and_save(
     return summary
 
 
-def run_from_args(
-    run: Callable[..., dict[str, Any]], args: argparse.Namespace
-) -> dict[str, Any] | None:
-    """``run(args.config, resume=args.resume, overwrite=args.overwrite)`` for a training
-    stage's ``main``: its summary in the main launch process, None in the others (so that
-    one line is printed per run, not one per process)."""
+def training_main(run: Callable[..., dict[str, Any]], args: argparse.Namespace, label: str) -> int:
+    """A training stage's ``main``: ``run(args.config, resume=..., overwrite=...)``, then
+    one closing line ``{label} done: …`` from the main launch process (one per run, not one
+    per process)."""
     summary = run(args.config, resume=args.resume, overwrite=args.overwrite)
-    return summary if is_main_launch_process() else None
+    if is_main_launch_process():
+        done = training_done_line(summary, args.config.train.output_dir)
+        print(f"{label} done: {done}")  # noqa: T201
+    return 0
 
 
 def training_done_line(summary: dict[str, Any], output_dir: str) -> str:

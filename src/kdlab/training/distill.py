@@ -40,7 +40,7 @@ from kdlab.config.methods import TOPK_CACHE, teacher_cache_refusal
 from kdlab.config.run_identity import RunIdentity
 from kdlab.config.schema import DistillConfig, ModelConfig
 from kdlab.data.alignment import VocabularyMap, build_vocabulary_map, tokenize_record_pairs
-from kdlab.data.tokenize import Collator
+from kdlab.data.tokenize import Collator, TokenizeOptions
 from kdlab.errors import ConfigError, ModelError
 from kdlab.models.fingerprint import model_fingerprint
 from kdlab.models.loading import (
@@ -49,7 +49,6 @@ from kdlab.models.loading import (
     model_identity,
     resolve_run_dir,
 )
-from kdlab.models.peft_utils import apply_peft, count_parameters
 from kdlab.models.quantization import (
     check_quantization,
     quantization_identity,
@@ -66,9 +65,9 @@ from kdlab.training.common import (
     check_trackers,
     load_training_records,
     make_accelerator,
-    run_from_args,
+    make_trainable,
     train_and_save,
-    training_done_line,
+    training_main,
 )
 from kdlab.training.loop import TrainingLoop
 from kdlab.training.objectives import CrossTokenizerObjective, DistillationObjective
@@ -230,7 +229,6 @@ def run_distill(
     student, tokenizer = load_model_and_tokenizer(
         config.student, for_training=True, device=accelerator.device
     )
-    student_parameters = count_parameters(student)[1]
     vocab = None
     if cross is not None:
         assert teacher is not None and source is not None
@@ -240,16 +238,13 @@ def run_distill(
         # cache may spare loading it; _checked_loader verifies it if it is loaded later).
         width = output_width(teacher) if teacher is not None else teacher_width
         vocab = shared_logit_width(width, output_width(student), tokenizer)
-    if config.train.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
-    student = apply_peft(student, config.peft)
-    trainable, total = count_parameters(student)
-    logger.info("Student trainable parameters: %s of %s", f"{trainable:,}", f"{total:,}")
+    trainable = make_trainable(student, config.student, config.train, config.peft, name="Student")
+    student = trainable.model
     identity = _run_identity(
         config,
         source,
         run_dir.name,
-        student_parameters,
+        trainable.base_parameters,
         device=accelerator.device,
         num_processes=accelerator.num_processes,
     )
@@ -306,8 +301,7 @@ def run_distill(
         config,
         identity,
         tokenizer=tokenizer,
-        sliced=bool(config.student.slice_layers),
-        trainable_parameters=trainable,
+        trainable=trainable,
         summary_head={"method": settings.method},
         summary_tail=lambda result: {
             "stats": result.stats,
@@ -444,11 +438,13 @@ class _CrossTokenizer:
         )
         return cls(teacher_tokenizer, vocabulary)
 
-    def tokenize(self, records: list[dict[str, Any]], tokenizer: Any, **kwargs: Any) -> list:
+    def tokenize(
+        self, records: list[dict[str, Any]], tokenizer: Any, options: TokenizeOptions, **kwargs: Any
+    ) -> list:
         """:func:`~kdlab.data.alignment.tokenize_record_pairs` with ``tokenize_records``'
         signature (``build_examples`` calls it with the student's tokenizer)."""
         return tokenize_record_pairs(
-            records, tokenizer, self.teacher_tokenizer, self.vocabulary, **kwargs
+            records, tokenizer, self.teacher_tokenizer, self.vocabulary, options, **kwargs
         )
 
     def check_widths(self, teacher: Any, student: Any, source: TeacherSource) -> None:
@@ -534,8 +530,4 @@ run = run_distill
 
 def main(args: argparse.Namespace) -> int:
     """``kdlab distill``: ``args.config`` is the loaded :class:`DistillConfig`."""
-    summary = run_from_args(run_distill, args)
-    if summary is not None:
-        done = training_done_line(summary, args.config.train.output_dir)
-        print(f"distill ({summary['method']}) done: {done}")  # noqa: T201
-    return 0
+    return training_main(run_distill, args, f"distill ({args.config.distill.method})")

@@ -21,16 +21,16 @@ from kdlab.models.loading import (
     model_identity,
     resolve_model_source,
 )
-from kdlab.models.peft_utils import apply_peft, build_peft_config, count_parameters
+from kdlab.models.peft_utils import build_peft_config
 from kdlab.models.quantization import check_quantization, quantization_identity
 from kdlab.training.common import (
     build_examples,
     check_trackers,
     load_training_records,
     make_accelerator,
-    run_from_args,
+    make_trainable,
     train_and_save,
-    training_done_line,
+    training_main,
 )
 from kdlab.training.loop import TrainingLoop
 from kdlab.training.objectives import CrossEntropyObjective
@@ -64,23 +64,14 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
     model, tokenizer = load_model_and_tokenizer(
         config.model, for_training=True, device=accelerator.device
     )
-    total_parameters = count_parameters(model)[1]
-    if config.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model = apply_peft(model, config.peft)
-    trainable, total = count_parameters(model)
-    logger.info(
-        "Trainable parameters: %s of %s (%.2f%%)",
-        f"{trainable:,}",
-        f"{total:,}",
-        100 * trainable / total,
-    )
+    trainable = make_trainable(model, config.model, config.train, config.peft, name="Model")
+    model = trainable.model
     identity = RunIdentity(
         stage="finetune",
         role=config.role,
         name=run_dir.name,
         model=model_identity(config.model),
-        model_params=total_parameters,
+        model_params=trainable.base_parameters,
         student_layers=config.model.slice_layers,
         quantization=quantization_identity(config.model, accelerator.device),
         method=SFT,
@@ -107,8 +98,7 @@ def run_finetune(config: FinetuneConfig, *, resume: bool = False, overwrite: boo
         config,
         identity,
         tokenizer=tokenizer,
-        sliced=bool(config.model.slice_layers),
-        trainable_parameters=trainable,
+        trainable=trainable,
     )
 
 
@@ -118,8 +108,4 @@ run = run_finetune
 
 def main(args: argparse.Namespace) -> int:
     """``kdlab finetune``: ``args.config`` is the loaded :class:`FinetuneConfig`."""
-    summary = run_from_args(run_finetune, args)
-    if summary is not None:
-        done = training_done_line(summary, args.config.train.output_dir)
-        print(f"finetune done: {done}")  # noqa: T201
-    return 0
+    return training_main(run_finetune, args, "finetune")

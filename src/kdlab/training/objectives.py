@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -136,6 +137,21 @@ def counted_units(mask: torch.Tensor, reduction: str) -> float:
     if reduction == "sequence":
         return float((mask.sum(dim=1) > 0).sum())
     return float(mask.sum())
+
+
+@dataclass(frozen=True)
+class KDTermInputs:
+    """What the KD term of one micro-batch reads (:meth:`DistillationObjective._kd_term`)."""
+
+    batch: dict[str, torch.Tensor]
+    student: HiddenStates
+    """The student's final hidden states ``[batch, seq, hidden]`` and output projection."""
+    mask: torch.Tensor
+    """``[batch, seq]`` bool: the positions the KD term counts."""
+    teacher_hidden: torch.Tensor | None
+    """The live teacher's final hidden states; None: the teacher cache's entries."""
+    training: bool
+    """A training step (teacher-logit noise applies), not validation."""
 
 
 class DistillationObjective:
@@ -338,8 +354,9 @@ class DistillationObjective:
             )
         if need_kd and bool(kd_mask.any()):
             assert self.loss_spec is not None
+            student_states = HiddenStates(student_hidden, weight, bias)
             mean = self._kd_term(
-                batch, student_hidden, weight, bias, kd_mask, teacher_hidden, training
+                KDTermInputs(batch, student_states, kd_mask, teacher_hidden, training)
             )
             sums["kd"] = mean * counted_units(kd_mask, self.loss_spec.reduction)
         if training and not sums:
@@ -366,25 +383,17 @@ class DistillationObjective:
                 batch.get("position_ids"),
             )
 
-    def _kd_term(
-        self,
-        batch: dict[str, torch.Tensor],
-        student_hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        kd_mask: torch.Tensor,
-        teacher_hidden: torch.Tensor | None,
-        training: bool,
-    ) -> torch.Tensor:
+    def _kd_term(self, inputs: KDTermInputs) -> torch.Tensor:
         """The KD divergence (mean over the micro-batch's units, T² applied): the live
         teacher's when ``teacher_hidden`` is given, else the cached top-k of the batch."""
         spec = self.loss_spec
         assert spec is not None
-        student = HiddenStates(student_hidden, weight, bias)
+        batch, student, kd_mask = inputs.batch, inputs.student, inputs.mask
+        device = student.hidden.device
         chunk_size = resolve_chunk_size(
-            self.settings.chunk_size, self.vocab_size or weight.shape[0], student_hidden.device
+            self.settings.chunk_size, self.vocab_size or student.vocab_size, device
         )
-        if teacher_hidden is None:
+        if inputs.teacher_hidden is None:
             assert self.teacher_cache is not None
             if "index" not in batch:
                 raise KdlabError(
@@ -395,7 +404,7 @@ class DistillationObjective:
             teacher = self.teacher_cache.lookup(
                 batch["index"].tolist(),
                 record_counts(kd_mask, batch.get("position_ids")),
-                device=student_hidden.device,
+                device=device,
             )
             return chunked_distillation_loss(
                 student, teacher, kd_mask, spec, chunk_size=chunk_size, vocab_size=self.vocab_size
@@ -404,8 +413,9 @@ class DistillationObjective:
         teacher_weight, teacher_bias = output_projection(self.teacher)
         # Trap: teacher_hidden is an inference tensor. The loss only selects its masked rows
         # (a new, normal tensor) and never saves it for backward, so this is allowed.
+        dtype = student.hidden.dtype
         live_teacher = HiddenStates(
-            teacher_hidden.to(student_hidden.dtype), teacher_weight.to(weight.dtype), teacher_bias
+            inputs.teacher_hidden.to(dtype), teacher_weight.to(dtype), teacher_bias
         )
         return chunked_distillation_loss(
             student,
@@ -415,7 +425,7 @@ class DistillationObjective:
             chunk_size=chunk_size,
             vocab_size=self.vocab_size,
             # Validation compares with the clean teacher: noise is a training perturbation.
-            noise_std=self.settings.noise_std if training else 0.0,
+            noise_std=self.settings.noise_std if inputs.training else 0.0,
         )
 
 
@@ -500,29 +510,20 @@ class CrossTokenizerObjective(DistillationObjective):
                 self.teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"]
             )
 
-    def _kd_term(
-        self,
-        batch: dict[str, torch.Tensor],
-        student_hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        kd_mask: torch.Tensor,
-        teacher_hidden: torch.Tensor | None,
-        training: bool,
-    ) -> torch.Tensor:
+    def _kd_term(self, inputs: KDTermInputs) -> torch.Tensor:
         """The cross-tokenizer divergence at the aligned pairs (mean over the units, T²)."""
         spec = self.loss_spec
-        assert spec is not None and teacher_hidden is not None
+        assert spec is not None and inputs.teacher_hidden is not None
         teacher_weight, teacher_bias = output_projection(self.teacher)
         # Trap: teacher_hidden is an inference tensor; the loss only selects its aligned
         # rows (a new, normal tensor) and never saves it for backward.
         teacher = HiddenStates(
-            teacher_hidden.to(teacher_weight.dtype), teacher_weight, teacher_bias
+            inputs.teacher_hidden.to(teacher_weight.dtype), teacher_weight, teacher_bias
         )
         return cross_tokenizer_loss(
-            HiddenStates(student_hidden, weight, bias),
+            inputs.student,
             teacher,
-            batch_alignment(batch),
+            batch_alignment(inputs.batch),
             self.vocabulary.shared,
             spec,
             chunk_size=self.settings.chunk_size,
