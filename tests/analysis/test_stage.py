@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import pytest
@@ -177,6 +178,66 @@ class CharTokenizer:
     def get_vocab(self) -> dict[str, int]:
         """One vocabulary for every instance (the analysis checks teacher vs student)."""
         return {f"<{index}>": index for index in range(64)}
+
+
+class ChatCharTokenizer(CharTokenizer):
+    """:class:`CharTokenizer` with a chat template; counts the chat prompts it renders."""
+
+    chat_template = "<user>{content}</user><assistant>"
+    rendered: ClassVar[list[str]] = []
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False, **_):
+        assert not tokenize
+        text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+        ChatCharTokenizer.rendered.append(text)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+def test_token_fidelity_prompts_are_the_students_training_template(
+    fake_sweep, analyze, tmp_path, monkeypatch
+) -> None:
+    """A student distilled on chat prompts is compared with its teacher on chat prompts
+    (``data.template`` of its config.yaml), the others on alpaca ones; the table says which."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import kdlab.models.loading as loading
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+    (fake_sweep.kd_t1 / "config.yaml").write_text("data:\n  template: chat\n")
+    for run_dir in (fake_sweep.teacher, fake_sweep.sft, fake_sweep.kd_t2):
+        (run_dir / "config.yaml").write_text("data:\n  template: alpaca\n")
+
+    def fake_load_run_model(run_dir):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).eval(), ChatCharTokenizer()
+
+    monkeypatch.setattr(loading, "load_run_model", fake_load_run_model)
+    ChatCharTokenizer.rendered = []
+    records = tmp_path / "held_out.jsonl"
+    records.write_text(
+        "".join(
+            json.dumps({"instruction": f"Add {i} and {i + 1}.", "input": "",
+                        "output": f"The answer is {2 * i + 1}.", "answer": str(2 * i + 1)})
+            + "\n"
+            for i in range(3)
+        )
+    )  # fmt: skip
+    out = tmp_path / "out"
+    code = analyze([
+        fake_sweep.root, "--out", out, "--token-fidelity", "--token-fidelity-data", records,
+        "--token-fidelity-records", "3",
+    ])  # fmt: skip
+    assert code == 0
+    table = pd.read_csv(out / "math" / "token_fidelity.csv").set_index("Method")
+    assert table.loc["forward_kl_T1", "template"] == "chat"
+    assert set(table.drop(index="forward_kl_T1")["template"]) == {"alpaca"}
+    # the chat student's three records, each rendered as a chat prompt, and nothing else
+    assert len(ChatCharTokenizer.rendered) == 3
+    assert all("Add" in text for text in ChatCharTokenizer.rendered)
 
 
 def test_token_fidelity_wiring(fake_sweep, analyze, tmp_path, monkeypatch) -> None:

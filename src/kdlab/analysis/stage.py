@@ -343,7 +343,7 @@ def compute_token_fidelity(
         )
         from kdlab.data.records import TRAIN_FIELDS, load_records
         from kdlab.data.tokenize import Collator, TokenizeOptions, tokenize_records
-        from kdlab.models.loading import load_run_model
+        from kdlab.models.loading import load_run_model, read_run_template
         from kdlab.models.vocab import same_tokenizer
     except ImportError as error:  # pragma: no cover - depends on the install
         raise ModelError(
@@ -381,12 +381,22 @@ def compute_token_fidelity(
             for start in range(0, len(examples), batch_size)
         )
 
+    def options_of(student: Run) -> TokenizeOptions:
+        # The student's prompts, as it was trained (data.template of its config.yaml).
+        try:
+            template = read_run_template(student.run_dir)
+        except RunDirError as error:
+            logger.warning("--token-fidelity: %s; alpaca prompts", error.one_line())
+            template = None
+        return TokenizeOptions(template=template or "alpaca", cutoff_len=cutoff_len)
+
     for teacher, student in pairs:
         teacher_model, teacher_tokenizer = model_of(teacher)
         student_model, tokenizer = model_of(student)
+        options = options_of(student)
         if same_tokenizer(teacher_tokenizer, tokenizer):
             positions = "response tokens"
-            examples = tokenize_records(records, tokenizer, TokenizeOptions(cutoff_len=cutoff_len))
+            examples = tokenize_records(records, tokenizer, options)
             batches = batches_of(examples, Collator(pad_token_id=pad_id(tokenizer)))
             result = token_fidelity_over_batches(teacher_model, student_model, batches)
         else:
@@ -398,7 +408,7 @@ def compute_token_fidelity(
                 tokenizer,
                 teacher_tokenizer,
                 vocabulary,
-                TokenizeOptions(cutoff_len=cutoff_len),
+                options,
             )
             collate = CrossTokenizerCollator(pad_id(tokenizer), pad_id(teacher_tokenizer))
             result = aligned_token_fidelity_over_batches(
@@ -415,6 +425,7 @@ def compute_token_fidelity(
                 "student top-1 accuracy (%)": 100.0 * result["student_top1_accuracy"],
                 "tokens": result["n_tokens"],
                 "positions": positions,
+                "template": options.template,
                 "student_run": str(student.run_dir),
                 "teacher_run": str(teacher.run_dir),
             }
