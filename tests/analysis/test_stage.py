@@ -194,7 +194,7 @@ class ChatCharTokenizer(CharTokenizer):
 
 
 def test_token_fidelity_prompts_are_the_students_training_template(
-    fake_sweep, analyze, tmp_path, monkeypatch
+    fake_sweep, analyze, tmp_path, monkeypatch, caplog
 ) -> None:
     """A student distilled on chat prompts is compared with its teacher on chat prompts
     (``data.template`` of its config.yaml), the others on alpaca ones; the table says which."""
@@ -208,8 +208,8 @@ def test_token_fidelity_prompts_are_the_students_training_template(
         num_attention_heads=2, num_key_value_heads=2,
     )  # fmt: skip
     (fake_sweep.kd_t1 / "config.yaml").write_text("data:\n  template: chat\n")
-    for run_dir in (fake_sweep.teacher, fake_sweep.sft, fake_sweep.kd_t2):
-        (run_dir / "config.yaml").write_text("data:\n  template: alpaca\n")
+    (fake_sweep.kd_t2 / "config.yaml").write_text("data:\n  cutoff_len: 64\n")  # no template
+    # fake_sweep.sft has no config.yaml: alpaca, with a warning
 
     def fake_load_run_model(run_dir):
         torch.manual_seed(0)
@@ -235,6 +235,8 @@ def test_token_fidelity_prompts_are_the_students_training_template(
     table = pd.read_csv(out / "math" / "token_fidelity.csv").set_index("Method")
     assert table.loc["forward_kl_T1", "template"] == "chat"
     assert set(table.drop(index="forward_kl_T1")["template"]) == {"alpaca"}
+    warnings = [r.getMessage() for r in caplog.records if "--token-fidelity" in r.getMessage()]
+    assert len(warnings) == 1 and str(fake_sweep.sft.name) in warnings[0]
     # the chat student's three records, each rendered as a chat prompt, and nothing else
     assert len(ChatCharTokenizer.rendered) == 3
     assert all("Add" in text for text in ChatCharTokenizer.rendered)

@@ -250,6 +250,19 @@ def test_sweep_estimates_read_the_teacher_cache_settings(tmp_path: Path) -> None
         cached = factor * sft.estimate.seconds
         assert first.estimate.seconds == pytest.approx(cached + build)
         assert second.estimate.seconds == pytest.approx(cached)  # T = 2 reads T = 1's cache
+    # On-policy GKD batches run the live teacher even with a cache: the live step, × its
+    # method_factor (3), plus the build of the cache its off-policy batches read.
+    gkd_plan = plan_of(tmp_path, {**grid, "methods": {"sft": {}, "gkd": {}}})
+    sft = next(run for run in gkd_plan.stage("distill") if run.kind == "sft")
+    first, second = (run for run in gkd_plan.stage("distill") if run.kind == "kd")
+    assert first.config.distill.teacher_cache == "auto"
+    kilotokens = first.config.train.batch_size * 128 / 1000
+    rate = gkd_plan.config.estimate.teacher_s_per_ktoken_per_b
+    live_step = sft.estimate.seconds + first.estimate.steps * kilotokens * 3.0 * rate
+    build = records * 128 / 1000 * 3.0 * rate
+    assert gkd_plan.config.estimate.method_factor["gkd"] == 3.0
+    assert first.estimate.seconds == pytest.approx(3.0 * live_step + build)
+    assert second.estimate.seconds == pytest.approx(3.0 * live_step)
     # A live teacher (no cache) costs its forward in every step, whatever the factor.
     live_grid = {**grid, "methods": {"sft": {}, "forward_kl": {"distill": {"teacher_cache": None}}}}
     live = plan_of(tmp_path, live_grid, "estimate.cached_step_factor=2.0")

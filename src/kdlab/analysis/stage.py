@@ -332,7 +332,8 @@ def compute_token_fidelity(
     """Token-level fidelity of every (teacher, KD student) and (teacher, SFT student) pair.
 
     Loads each run's model with :func:`kdlab.models.loading.load_run_model`, tokenizes the
-    held-out records with the student's tokenizer (``kdlab.data.tokenize``) and runs
+    held-out records with the student's tokenizer and training template (``data.template``
+    of its config.yaml; alpaca when it has none) and runs
     :func:`kdlab.analysis.token_fidelity.token_fidelity_over_batches`.
     """
     try:
@@ -631,7 +632,7 @@ def run_sections(config: AnalyzeConfig) -> list[ReportSection]:
                     "tokenizer: each model reads its own tokens, and KL (over the shared "
                     "tokens, renormalised) and agreement (top-1 tokens that map to each "
                     "other) are measured where the two tokenizations have read the same "
-                    "text.",
+                    "text. The prompts are in each student's training template (template).",
                 )
             )
         section.tables.append(

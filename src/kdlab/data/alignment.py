@@ -733,6 +733,7 @@ def tokenize_record_pairs(
         lost=lambda pair: not pair.student_positions,
         lost_message="%d records keep no aligned response position after truncation: no KD "
         "term there",
+        truncated_note=" (student or teacher tokens)",
     )
 
 

@@ -142,14 +142,15 @@ def tokenize_each(
     complete: Sequence[bool] | None,
     lost: Callable[[Any], bool],
     lost_message: str,
+    truncated_note: str = "",
 ) -> list[dict[str, Any]]:
     """The loop of every ``tokenize_*s``: ``tokenize_one(record, options, response)`` per
     record, each example (its ``as_dict()``) with its ``index``.
 
     ``responses`` replace the records' outputs (seqKD: the teacher's); ``complete[i]``
     False means response ``i`` was cut (by a generation budget), so no EOS follows it.
-    Logs how many records were truncated, and how many are ``lost`` (``lost_message``,
-    formatted with that count).
+    Logs how many records were truncated (``truncated_note`` says which tokens count), and
+    how many are ``lost`` (``lost_message``, formatted with that count).
     """
     without_eos = dataclasses.replace(options, add_eos=False)
     examples: list[dict[str, Any]] = []
@@ -165,10 +166,11 @@ def tokenize_each(
         examples.append(example)
     if truncated:
         logger.warning(
-            "%d of %d records truncated at cutoff_len=%d",
+            "%d of %d records truncated at cutoff_len=%d%s",
             truncated,
             len(records),
             options.cutoff_len,
+            truncated_note,
         )
     if lost_count:
         logger.warning(lost_message, lost_count)

@@ -28,7 +28,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -36,6 +36,9 @@ from kdlab import __version__
 from kdlab.config.run_identity import RunIdentity, read_run_identity
 from kdlab.errors import RunDirError
 from kdlab.utils.io import atomic_write_text, read_run_config
+
+if TYPE_CHECKING:  # huggingface_hub loads lazily (kdlab --help imports none of it)
+    from huggingface_hub import ModelCard
 
 logger = logging.getLogger(__name__)
 
@@ -402,7 +405,7 @@ def render_run_card(
     return ModelCard(content)
 
 
-def write_run_card(directory: str | Path, card: Any) -> Path:
+def write_run_card(directory: str | Path, card: ModelCard | str) -> Path:
     """A rendered card (:func:`render_run_card`) as ``<directory>/README.md``, atomically."""
     return atomic_write_text(Path(directory) / CARD_FILE, str(card))
 

@@ -805,20 +805,23 @@ def estimate_plan(plan: SweepPlan, planner: GridPlanner) -> None:
             if steps is not None and trained is not None and teacher_size is not None:
                 kilotokens = run.config.train.batch_size * run.config.data.cutoff_len / 1000.0
                 train_seconds = kilotokens * trained * estimate.train_s_per_ktoken_per_b
-                if run.kind == "kd" and run.config.distill.teacher_cache:
-                    # The cache serves the teacher: its decoder is not run (its lm_head and
-                    # the divergence are); the first run of each cache pays its build.
+                method = run.config.distill.method if run.stage == "distill" else SFT
+                cached = run.kind == "kd" and bool(run.config.distill.teacher_cache)
+                if cached and not get_method(method).needs_live_teacher(
+                    run.config.distill, cached=True
+                ):
+                    # The cache serves every batch: the teacher's decoder is not run (its
+                    # lm_head and the divergence are).
                     per_step = estimate.cached_step_factor * (
                         estimate.step_overhead_s + train_seconds
                     )
-                    seconds = steps * per_step
-                    seconds += _cache_build_seconds(run, teacher_size, estimate, built_caches)
-                else:
+                else:  # the live teacher (on-policy GKD batches run it even with a cache)
                     per_step = estimate.step_overhead_s + train_seconds
                     per_step += kilotokens * teacher_size * estimate.teacher_s_per_ktoken_per_b
-                    method = run.config.distill.method if run.stage == "distill" else SFT
-                    per_step *= float(estimate.method_factor.get(method, 1.0))
-                    seconds = steps * per_step
+                per_step *= float(estimate.method_factor.get(method, 1.0))
+                seconds = steps * per_step
+                if cached:  # the first run of each cache pays its build
+                    seconds += _cache_build_seconds(run, teacher_size, estimate, built_caches)
             run.estimate = RunEstimate(steps=steps, seconds=seconds)
         elif run.stage == "eval":
             items = _eval_items(run, estimate)
