@@ -1,5 +1,5 @@
 # kdlab: the commands of the README, each doing its own set-up.
-#   make demo   the whole pipeline in miniature on the embedded SmolLM2-135M (~19 min on 2 CPUs)
+#   make demo   the whole pipeline in miniature on the embedded SmolLM2-135M (~17 min on 2 CPUs)
 #   make study  the paper's claims tested at small scale: the demo over 3 seeds + ablations
 #               (~45 min after make demo, whose runs it reuses; ~64 min alone)
 #   make test   lint + format check + the test suite
