@@ -343,7 +343,12 @@ def compute_token_fidelity(
             tokenize_record_pairs,
         )
         from kdlab.data.records import TRAIN_FIELDS, load_records
-        from kdlab.data.tokenize import Collator, TokenizeOptions, tokenize_records
+        from kdlab.data.tokenize import (
+            DEFAULT_TOKENIZE,
+            Collator,
+            TokenizeOptions,
+            tokenize_records,
+        )
         from kdlab.models.loading import load_run_model, read_run_template
         from kdlab.models.vocab import same_tokenizer
     except ImportError as error:  # pragma: no cover - depends on the install
@@ -389,7 +394,9 @@ def compute_token_fidelity(
         except RunDirError as error:
             logger.warning("--token-fidelity: %s; alpaca prompts", error.one_line())
             template = None
-        return TokenizeOptions(template=template or "alpaca", cutoff_len=cutoff_len)
+        return TokenizeOptions(
+            template=template or DEFAULT_TOKENIZE.template, cutoff_len=cutoff_len
+        )
 
     for teacher, student in pairs:
         teacher_model, teacher_tokenizer = model_of(teacher)

@@ -34,11 +34,11 @@ from typing import Any
 
 from kdlab.config.core import to_dict
 from kdlab.config.sweep import SweepConfig, load_sweep_config
-from kdlab.errors import ConfigError, DataError
+from kdlab.errors import ConfigError
 from kdlab.sweep.executors import LOGS_DIR, SUBMITIT_DIR, make_executor
 from kdlab.sweep.grid import PlannedRun, SweepPlan
 from kdlab.sweep.runner import SweepOutcome, SweepRunner, UnitResult
-from kdlab.sweep.stage import missing_inputs
+from kdlab.sweep.stage import missing_inputs, refuse_missing_inputs
 from kdlab.sweep.status import STATUS_FILE
 from kdlab.training.rundir import RunLayout, prepare_directory
 from kdlab.utils.io import atomic_write_json, atomic_write_yaml, is_done
@@ -290,26 +290,18 @@ def owned_output(plan: SweepPlan, *, overwrite: bool) -> Iterator[Path]:
         plan.out_dir, design_layout(plan), resume=not overwrite, overwrite=overwrite, what="out"
     )
     try:
-        refuse_missing_inputs(plan)  # before --overwrite empties anything
+        refuse_missing_inputs(plan, missing_inputs(plan))  # before --overwrite empties anything
         directory.start()
         yield directory.path
     finally:
         directory.close()
 
 
-def refuse_missing_inputs(plan: SweepPlan) -> None:
-    """One line naming the plan's data paths that do not exist (DataError), if any."""
-    missing = missing_inputs(plan)
-    if missing:
-        shown = "; ".join(item.describe() for item in missing[:3])
-        raise DataError(f"{plan.name}: input path(s) do not exist here: {shown}")
-
-
 def execute(plan: SweepPlan, *, extra_files: dict[str, Any]) -> SweepOutcome:
     """Run ``plan`` with the sweep runner (resumable); its grid is copied to
-    ``<out>/sweep_grids/<name>.yaml``, with ``extra_files`` (the command's own config)."""
+    ``<out>/sweep_grids/<name>.yaml``, with ``extra_files`` (the command's own config).
+    Called inside :func:`owned_output`, which has refused missing input paths."""
     grid = plan.config
-    refuse_missing_inputs(plan)
     executor = RecordingExecutor(
         make_executor(grid.executor, plan.out_dir, plan.name), plan.out_dir
     )
@@ -417,7 +409,6 @@ __all__ = [
     "prune_checkpoints",
     "read_timings",
     "record_timing",
-    "refuse_missing_inputs",
     "relative_key",
     "stage_name",
     "unfinished_lines",

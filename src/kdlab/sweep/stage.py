@@ -298,7 +298,8 @@ def missing_inputs(plan: Any, *, run_eval: bool = True) -> list[MissingInput]:
     return [MissingInput(what, path, runs) for (what, path), runs in counts.items()]
 
 
-def _refuse_missing(plan: Any, missing: list[MissingInput]) -> None:
+def refuse_missing_inputs(plan: Any, missing: list[MissingInput]) -> None:
+    """One line naming the plan's data paths that do not exist (DataError), if any."""
     if missing:
         shown = "; ".join(item.describe() for item in missing[:3])
         more = f"; and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -339,7 +340,7 @@ def run(
             "or delete the runs to redo)"
         )
     plan = plan_sweep(config, grid_path=grid_path)
-    _refuse_missing(plan, missing_inputs(plan, run_eval=run_eval))
+    refuse_missing_inputs(plan, missing_inputs(plan, run_eval=run_eval))
     executor = make_executor(config.executor, plan.out_dir, plan.name)
     runner = SweepRunner(
         plan,
@@ -368,7 +369,7 @@ def main(args: argparse.Namespace) -> int:
         missing = missing_inputs(plan, run_eval=not args.no_eval)
         for item in missing:
             print(f"missing: {item.describe()}")
-        _refuse_missing(plan, missing)
+        refuse_missing_inputs(plan, missing)
         return 0
     if args.only_plan:
         path = plan.out_dir / f"sweep_plan.{plan.name}.json"
